@@ -1,0 +1,202 @@
+"""Typed configuration shared by the model, the trainer, the CLI and the app.
+
+Every knob lives in one of four small dataclasses. A run folder stores them as JSON
+(`RunConfig.to_dict`) and `RunConfig.from_dict` rebuilds them, so a checkpoint never needs a
+guess about the architecture. Presets are plain functions returning these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_VERSION = 1
+SETTINGS = ("one-class", "unbalanced")
+PRESETS = ("quick", "paper")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or a stored config cannot be read."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the encoder, the memories and the detector."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    blocks: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per ResNet stage (ResNet-18: 2,2,2,2)
+    width: float = 0.25  # channel multiplier on (64, 128, 256, 512)
+    scales: tuple[str, ...] = ("layer2", "layer3", "layer4")  # stages that carry a memory
+    memory_size: int = 64  # prototypes per scale
+    memory_dim: int = 64  # prototype / query dimension
+    beta: float = 16.0  # Hopfield inverse temperature on cosine similarities
+    learn_beta: bool = False
+    head_dim: int = 64  # output of the contrastive projection head
+    topk_ratio: float = 0.05  # share of positions averaged for a scale's local score
+
+    def __post_init__(self) -> None:
+        self.blocks = tuple(int(b) for b in self.blocks)
+        self.scales = tuple(str(s) for s in self.scales)
+        if not 8 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size={self.image_size}: expected 8..1024 pixels")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"in_channels={self.in_channels}: expected 1 or 3")
+        if len(self.blocks) != 4 or min(self.blocks) < 1:
+            raise ConfigError(f"blocks={self.blocks}: expected four positive block counts")
+        if not 0.05 <= self.width <= 4:
+            raise ConfigError(f"width={self.width}: expected a multiplier in 0.05..4")
+        valid = {f"layer{i}" for i in range(1, 5)}
+        if not self.scales or not set(self.scales) <= valid:
+            raise ConfigError(f"scales={self.scales}: expected a non-empty subset of {sorted(valid)}")
+        if self.memory_size < 2 or self.memory_dim < 2:
+            raise ConfigError("memory_size and memory_dim must be at least 2")
+        if self.beta <= 0:
+            raise ConfigError(f"beta={self.beta}: expected a positive inverse temperature")
+        if not 0 < self.topk_ratio <= 1:
+            raise ConfigError(f"topk_ratio={self.topk_ratio}: expected 0 < ratio <= 1")
+
+
+@dataclass
+class AugmentConfig:
+    """Batched view augmentations for stage 1 (see core/train/augment.py).
+
+    Colour jitter is kept mild by default: a memory that is invariant to colour cannot
+    flag a style anomaly whose only difference is its palette.
+    """
+
+    crop_scale: tuple[float, float] = (0.6, 1.0)
+    flip: bool = True
+    jitter: float = 0.15  # brightness / contrast / saturation strength
+    hue: float = 0.02  # hue shift, as a fraction of the colour circle
+    grayscale_p: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"crop_scale={self.crop_scale}: expected 0 < min <= max <= 1")
+        if not 0 <= self.jitter <= 1 or not 0 <= self.hue <= 0.5:
+            raise ConfigError("jitter must be in 0..1 and hue in 0..0.5")
+        if not 0 <= self.grayscale_p <= 1:
+            raise ConfigError(f"grayscale_p={self.grayscale_p}: expected a probability")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of both stages; the loss weights name the terms of core/train/losses.py."""
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    temperature: float = 0.2
+    w_memory_contrast: float = 1.0  # NT-Xent: view a's representation vs view b's read-out
+    w_view_contrast: float = 0.5  # plain SimCLR term between the two views' representations
+    w_align: float = 1.0  # per-position pull of queries towards their read-out (normal only)
+    w_variance: float = 1.0  # keeps prototypes spread out
+    w_usage: float = 0.1  # keeps every prototype read
+    w_anomaly: float = 1.0  # pushes labelled anomalies away from their read-out
+    anomaly_margin: float = 0.0
+    max_minutes: float | None = None  # wall-clock budget for both stages
+    stage1_share: float = 0.85  # share of the budget given to stage 1
+    holdout: float = 0.15  # share of normal training images kept for calibration
+    threshold_quantile: float = 0.95
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.augment, dict):
+            self.augment = AugmentConfig(**self.augment)
+        if self.epochs < 1 or self.batch_size < 2:
+            raise ConfigError("epochs must be >= 1 and batch_size >= 2")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError("lr and temperature must be positive")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"max_minutes={self.max_minutes}: expected a positive number")
+        if not 0 < self.holdout < 0.9:
+            raise ConfigError(f"holdout={self.holdout}: expected a share in (0, 0.9)")
+        if not 0.5 <= self.threshold_quantile < 1:
+            raise ConfigError("threshold_quantile must be in [0.5, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device={self.device!r}: expected auto, cpu or cuda")
+
+
+@dataclass
+class DataConfig:
+    """Which data set, which normal class, which protocol."""
+
+    dataset: str = "shapes"
+    root: str | None = None
+    normal_class: str | None = None  # None: the data set's first class
+    setting: str = "one-class"
+    anomaly_ratio: float = 0.05  # unbalanced: labelled anomalies / normal training images
+    anomaly_classes: tuple[str, ...] = ()  # unbalanced: where labelled anomalies come from
+    image_size: int | None = None  # None: the data set's native working size
+    max_train: int | None = None  # cap on normal training images (None: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.anomaly_classes = tuple(self.anomaly_classes)
+        if self.setting not in SETTINGS:
+            raise ConfigError(f"setting={self.setting!r}: expected one of {', '.join(SETTINGS)}")
+        if not 0 < self.anomaly_ratio <= 1:
+            raise ConfigError(f"anomaly_ratio={self.anomaly_ratio}: expected 0 < ratio <= 1")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run folder needs to rebuild and re-evaluate its model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: str = "quick"
+    version: int = CONFIG_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RunConfig:
+        """Rebuild from JSON; any missing, unknown or mistyped field raises ConfigError."""
+        if not isinstance(raw, dict):
+            raise ConfigError("config: expected a JSON object")
+        version = raw.get("version")
+        if version != CONFIG_VERSION:
+            raise ConfigError(
+                f"config version {version!r}: this anomem reads version {CONFIG_VERSION} "
+                "(retrain the run with this version)"
+            )
+        try:
+            return cls(
+                model=ModelConfig(**raw["model"]),
+                train=TrainConfig(**raw["train"]),
+                data=DataConfig(**raw["data"]),
+                preset=str(raw.get("preset", "quick")),
+                version=version,
+            )
+        except KeyError as err:
+            raise ConfigError(f"config: missing section {err}") from None
+        except TypeError as err:
+            raise ConfigError(f"config: {err}") from None
+
+
+def preset(name: str, data: DataConfig | None = None) -> RunConfig:
+    """The named preset: `quick` fits a 2-core CPU in minutes, `paper` is a ResNet-18 run."""
+    data = data or DataConfig()
+    if name == "quick":
+        cfg = RunConfig(model=ModelConfig(), train=TrainConfig(), data=data, preset=name)
+    elif name == "paper":
+        cfg = RunConfig(
+            model=ModelConfig(blocks=(2, 2, 2, 2), width=1.0, memory_size=256, memory_dim=128,
+                              head_dim=128),
+            train=TrainConfig(epochs=200, batch_size=256, lr=1e-3),
+            data=data,
+            preset=name,
+        )
+    else:
+        raise ConfigError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
+    return cfg

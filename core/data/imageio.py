@@ -1,0 +1,400 @@
+"""Safe image decoding, and an on-disk cache of decoded image sets.
+
+Every image the project reads from disk or from an upload goes through `read_image`,
+`read_mask` or `decode_bytes`, so each file format, bit depth and broken file is handled in
+one place and always ends as a `DataError` naming the file.
+
+Decoding choices:
+
+* The declared width x height is checked against `MAX_PIXELS` right after the header is
+  parsed and before any pixel is decoded; PIL's own decompression-bomb limit
+  (`Image.MAX_IMAGE_PIXELS`) is never changed and still applies on top.
+* Every mode ends as 8-bit grey ("L") or 8-bit colour ("RGB"): 16-bit images ("I;16*", and
+  "I" whose values fit 0..65535) are scaled by 255/65535 (never clipped); other "I" and "F"
+  images are stretched from their min..max (float images already in 0..1 are scaled by 255);
+  1-bit images become 0/255; palette images are expanded through their palette; CMYK, YCbCr,
+  HSV and LAB go through PIL's conversion to RGB.
+* Alpha ("LA", "RGBA", "PA", palette transparency) is composited on black: a colour is
+  multiplied by its alpha, so a fully transparent pixel is black whatever colour it stores.
+* Colour to grey (channels=1) uses PIL's ITU-R 601-2 luma; grey to colour replicates the
+  channel.
+* Images are resized straight to size x size (no aspect-ratio crop or padding): LANCZOS when
+  the image is larger than the target in either direction, BILINEAR when it is only enlarged.
+  Large JPEGs are first decoded at a reduced DCT scale (`Image.draft`) that stays at least as
+  large as the target. Masks use NEAREST.
+* A multi-frame file (GIF, TIFF) contributes its first frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import PIL
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from core.data.base import DataError
+
+MAX_PIXELS = 64 * 1024 * 1024  # declared width * height above which a file is refused
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+)
+CACHE_VERSION = 1  # bump when decoding changes, so older cache entries are never read
+CHUNK = 256  # images per decoding task, and per progress report
+WORKERS = max(2, min(4, os.cpu_count() or 1))
+
+Progress = Callable[[str, float], None] | None
+_OPEN_LOCK = threading.Lock()  # warnings filters are process-wide: one header parse at a time
+
+
+def default_cache_dir() -> Path:
+    """`$ANOMEM_CACHE`, or ~/.cache/anomem."""
+    return Path(os.environ.get("ANOMEM_CACHE", "~/.cache/anomem")).expanduser()
+
+
+def is_image_file(path: Path) -> bool:
+    """An image by its suffix (any case); hidden files such as macOS '._x.png' are not."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly inside `folder`, sorted by name; [] when it is not a folder."""
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if e.is_file() and is_image_file(Path(e.name))]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / name for name in sorted(names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def read_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
+    """Decode one image file to uint8 (size, size, channels), HWC."""
+    return _decode(Path(path), str(path), size, channels, MAX_PIXELS, mask=False)
+
+
+def read_mask(path: Path, size: int) -> np.ndarray:
+    """Decode a ground-truth mask to uint8 (size, size): 1 where the mask is above 127."""
+    grey = _decode(Path(path), str(path), size, 1, MAX_PIXELS, mask=True)
+    return (grey[..., 0] > 127).astype(np.uint8)
+
+
+def decode_bytes(
+    data: bytes,
+    name: str,
+    size: int | None,
+    channels: int = 3,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
+    """Decode an uploaded file to uint8 (H, W, channels); size None keeps the native size."""
+    if not data:
+        raise DataError(_message(name, "empty file"))
+    return _decode(io.BytesIO(data), name, size, channels, max_pixels, mask=False)
+
+
+def _message(name: str, reason: str) -> str:
+    reason = " ".join(str(reason).split())  # one line, whatever the library said
+    return f"cannot read image {name!r}: {reason} (expected an image PIL can decode)"
+
+
+def _open(source: Path | BinaryIO) -> Image.Image:
+    """Parse the header only, with PIL's decompression-bomb warning raised as an error."""
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(source)
+
+
+def _decode(
+    source: Path | BinaryIO,
+    name: str,
+    size: int | None,
+    channels: int,
+    max_pixels: int,
+    *,
+    mask: bool,
+) -> np.ndarray:
+    if channels not in (1, 3):
+        raise ValueError(f"channels={channels}: expected 1 or 3")
+    if size is not None and size < 1:
+        raise ValueError(f"size={size}: expected a positive number of pixels")
+    try:
+        with _open(source) as img:
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise DataError(_message(name, f"declared size {width}x{height} is empty"))
+            if width * height > max_pixels:
+                raise DataError(
+                    f"cannot read image {name!r}: declared size {width}x{height} is "
+                    f"{width * height} pixels, over the limit of {max_pixels} (refused before "
+                    "decoding)"
+                )
+            if size is not None and not mask and max(width, height) > size:
+                img.draft(img.mode, (size, size))  # JPEG only: decode at a reduced DCT scale
+            img.load()
+            array = _to_array(img, size, channels, mask)
+    except DataError:
+        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
+        raise DataError(_message(name, f"cannot open the file ({err.strerror})")) from None
+    except UnidentifiedImageError:
+        empty = isinstance(source, Path) and _is_empty(source)
+        reason = "empty file" if empty else "not in an image format PIL recognises"
+        raise DataError(_message(name, reason)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise DataError(_message(name, f"refused as a decompression bomb ({err})")) from None
+    except OSError as err:
+        reason = "truncated file" if "truncated" in str(err) else f"broken image data ({err})"
+        raise DataError(_message(name, reason)) from None
+    except Exception as err:  # any decoder failure on untrusted bytes
+        reason = f"broken image data ({type(err).__name__}: {err})"
+        raise DataError(_message(name, reason)) from None
+    return array
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
+
+
+def _to_array(img: Image.Image, size: int | None, channels: int, mask: bool) -> np.ndarray:
+    """A loaded image of any mode -> uint8 (H, W, channels), resized when size is given."""
+    img = _to_8bit(img)
+    if channels == 1 and img.mode == "RGB":
+        img = img.convert("L")
+    if size is not None and img.size != (size, size):
+        if mask:
+            resample = Image.Resampling.NEAREST
+        elif img.width > size or img.height > size:
+            resample = Image.Resampling.LANCZOS
+        else:
+            resample = Image.Resampling.BILINEAR
+        img = img.resize((size, size), resample)
+    array = np.asarray(img, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[..., None]
+    if channels == 3 and array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> "L" or "RGB" (see the module docstring for each mode)."""
+    mode = img.mode
+    if mode in ("L", "RGB"):
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), mode), "L")
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        return _to_8bit(img)
+    if mode == "PA":
+        return _to_8bit(img.convert("RGBA"))
+    if mode in ("LA", "RGBA"):
+        array = np.asarray(img).astype(np.uint16)
+        colour, alpha = array[..., :-1], array[..., -1:]
+        blended = ((colour * alpha + 127) // 255).astype(np.uint8)  # on black
+        return Image.fromarray(blended[..., 0] if mode == "LA" else blended, mode[:-1])
+    if mode in ("La", "RGBa"):  # premultiplied: already composited on black
+        array = np.asarray(img)[..., :-1]
+        return Image.fromarray(array[..., 0] if mode == "La" else np.ascontiguousarray(array),
+                               mode[:-1])
+    return img.convert("RGB")
+
+
+def _scale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit -> 8-bit by 255/65535; other integer or float data by its own range."""
+    if mode.startswith("I;16"):
+        wide = array.astype(np.uint32)
+        return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if values.size == 0:
+        return np.zeros(array.shape, dtype=np.uint8)
+    low, high = float(values.min()), float(values.max())
+    if mode == "I" and low >= 0 and high <= 65535:
+        scaled = values * (255 / 65535)
+    elif mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255
+    elif high > low:
+        scaled = (values - low) * (255 / (high - low))
+    else:
+        scaled = np.zeros_like(values)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> (N, C, size, size) uint8: bilinear, antialiased when shrinking."""
+    n, c, h, w = images.shape
+    if (h, w) == (size, size):
+        return images
+    out = torch.empty((n, c, size, size), dtype=torch.uint8)
+    step = max(1, 2**24 // (c * max(h * w, size * size)))  # ~64 MB of float32 at a time
+    for start in range(0, n, step):
+        x = images[start:start + step].float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        out[start:start + step] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# image sets and their cache
+
+
+def load_images(
+    paths: Sequence[Path],
+    size: int,
+    channels: int = 3,
+    cache_dir: Path | None = None,
+    progress: Progress = None,
+) -> tuple[np.ndarray, list[Path], list[str]]:
+    """Decode many images into uint8 (N, C, size, size), CHW, through the on-disk cache.
+
+    Returns (array, kept paths, messages of skipped files): an unreadable file is left out
+    and its message collected, so one bad file does not lose a whole data set.
+    """
+    paths = [Path(p) for p in paths]
+    if not paths:
+        return np.empty((0, channels, size, size), dtype=np.uint8), [], []
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    key = cache_key(paths, size, channels)
+    cached = _read_cache(cache_dir, key, len(paths), size, channels)
+    if cached is not None:
+        array, kept, skipped = cached
+        if progress is not None:
+            progress(f"read {len(kept)} images from the cache", 1.0)
+        return array, [paths[i] for i in kept], skipped
+
+    out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
+    errors: list[str | None] = []
+    starts = range(0, len(paths), CHUNK)
+
+    def decode_chunk(start: int) -> list[str | None]:
+        found: list[str | None] = []
+        for i, path in enumerate(paths[start:start + CHUNK], start):
+            try:
+                out[i] = read_image(path, size, channels).transpose(2, 0, 1)  # HWC -> CHW
+                found.append(None)
+            except DataError as err:
+                found.append(str(err))
+        return found
+
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        for found in pool.map(decode_chunk, starts):
+            errors.extend(found)
+            if progress is not None:
+                progress(f"decoding images {len(errors)}/{len(paths)}", len(errors) / len(paths))
+
+    kept = [i for i, err in enumerate(errors) if err is None]
+    skipped = [err for err in errors if err is not None]
+    array = out if len(kept) == len(paths) else out[kept]
+    _write_cache(cache_dir, key, array, kept, skipped)
+    return array, [paths[i] for i in kept], skipped
+
+
+def cache_key(paths: Sequence[Path], size: int, channels: int) -> str:
+    """sha256 over every path with its byte size and mtime, the target size and channels.
+
+    The cache format, the decoding limit and PIL's version are part of the key too, so an
+    entry is only reused when decoding again would give the same result.
+    """
+    digest = hashlib.sha256()
+    head = (f"anomem-images v{CACHE_VERSION} pil {PIL.__version__} max {MAX_PIXELS} "
+            f"size {size} channels {channels} n {len(paths)}\n")
+    digest.update(head.encode())
+    for path in paths:
+        try:
+            stat = os.stat(path)
+            nbytes, mtime = stat.st_size, stat.st_mtime_ns
+        except OSError:
+            nbytes = mtime = -1
+        line = f"{os.path.abspath(path)}\0{nbytes}\0{mtime}\n"
+        digest.update(line.encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+def _read_cache(
+    cache_dir: Path, key: str, n_paths: int, size: int, channels: int
+) -> tuple[np.ndarray, list[int], list[str]] | None:
+    """The cached entry for `key`, or None when it is missing or broken in any way."""
+    meta_path, data_path = cache_dir / f"{key}.json", cache_dir / f"{key}.npy"
+    if not meta_path.is_file() or not data_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        kept, skipped = meta["kept"], meta["skipped"]
+        if meta["version"] != CACHE_VERSION or meta["key"] != key:
+            return None
+        if not all(isinstance(i, int) and 0 <= i < n_paths for i in kept):
+            return None
+        if not all(isinstance(s, str) for s in skipped) or len(kept) + len(skipped) != n_paths:
+            return None
+        array = np.load(data_path, allow_pickle=False)
+        if not isinstance(array, np.ndarray):
+            return None
+        if array.dtype != np.uint8 or array.shape != (len(kept), channels, size, size):
+            return None
+    except Exception:  # a broken cache entry is a miss, never an error
+        return None
+    return array, kept, skipped
+
+
+def _write_cache(
+    cache_dir: Path, key: str, array: np.ndarray, kept: list[int], skipped: list[str]
+) -> None:
+    """Store an entry atomically; a cache that cannot be written only costs a warning."""
+    meta = {"version": CACHE_VERSION, "key": key, "kept": kept, "skipped": skipped}
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(cache_dir / f"{key}.npy", lambda f: np.save(f, array, allow_pickle=False))
+        _atomic_write(cache_dir / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()))
+    except OSError as err:
+        warnings.warn(f"image cache not written to '{cache_dir}': {err}", stacklevel=3)
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write to a temporary file in the same folder, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe_skipped(skipped: Sequence[str], limit: int = 10) -> str:
+    """One line per skipped file, at most `limit` of them, then "and N more"."""
+    lines = [f"  {message}" for message in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  and {len(skipped) - limit} more")
+    return "\n".join(lines)
+
+
+def warn_skipped(skipped: Sequence[str], where: str) -> None:
+    """Warn once about every unreadable image left out of a data set."""
+    if skipped:
+        warnings.warn(
+            f"skipped {len(skipped)} unreadable image(s) under {where}:\n"
+            f"{describe_skipped(skipped)}",
+            stacklevel=3,
+        )

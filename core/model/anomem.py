@@ -1,0 +1,67 @@
+"""The assembled AnoMem model: encoder, one memory per scale, contrastive heads, detector.
+
+A plain `nn.Module`: images in, per-scale memory reads or anomaly scores out. It knows nothing
+of optimisers or data sets, so a page of the app or a test can build and call it directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import ModelConfig
+from core.model.backbone import build_backbone
+from core.model.detector import AnomalyDetector, Scores
+from core.model.memory import HopfieldMemory, MemoryRead
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's MLP head; it sees pooled queries and read-outs, never the detector."""
+
+    def __init__(self, dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True),
+                                 nn.Linear(dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class AnoMem(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone, channels = build_backbone(cfg)
+        self.memories = nn.ModuleDict({
+            s: HopfieldMemory(channels[s], cfg.memory_size, cfg.memory_dim, cfg.beta,
+                              cfg.learn_beta)
+            for s in cfg.scales
+        })
+        self.heads = nn.ModuleDict({s: ProjectionHead(cfg.memory_dim, cfg.head_dim)
+                                    for s in cfg.scales})
+        self.detector = AnomalyDetector(cfg.scales, cfg.memory_dim, cfg.topk_ratio)
+
+    @property
+    def scales(self) -> tuple[str, ...]:
+        return self.cfg.scales
+
+    def stride(self, scale: str) -> int:
+        """Input pixels per position of `scale`'s maps."""
+        return self.backbone.stride[scale]
+
+    def forward(self, images: torch.Tensor) -> dict[str, MemoryRead]:
+        """images (B, C, H, W) in [0, 1] -> {scale: MemoryRead} of queries and read-outs."""
+        features = self.backbone(images)
+        return {s: self.memories[s](features[s]) for s in self.scales}
+
+    def score(self, images: torch.Tensor) -> Scores:
+        """Anomaly scores and maps of a batch; needs a fitted detector (stage 2)."""
+        reads = self.forward(images)
+        return self.detector({s: r.deviation for s, r in reads.items()}, images.shape[-2:])
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{scale: (B, D)} spatially pooled, unit-norm queries: one point per image (UMAP)."""
+        return {s: F.normalize(r.query.mean(dim=(2, 3)), dim=1)
+                for s, r in self.forward(images).items()}

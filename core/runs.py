@@ -1,0 +1,224 @@
+"""Run folders: weights as safetensors, the config as JSON beside them, metrics and history.
+
+A run folder holds `model.safetensors`, `config.json` (a `RunConfig` that rebuilds the model),
+`history.jsonl` (one row per epoch) and `metrics.json`. Every write goes to a temporary file in
+the same folder and is renamed into place, so a crash never leaves a half-written file behind.
+Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from core.config import ConfigError, RunConfig
+from core.model.anomem import AnoMem
+
+WEIGHTS, CONFIG, METRICS, HISTORY = "model.safetensors", "config.json", "metrics.json", \
+    "history.jsonl"
+DEFAULT_RUNS_DIR = Path(os.environ.get("ANOMEM_RUNS", "runs"))
+_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # what a plain open() would have given
+
+
+class RunError(ValueError):
+    """A run folder or one of its files is missing, malformed or from another version."""
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` through a temporary file and an atomic rename."""
+    path = Path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def safe_name(name: str) -> str:
+    """A run name reduced to letters, digits, '.', '_' and '-' (no path traversal)."""
+    cleaned = _NAME.sub("-", name).strip(".-_")
+    return cleaned[:80] or "run"
+
+
+def new_run_dir(root: Path, name: str) -> Path:
+    """Create a fresh folder `root/name` (or `name-2`, `name-3`, ...): never an existing one."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    base = safe_name(name)
+    for i in range(1, 10_000):
+        path = root / (base if i == 1 else f"{base}-{i}")
+        try:
+            path.mkdir()  # atomic: two processes cannot both create the same folder
+            return path
+        except FileExistsError:
+            continue
+    raise RunError(f"no free run folder name for {base!r} under {root}")
+
+
+def save_model(path: Path, cfg: RunConfig, model: AnoMem) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "anomem", "version": str(cfg.version)})
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path / WEIGHTS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    write_json(path / CONFIG, cfg.to_dict())
+
+
+def append_history(path: Path, row: dict) -> None:
+    """Rewrite history.jsonl with one more row (atomic, so a crash keeps the old file)."""
+    file = Path(path) / HISTORY
+    old = file.read_text() if file.exists() else ""
+    write_atomic(file, old + json.dumps(row) + "\n")
+
+
+def read_config(path: Path) -> RunConfig:
+    file = Path(path) / CONFIG
+    if not file.is_file():
+        raise RunError(f"{file}: missing (expected the config.json of an anomem run)")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{file}: not valid JSON ({err})") from None
+    try:
+        return RunConfig.from_dict(raw)
+    except ConfigError as err:
+        raise RunError(f"{file}: {err}") from None
+
+
+def load_model(path: Path, cfg: RunConfig | None = None, device: str = "cpu") -> AnoMem:
+    """Rebuild the model from config.json and load its weights, checking every tensor."""
+    path = Path(path)
+    cfg = cfg or read_config(path)
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise RunError(f"{file}: missing (expected the weights of an anomem run)")
+    try:
+        state = load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise RunError(f"{file}: not a readable safetensors file ({err})") from None
+    model = AnoMem(cfg.model)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3
+                                                               else ""))
+        if extra:
+            parts.append(f"unexpected {', '.join(extra[:3])}" + (" ..." if len(extra) > 3
+                                                                else ""))
+        raise RunError(f"{file}: tensors do not match config.json ({'; '.join(parts)})")
+    for k, v in expected.items():
+        if state[k].shape != v.shape or state[k].dtype != v.dtype:
+            raise RunError(
+                f"{file}: tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, config.json "
+                f"expects {tuple(v.shape)} {v.dtype}"
+            )
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def read_json(file: Path) -> Any:
+    try:
+        return json.loads(Path(file).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{file}: not valid JSON ({err})") from None
+
+
+def read_history(path: Path) -> list[dict]:
+    file = Path(path) / HISTORY
+    if not file.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(file.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise RunError(f"{file}: line {i} is not valid JSON") from None
+    return rows
+
+
+@dataclass
+class Run:
+    path: Path
+    config: RunConfig
+    model: AnoMem
+    metrics: dict | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def load_run(path: Path, device: str = "cpu") -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"{path}: not a run folder")
+    cfg = read_config(path)
+    metrics_file = path / METRICS
+    return Run(
+        path=path,
+        config=cfg,
+        model=load_model(path, cfg, device),
+        metrics=read_json(metrics_file) if metrics_file.is_file() else None,
+        history=read_history(path),
+    )
+
+
+@dataclass
+class RunSummary:
+    name: str
+    path: Path
+    dataset: str
+    normal_class: str
+    setting: str
+    auroc: float | None
+    complete: bool  # has weights and metrics
+    error: str | None = None
+
+
+def list_runs(root: Path = DEFAULT_RUNS_DIR) -> list[RunSummary]:
+    """Every folder under `root` that looks like a run, newest first; broken ones say why."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    folders = [p for p in root.iterdir() if p.is_dir() and (p / CONFIG).exists()]
+    for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            cfg = read_config(p)
+            metrics = read_json(p / METRICS) if (p / METRICS).is_file() else None
+            out.append(RunSummary(
+                p.name, p, cfg.data.dataset, cfg.data.normal_class or "", cfg.data.setting,
+                (metrics or {}).get("auroc"), (p / WEIGHTS).is_file() and metrics is not None))
+        except RunError as err:
+            out.append(RunSummary(p.name, p, "?", "?", "?", None, False, str(err)))
+    return out
