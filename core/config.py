@@ -35,9 +35,14 @@ class ModelConfig:
     learn_beta: bool = False
     head_dim: int = 64  # output of the contrastive projection head
     topk_ratio: float = 0.05  # share of positions averaged for a scale's local score
+    layout_grid: int = 8  # the detector's layout term sees each map pooled to g x g at most
+    layout_rank: int = 256  # principal directions kept by the layout's PPCA Gaussian
 
     def __post_init__(self) -> None:
-        self.blocks = tuple(int(b) for b in self.blocks)
+        if not isinstance(self.blocks, list | tuple) or not all(
+                isinstance(b, int) and not isinstance(b, bool) for b in self.blocks):
+            raise ConfigError(f"blocks={self.blocks!r}: expected four integers")
+        self.blocks = tuple(self.blocks)
         self.scales = tuple(str(s) for s in self.scales)
         if not 8 <= self.image_size <= 1024:
             raise ConfigError(f"image_size={self.image_size}: expected 8..1024 pixels")
@@ -49,11 +54,22 @@ class ModelConfig:
             raise ConfigError(f"width={self.width}: expected a multiplier in 0.05..4")
         valid = {f"layer{i}" for i in range(1, 5)}
         if not self.scales or not set(self.scales) <= valid:
-            raise ConfigError(f"scales={self.scales}: expected a non-empty subset of {sorted(valid)}")
+            raise ConfigError(
+                f"scales={self.scales}: expected a non-empty subset of {sorted(valid)}"
+            )
+        for name in ("image_size", "in_channels", "memory_size", "memory_dim", "head_dim",
+                     "layout_grid", "layout_rank"):
+            _require_int(self, name)
         if self.memory_size < 2 or self.memory_dim < 2:
             raise ConfigError("memory_size and memory_dim must be at least 2")
+        if self.head_dim < 2:
+            raise ConfigError(f"head_dim={self.head_dim}: expected at least 2")
         if self.beta <= 0:
             raise ConfigError(f"beta={self.beta}: expected a positive inverse temperature")
+        if not 1 <= self.layout_grid <= 16:
+            raise ConfigError(f"layout_grid={self.layout_grid}: expected 1..16")
+        if not 1 <= self.layout_rank <= 4096:
+            raise ConfigError(f"layout_rank={self.layout_rank}: expected 1..4096")
         if not 0 < self.topk_ratio <= 1:
             raise ConfigError(f"topk_ratio={self.topk_ratio}: expected 0 < ratio <= 1")
 
@@ -73,8 +89,11 @@ class AugmentConfig:
     grayscale_p: float = 0.0
 
     def __post_init__(self) -> None:
-        self.crop_scale = (float(self.crop_scale[0]), float(self.crop_scale[1]))
-        lo, hi = self.crop_scale
+        try:
+            lo, hi = (float(v) for v in self.crop_scale)
+        except (TypeError, ValueError):
+            raise ConfigError(f"crop_scale={self.crop_scale!r}: expected two numbers") from None
+        self.crop_scale = (lo, hi)
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"crop_scale={self.crop_scale}: expected 0 < min <= max <= 1")
         if not 0 <= self.jitter <= 1 or not 0 <= self.hue <= 0.5:
@@ -99,6 +118,9 @@ class TrainConfig:
     w_usage: float = 0.1  # keeps every prototype read
     w_anomaly: float = 1.0  # pushes labelled anomalies away from their read-out
     anomaly_margin: float = 0.0
+    # Distribution-shifted copies of each batch (CSI) as extra contrastive negatives: "jigsaw"
+    # (quadrants swapped) and/or "rotate" (90/180/270 degrees); empty to turn off.
+    shift_negatives: tuple[str, ...] = ("jigsaw",)
     max_minutes: float | None = None  # wall-clock budget for both stages
     stage1_share: float = 0.85  # share of the budget given to stage 1
     holdout: float = 0.15  # share of normal training images kept for calibration
@@ -109,11 +131,25 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.augment, dict):
-            self.augment = AugmentConfig(**self.augment)
+            self.augment = AugmentConfig(**_checked_fields(AugmentConfig, self.augment,
+                                                           "train.augment"))
+        if not isinstance(self.augment, AugmentConfig):
+            raise ConfigError(f"augment={self.augment!r}: expected an augmentation section")
+        for name in ("epochs", "batch_size", "seed"):
+            _require_int(self, name)
+        self.shift_negatives = tuple(self.shift_negatives)
+        if not set(self.shift_negatives) <= {"jigsaw", "rotate"}:
+            raise ConfigError(
+                f"shift_negatives={self.shift_negatives}: expected jigsaw and/or rotate"
+            )
         if self.epochs < 1 or self.batch_size < 2:
             raise ConfigError("epochs must be >= 1 and batch_size >= 2")
         if self.lr <= 0 or self.temperature <= 0:
             raise ConfigError("lr and temperature must be positive")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay}: expected >= 0")
+        if not 0 < self.stage1_share <= 1:
+            raise ConfigError(f"stage1_share={self.stage1_share}: expected 0 < share <= 1")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"max_minutes={self.max_minutes}: expected a positive number")
         if not 0 < self.holdout < 0.9:
@@ -144,6 +180,12 @@ class DataConfig:
             raise ConfigError(f"setting={self.setting!r}: expected one of {', '.join(SETTINGS)}")
         if not 0 < self.anomaly_ratio <= 1:
             raise ConfigError(f"anomaly_ratio={self.anomaly_ratio}: expected 0 < ratio <= 1")
+        if self.image_size is not None and (not isinstance(self.image_size, int)
+                                            or not 8 <= self.image_size <= 1024):
+            raise ConfigError(f"image_size={self.image_size!r}: expected 8..1024 pixels")
+        if self.max_train is not None and (not isinstance(self.max_train, int)
+                                           or self.max_train < 4):
+            raise ConfigError(f"max_train={self.max_train!r}: expected at least 4 images")
 
 
 @dataclass
@@ -170,18 +212,39 @@ class RunConfig:
                 f"config version {version!r}: this anomem reads version {CONFIG_VERSION} "
                 "(retrain the run with this version)"
             )
+        sections = {}
+        for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+            if not isinstance(raw.get(name), dict):
+                raise ConfigError(f"config: missing or malformed section {name!r}")
+            sections[name] = _checked_fields(kind, raw[name], name)
         try:
             return cls(
-                model=ModelConfig(**raw["model"]),
-                train=TrainConfig(**raw["train"]),
-                data=DataConfig(**raw["data"]),
+                model=ModelConfig(**sections["model"]),
+                train=TrainConfig(**sections["train"]),
+                data=DataConfig(**sections["data"]),
                 preset=str(raw.get("preset", "quick")),
                 version=version,
             )
-        except KeyError as err:
-            raise ConfigError(f"config: missing section {err}") from None
-        except TypeError as err:
+        except (TypeError, ValueError) as err:
             raise ConfigError(f"config: {err}") from None
+
+
+def _checked_fields(kind: type, raw: dict, section: str) -> dict:
+    """`raw` must name exactly the fields of dataclass `kind`: a stored run never silently
+    takes today's default for a field it did not record."""
+    names = {f.name for f in dataclasses.fields(kind)}
+    missing, unknown = sorted(names - set(raw)), sorted(set(raw) - names)
+    if missing or unknown:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
+            ([f"unknown {', '.join(unknown)}"] if unknown else [])
+        raise ConfigError(f"config section {section!r}: {'; '.join(parts)}")
+    return raw
+
+
+def _require_int(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r}: expected an integer")
 
 
 def preset(name: str, data: DataConfig | None = None) -> RunConfig:

@@ -216,6 +216,8 @@ def list_runs(root: Path = DEFAULT_RUNS_DIR) -> list[RunSummary]:
         try:
             cfg = read_config(p)
             metrics = read_json(p / METRICS) if (p / METRICS).is_file() else None
+            if metrics is not None and not isinstance(metrics, dict):
+                raise RunError(f"{p / METRICS}: expected a JSON object")
             out.append(RunSummary(
                 p.name, p, cfg.data.dataset, cfg.data.normal_class or "", cfg.data.setting,
                 (metrics or {}).get("auroc"), (p / WEIGHTS).is_file() and metrics is not None))

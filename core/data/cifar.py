@@ -13,7 +13,7 @@ import pickle
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -148,7 +148,8 @@ def class_names(source: Source) -> list[str]:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     else:
         meta = _load_pickle(source.meta)
-        names = meta.get(version.meta_key) if isinstance(meta, dict) else None
+        meta = {_text(k): v for k, v in meta.items()} if isinstance(meta, dict) else {}
+        names = meta.get(version.meta_key)
         names = [_text(x) for x in names] if isinstance(names, list | tuple) else []
     if len(names) != n or len(set(names)) != n:
         raise DataError(
@@ -209,6 +210,7 @@ def _read_python(version: Version, path: Path) -> tuple[np.ndarray, np.ndarray, 
     problem = f"{version.name} batch '{path}' is not the expected dict"
     if not isinstance(batch, dict):
         raise DataError(f"{problem}: found {type(batch).__name__}")
+    batch = {_text(k): v for k, v in batch.items()}  # keys may be bytes after a re-pickle
     data, labels = batch.get("data"), batch.get(version.label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != PIXELS:
@@ -233,7 +235,7 @@ def _check_labels(version: Version, path: Path, labels: np.ndarray) -> None:
         )
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
@@ -248,7 +250,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     before it is looked up, so loading an untrusted file cannot run code.
     """
 
-    def __init__(self, file: Any, source: str) -> None:
+    def __init__(self, file: BinaryIO, source: str) -> None:
         super().__init__(file, encoding="latin1")  # Python 2 pickles: str and numpy buffers
         self.source = source
 

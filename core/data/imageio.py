@@ -64,19 +64,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ANOMEM_CACHE", "~/.cache/anomem")).expanduser()
 
 
-def is_image_file(path: Path) -> bool:
+def is_image_file(name: str | Path) -> bool:
     """An image by its suffix (any case); hidden files such as macOS '._x.png' are not."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    name = os.path.basename(name)
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and not name.startswith(".")
 
 
 def list_images(folder: Path) -> list[Path]:
     """The image files directly inside `folder`, sorted by name; [] when it is not a folder."""
     try:
         with os.scandir(folder) as entries:
-            names = [e.name for e in entries if e.is_file() and is_image_file(Path(e.name))]
+            files = [e.path for e in entries if is_image_file(e.name) and e.is_file()]
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return [folder / name for name in sorted(names)]
+    return [Path(path) for path in sorted(files)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     if mode == "1":
         return img.convert("L")
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_scale_to_uint8(np.asarray(img), mode), "L")
+        return Image.fromarray(_scale_to_uint8(np.asarray(img), mode))  # 2-D uint8: "L"
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         return _to_8bit(img)
@@ -212,11 +213,10 @@ def _to_8bit(img: Image.Image) -> Image.Image:
         array = np.asarray(img).astype(np.uint16)
         colour, alpha = array[..., :-1], array[..., -1:]
         blended = ((colour * alpha + 127) // 255).astype(np.uint8)  # on black
-        return Image.fromarray(blended[..., 0] if mode == "LA" else blended, mode[:-1])
+        return Image.fromarray(blended[..., 0] if mode == "LA" else blended)
     if mode in ("La", "RGBa"):  # premultiplied: already composited on black
-        array = np.asarray(img)[..., :-1]
-        return Image.fromarray(array[..., 0] if mode == "La" else np.ascontiguousarray(array),
-                               mode[:-1])
+        colour = np.ascontiguousarray(np.asarray(img)[..., :-1])
+        return Image.fromarray(colour[..., 0] if mode == "La" else colour)
     return img.convert("RGB")
 
 
@@ -271,7 +271,7 @@ def load_images(
     Returns (array, kept paths, messages of skipped files): an unreadable file is left out
     and its message collected, so one bad file does not lose a whole data set.
     """
-    paths = [Path(p) for p in paths]
+    paths = [p if isinstance(p, Path) else Path(p) for p in paths]
     if not paths:
         return np.empty((0, channels, size, size), dtype=np.uint8), [], []
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
@@ -304,9 +304,10 @@ def load_images(
                 progress(f"decoding images {len(errors)}/{len(paths)}", len(errors) / len(paths))
 
     kept = [i for i, err in enumerate(errors) if err is None]
-    skipped = [err for err in errors if err is not None]
-    array = out if len(kept) == len(paths) else out[kept]
-    _write_cache(cache_dir, key, array, kept, skipped)
+    left_out = [i for i, err in enumerate(errors) if err is not None]
+    skipped = [errors[i] or "" for i in left_out]
+    array = out if not left_out else out[kept]
+    _write_cache(cache_dir, key, array, left_out, skipped)
     return array, [paths[i] for i in kept], skipped
 
 
@@ -326,7 +327,7 @@ def cache_key(paths: Sequence[Path], size: int, channels: int) -> str:
             nbytes, mtime = stat.st_size, stat.st_mtime_ns
         except OSError:
             nbytes = mtime = -1
-        line = f"{os.path.abspath(path)}\0{nbytes}\0{mtime}\n"
+        line = f"{os.path.abspath(os.fspath(path))}\0{nbytes}\0{mtime}\n"
         digest.update(line.encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
@@ -340,13 +341,15 @@ def _read_cache(
         return None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        kept, skipped = meta["kept"], meta["skipped"]
+        left_out, skipped = meta["left_out"], meta["skipped"]
         if meta["version"] != CACHE_VERSION or meta["key"] != key:
             return None
-        if not all(isinstance(i, int) and 0 <= i < n_paths for i in kept):
+        if not all(isinstance(i, int) and 0 <= i < n_paths for i in left_out):
             return None
-        if not all(isinstance(s, str) for s in skipped) or len(kept) + len(skipped) != n_paths:
+        if not all(isinstance(s, str) for s in skipped) or len(set(left_out)) != len(skipped):
             return None
+        gone = set(left_out)
+        kept = [i for i in range(n_paths) if i not in gone]
         array = np.load(data_path, allow_pickle=False)
         if not isinstance(array, np.ndarray):
             return None
@@ -358,10 +361,10 @@ def _read_cache(
 
 
 def _write_cache(
-    cache_dir: Path, key: str, array: np.ndarray, kept: list[int], skipped: list[str]
+    cache_dir: Path, key: str, array: np.ndarray, left_out: list[int], skipped: list[str]
 ) -> None:
     """Store an entry atomically; a cache that cannot be written only costs a warning."""
-    meta = {"version": CACHE_VERSION, "key": key, "kept": kept, "skipped": skipped}
+    meta = {"version": CACHE_VERSION, "key": key, "left_out": left_out, "skipped": skipped}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(cache_dir / f"{key}.npy", lambda f: np.save(f, array, allow_pickle=False))

@@ -40,7 +40,8 @@ class AnoMem(nn.Module):
         })
         self.heads = nn.ModuleDict({s: ProjectionHead(cfg.memory_dim, cfg.head_dim)
                                     for s in cfg.scales})
-        self.detector = AnomalyDetector(cfg.scales, cfg.memory_dim, cfg.topk_ratio)
+        grids = {s: min(cfg.layout_grid, self.map_size(s)) for s in cfg.scales}
+        self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank)
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -50,6 +51,10 @@ class AnoMem(nn.Module):
         """Input pixels per position of `scale`'s maps."""
         return self.backbone.stride[scale]
 
+    def map_size(self, scale: str) -> int:
+        """Side of `scale`'s maps for a square input of the configured size."""
+        return max(1, -(-self.cfg.image_size // self.stride(scale)))
+
     def forward(self, images: torch.Tensor) -> dict[str, MemoryRead]:
         """images (B, C, H, W) in [0, 1] -> {scale: MemoryRead} of queries and read-outs."""
         features = self.backbone(images)
@@ -57,8 +62,7 @@ class AnoMem(nn.Module):
 
     def score(self, images: torch.Tensor) -> Scores:
         """Anomaly scores and maps of a batch; needs a fitted detector (stage 2)."""
-        reads = self.forward(images)
-        return self.detector({s: r.deviation for s, r in reads.items()}, images.shape[-2:])
+        return self.detector(self.forward(images), images.shape[-2:])
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

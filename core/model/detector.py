@@ -1,17 +1,26 @@
-"""Stage 2: the anomaly distance detector on the deviation maps.
+"""Stage 2: the anomaly distance detector on the multi-scale maps.
 
-Per scale, the deviation vector at every position (query minus memory read-out) is scored by
-its Mahalanobis distance under a Gaussian fitted to normal deviations: this is the per-position
-distance map. Two image-level numbers come out of each scale: the mean of the top-k positions
-(local anomalies light up a few positions) and the Mahalanobis distance of the spatially pooled
-deviation under a second Gaussian (object and style anomalies shift the whole map). Each is
-standardised on held-out normal images, and a weighted sum across scales is the image score.
+Two terms per scale, each a distance under a Gaussian fitted to normal training images:
 
-Why a Gaussian: its negative log-likelihood is the training objective of the detector, fitted in
-closed form (Ledoit-Wolf shrinkage). Unlike a Deep SVDD distance, whose minimum is reached by a
-network that maps everything to the centre, the log-determinant term makes a constant detector
-infinitely costly, so it cannot collapse. With labelled anomalies, a logistic head on the
-standardised scale scores and pooled deviations adds what the labels teach (see the trainer).
+- local: the deviation vector at every position (query minus memory read-out) is scored by its
+  Mahalanobis distance. This is the per-position distance map that, upsampled, shows *where*
+  an image departs from its memory of normality; the mean of its top-k positions is the local
+  image score.
+- layout: the query map average-pooled to a g x g grid and flattened, scored under a
+  probabilistic-PCA Gaussian. It sees *what is where*: an object anomaly is often made of
+  parts that are each normal-looking (the straight edges of a square occur on normal images
+  too), and only their arrangement gives it away. Measured on the built-in shapes, this term
+  on the query map beats the same term on the deviation map (see the README's ablation).
+
+Each score is standardised on held-out normal images, and a weighted sum across scales is the
+image score.
+
+Why Gaussians: their negative log-likelihood is the detector's training objective, fitted in
+closed form (Ledoit-Wolf shrinkage; PPCA for the high-dimensional layouts). Unlike a Deep SVDD
+distance, whose minimum is reached by a network that maps everything to one centre, the
+log-determinant term makes a constant detector infinitely costly: it cannot collapse. With
+labelled anomalies, a logistic head on the standardised scores and pooled deviations adds what
+the labels teach (see the trainer).
 
 Everything fitted is a buffer: `.to()`, `state_dict()` and safetensors checkpoints just work.
 """
@@ -25,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-N_SCORES = 2  # per scale: local (top-k positions) and global (pooled deviation)
+from core.model.memory import MemoryRead
+
+N_SCORES = 2  # per scale: local (top-k positions) and layout (coarse query map)
 
 
 class Scores(NamedTuple):
@@ -41,7 +52,9 @@ def fit_gaussian(x: torch.Tensor, max_rows: int = 50_000, seed: int = 0
     from sklearn.covariance import ledoit_wolf
 
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"fit_gaussian needs at least two rows of shape (M, D), got {tuple(x.shape)}")
+        raise ValueError(
+            f"fit_gaussian needs at least two rows of shape (M, D), got {tuple(x.shape)}"
+        )
     rows = x.detach().double().cpu()
     if len(rows) > max_rows:
         g = torch.Generator().manual_seed(seed)
@@ -59,16 +72,57 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     return ((d @ precision) * d).sum(-1).clamp_min(0).sqrt()
 
 
+def fit_ppca(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
+    """Probabilistic PCA (Tipping & Bishop 1999) of the rows of x (M, L).
+
+    Returns mean (L,), basis (L, rank), variances (rank,) and the isotropic noise variance of
+    the remaining directions. With fewer rows than `rank`, unused columns are zero (they then
+    add nothing to the distance).
+    """
+    if x.ndim != 2 or len(x) < 3:
+        raise ValueError(
+            f"fit_ppca needs at least three rows of shape (M, L), got {tuple(x.shape)}"
+        )
+    x = x.detach().float().cpu()
+    n, dim = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    _, sing, vh = torch.linalg.svd(xc, full_matrices=False)
+    var = sing.pow(2) / (n - 1)
+    r = min(rank, len(var) - 1, dim - 1)
+    total = var.sum()
+    noise = ((total - var[:r].sum()) / (dim - r)).clamp_min(1e-8 * float(total) / dim + 1e-12)
+    basis = torch.zeros(dim, rank)
+    basis[:, :r] = vh[:r].T
+    variances = torch.ones(rank)
+    variances[:r] = var[:r].clamp_min(noise)
+    return mean, basis, variances, noise
+
+
+def ppca_distance(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor,
+                  variances: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Mahalanobis distance of the rows of x (B, L) under a fitted PPCA Gaussian; (B,)."""
+    xc = x - mean
+    proj = xc @ basis  # (B, rank)
+    inside = (proj.pow(2) / variances).sum(1)
+    outside = (xc.pow(2).sum(1) - proj.pow(2).sum(1)).clamp_min(0) / noise
+    return (inside + outside).sqrt()
+
+
 class ScaleDetector(nn.Module):
     """Fitted distances for one scale; all state is buffers."""
 
-    def __init__(self, dim: int, topk_ratio: float) -> None:
+    def __init__(self, dim: int, topk_ratio: float, grid: int, rank: int) -> None:
         super().__init__()
         self.topk_ratio = topk_ratio
+        self.grid = grid
+        layout = dim * grid * grid
         self.register_buffer("mean", torch.zeros(dim))
         self.register_buffer("precision", torch.eye(dim))
-        self.register_buffer("global_mean", torch.zeros(dim))
-        self.register_buffer("global_precision", torch.eye(dim))
+        self.register_buffer("layout_mean", torch.zeros(layout))
+        self.register_buffer("layout_basis", torch.zeros(layout, rank))
+        self.register_buffer("layout_var", torch.ones(rank))
+        self.register_buffer("layout_noise", torch.ones(()))
         self.register_buffer("map_loc", torch.zeros(()))  # normal distance per position
         self.register_buffer("map_scale", torch.ones(()))
         self.register_buffer("score_loc", torch.zeros(N_SCORES))  # normal image scores
@@ -78,56 +132,60 @@ class ScaleDetector(nn.Module):
         """(B, D, H, W) -> (B, H, W) Mahalanobis distance of each position."""
         return mahalanobis(deviation.permute(0, 2, 3, 1), self.mean, self.precision)
 
-    def raw_scores(self, deviation: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """(B, 2): mean of the top-k positions, and the pooled deviation's distance."""
+    def layout(self, query: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, D * g * g): the query map on a coarse grid, flattened."""
+        return F.adaptive_avg_pool2d(query, self.grid).flatten(1)
+
+    def raw_scores(self, query: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """(B, 2): mean of the top-k distances of the map, and the layout's distance."""
         flat = dist.flatten(1)
         k = max(1, int(round(self.topk_ratio * flat.shape[1])))
         local = flat.topk(k, dim=1).values.mean(1)
-        pooled = deviation.mean(dim=(2, 3))
-        glob = mahalanobis(pooled, self.global_mean, self.global_precision)
-        return torch.stack([local, glob], dim=1)
+        layout = ppca_distance(self.layout(query), self.layout_mean, self.layout_basis,
+                               self.layout_var, self.layout_noise)
+        return torch.stack([local, layout], dim=1)
 
     def standardise(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.score_loc) / self.score_scale
 
 
 class AnomalyDetector(nn.Module):
-    """Per-scale detectors, their learned combination, an optional classifier, a threshold."""
+    """Per-scale detectors, their combination, an optional classifier, the thresholds."""
 
-    def __init__(self, scales: tuple[str, ...], dim: int, topk_ratio: float) -> None:
+    def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int) -> None:
         super().__init__()
-        self.scales = scales
-        self.per_scale = nn.ModuleDict({s: ScaleDetector(dim, topk_ratio) for s in scales})
-        n = N_SCORES * len(scales)
+        self.scales = tuple(grids)
+        self.per_scale = nn.ModuleDict({s: ScaleDetector(dim, topk_ratio, g, rank)
+                                        for s, g in grids.items()})
+        n = N_SCORES * len(self.scales)
         self.register_buffer("weights", torch.full((n,), 1.0 / n))
         # Logistic head over [standardised scores, pooled deviations]; zero = one-class.
-        self.register_buffer("clf_weight", torch.zeros(n + dim * len(scales)))
+        self.register_buffer("clf_weight", torch.zeros(n + dim * len(self.scales)))
         self.register_buffer("clf_bias", torch.zeros(()))
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("pixel_threshold", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def features(self, deviations: dict[str, torch.Tensor]
+    def features(self, reads: dict[str, MemoryRead]
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Standardised scale scores (B, 2S) and raw distance maps {scale: (B, h, w)}."""
         z, maps = [], {}
         for s in self.scales:
             det = self.per_scale[s]
-            dist = det.distance_map(deviations[s])
-            z.append(det.standardise(det.raw_scores(deviations[s], dist)))
+            dist = det.distance_map(reads[s].deviation)
+            z.append(det.standardise(det.raw_scores(reads[s].query, dist)))
             maps[s] = dist
         return torch.cat(z, dim=1), maps
 
-    def classifier_input(self, z: torch.Tensor, deviations: dict[str, torch.Tensor]
-                         ) -> torch.Tensor:
-        pooled = [F.normalize(deviations[s].mean(dim=(2, 3)), dim=1) for s in self.scales]
+    def classifier_input(self, z: torch.Tensor, reads: dict[str, MemoryRead]) -> torch.Tensor:
+        pooled = [F.normalize(reads[s].deviation.mean(dim=(2, 3)), dim=1) for s in self.scales]
         return torch.cat([z, *pooled], dim=1)
 
-    def forward(self, deviations: dict[str, torch.Tensor], out_size: tuple[int, int]) -> Scores:
-        z, dist_maps = self.features(deviations)
+    def forward(self, reads: dict[str, MemoryRead], out_size: tuple[int, int]) -> Scores:
+        z, dist_maps = self.features(reads)
         image = z @ self.weights
         if bool(self.clf_weight.any()):
-            image = image + self.classifier_input(z, deviations) @ self.clf_weight + self.clf_bias
+            image = image + self.classifier_input(z, reads) @ self.clf_weight + self.clf_bias
         per_scale = {s: z[:, N_SCORES * i:N_SCORES * (i + 1)].mean(1)
                      for i, s in enumerate(self.scales)}
         maps = {}

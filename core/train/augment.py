@@ -35,9 +35,11 @@ def resized_crop_flip(x: torch.Tensor, scale: tuple[float, float], flip: bool,
     rand = torch.rand(b, 5, generator=generator).to(dev)
     area = scale[0] + (scale[1] - scale[0]) * rand[:, 0]
     log_r = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand[:, 1]
-    ratio = log_r.exp()
-    w = (area * ratio).sqrt().clamp(max=1.0)
-    h = (area / ratio).sqrt().clamp(max=1.0)
+    # Keep the aspect ratio within what the drawn area allows, so w and h never exceed 1
+    # and the crop covers exactly the area drawn.
+    ratio = torch.minimum(torch.maximum(log_r.exp(), area), 1 / area)
+    w = (area * ratio).sqrt()
+    h = (area / ratio).sqrt()
     tx = (1 - w) * (2 * rand[:, 2] - 1)
     ty = (1 - h) * (2 * rand[:, 3] - 1)
     sign = torch.where(rand[:, 4] < 0.5, -1.0, 1.0) if flip else torch.ones(b, device=dev)
@@ -93,3 +95,58 @@ def augment(images: torch.Tensor, cfg: AugmentConfig,
         pick = (torch.rand(len(x), generator=generator) < cfg.grayscale_p).to(x.device)
         x = torch.where(pick.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
     return x.clamp(0, 1)
+
+
+SHIFTS = ("jigsaw", "rotate")
+
+
+def jigsaw(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Swap the four quadrants of each image by a random non-identity permutation.
+
+    Every local patch stays normal-looking, only their arrangement breaks: a pseudo-anomaly
+    that forces the encoder to represent how parts are laid out (shape), not just what they are.
+    """
+    b, c, h, w = x.shape
+    h2, w2 = h // 2, w // 2
+    x = x[:, :, :2 * h2, :2 * w2]
+    quads = x.reshape(b, c, 2, h2, 2, w2).permute(0, 2, 4, 1, 3, 5).reshape(b, 4, c, h2, w2)
+    perms = torch.stack([torch.randperm(4, generator=generator) for _ in range(b)])
+    identity = (perms == torch.arange(4)).all(1)
+    perms[identity] = torch.tensor([3, 2, 1, 0])  # never the original image
+    perms = perms.to(x.device)
+    quads = quads[torch.arange(b, device=x.device)[:, None], perms]
+    out = quads.reshape(b, 2, 2, c, h2, w2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * h2, 2 * w2)
+    return F.pad(out, (0, w - 2 * w2, 0, h - 2 * h2), mode="replicate") if (h % 2 or w % 2) \
+        else out
+
+
+def rotate90(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Rotate each image by 90, 180 or 270 degrees (CSI's shifting transformation)."""
+    k = torch.randint(1, 4, (len(x),), generator=generator)
+    out = x.clone()
+    for turns in (1, 2, 3):
+        pick = (k == turns).nonzero().flatten().to(x.device)
+        if len(pick):
+            out[pick] = torch.rot90(x[pick], turns, dims=(2, 3))
+    return out
+
+
+def shift(x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Generator | None = None
+          ) -> torch.Tensor:
+    """A distribution-shifted copy of each image (Tack et al. 2020, CSI): a pseudo-anomaly.
+
+    Each image gets one transformation drawn from `kinds` (a subset of SHIFTS).
+    """
+    unknown = set(kinds) - set(SHIFTS)
+    if unknown or not kinds:
+        raise ValueError(f"shift kinds {kinds}: expected a non-empty subset of {SHIFTS}")
+    funcs = {"jigsaw": jigsaw, "rotate": rotate90}
+    if len(kinds) == 1:
+        return funcs[kinds[0]](x, generator)
+    choice = torch.randint(len(kinds), (len(x),), generator=generator).to(x.device)
+    out = x.clone()
+    for i, kind in enumerate(kinds):
+        pick = (choice == i).nonzero().flatten()
+        if len(pick):
+            out[pick] = funcs[kind](x[pick], generator)
+    return out

@@ -11,6 +11,10 @@
 - `anomaly_repulsion`: labelled anomalies (unbalanced setting) are pushed away from their
   read-out, so they never become normal prototypes.
 
+Labelled anomalies and distribution-shifted pseudo-anomalies (CSI, Tack et al. 2020) take part
+as instances of their own: they are negatives for every normal anchor, but never anchors of the
+memory term, never pulled towards the memory and never counted in its usage.
+
 `MemoryContrastLoss` combines them with the weights of `TrainConfig` and returns every term.
 """
 
@@ -109,12 +113,18 @@ class MemoryContrastLoss:
 
     def __call__(self, reads_a: dict[str, MemoryRead], reads_b: dict[str, MemoryRead],
                  heads: torch.nn.ModuleDict, prototypes: dict[str, torch.Tensor],
-                 is_anomaly: torch.Tensor) -> LossTerms:
+                 is_anomaly: torch.Tensor, is_shifted: torch.Tensor | None = None
+                 ) -> LossTerms:
+        """reads_*: {scale: MemoryRead} of views a and b of the same B images; is_anomaly and
+        is_shifted: (B,) bool flags of labelled anomalies and shifted pseudo-anomalies."""
         cfg = self.cfg
         b = len(is_anomaly)
+        if is_shifted is None:
+            is_shifted = torch.zeros_like(is_anomaly)
         exclude = two_view_exclusion(b, is_anomaly.device)
-        normal2 = torch.cat([~is_anomaly, ~is_anomaly])
-        weight = (~is_anomaly).float()
+        normal = ~is_anomaly & ~is_shifted
+        normal2 = torch.cat([normal, normal])
+        weight = normal.float()
         names = ("memory_contrast", "view_contrast", "align", "variance", "usage", "anomaly")
         terms = {k: torch.zeros((), device=is_anomaly.device) for k in names}
         for s, head in heads.items():

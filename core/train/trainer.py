@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from core.config import RunConfig, TrainConfig
-from core.data.base import ImageSet
+from core.config import ConfigError, RunConfig, TrainConfig
+from core.data.base import DataError, ImageSet
 from core.model.anomem import AnoMem
-from core.model.detector import fit_gaussian
-from core.train.augment import augment, to_float
+from core.model.detector import fit_gaussian, fit_ppca
+from core.model.memory import MemoryRead
+from core.train.augment import augment, shift, to_float
 from core.train.losses import MemoryContrastLoss
 
 GAUSSIAN_ROWS = 60_000  # deviation vectors sampled per scale to fit a detector's Gaussian
@@ -56,7 +57,7 @@ class TrainOutput:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available")
+        raise ConfigError("device 'cuda' was asked for but no CUDA GPU is available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -69,7 +70,9 @@ def split_normals(train: ImageSet, holdout: float, seed: int) -> tuple[np.ndarra
     normal = rng.permutation(normal)
     n_cal = max(2, int(round(holdout * len(normal))))
     if len(normal) - n_cal < 2:
-        raise ValueError(f"need at least {n_cal + 2} normal training images, got {len(normal)}")
+        raise DataError(
+            f"need at least {n_cal + 2} normal training images, got {len(normal)}"
+        )
     return np.sort(normal[n_cal:]), np.sort(normal[:n_cal])
 
 
@@ -140,13 +143,20 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
                 batch = torch.cat([batch, anomalies[pick]])
                 is_anom = torch.cat([is_anom, torch.ones(n_anom, dtype=torch.bool,
                                                          device=device)])
+            is_shift = torch.zeros_like(is_anom)
+            if tc.shift_negatives:
+                batch = torch.cat([batch, shift(batch[~is_anom], tc.shift_negatives, g)])
+                is_shift = torch.cat([is_shift, torch.ones(int((~is_anom).sum()),
+                                                           dtype=torch.bool, device=device)])
+                is_anom = torch.cat([is_anom, torch.zeros_like(is_shift[len(is_anom):])])
             views = torch.cat([augment(batch, tc.augment, g), augment(batch, tc.augment, g)])
             reads = model(views)
             b = len(batch)
             reads_a = {s: type(r)(*(t[:b] for t in r)) for s, r in reads.items()}
             reads_b = {s: type(r)(*(t[b:] for t in r)) for s, r in reads.items()}
             out = loss_fn(reads_a, reads_b, model.heads,
-                          {s: model.memories[s].prototypes for s in model.scales}, is_anom)
+                          {s: model.memories[s].prototypes for s in model.scales}, is_anom,
+                          is_shift)
 
             frac = step / total_steps
             if budget_s:
@@ -162,7 +172,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
 
             with torch.no_grad():
                 for s, r in reads_a.items():
-                    top = r.attention[~is_anom].argmax(1).flatten()
+                    top = r.attention[~is_anom & ~is_shift].argmax(1).flatten()
                     counts[s] += torch.bincount(top, minlength=len(counts[s]))
             for k, v in out.terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -191,12 +201,12 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
 
 
 @torch.no_grad()
-def _deviations(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 256):
-    """Yields {scale: (b, D, h, w) deviation} batch by batch, model in eval mode."""
+def _reads(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 256
+           ) -> Iterator[tuple[int, dict[str, MemoryRead]]]:
+    """Yields (start index, {scale: MemoryRead}) batch by batch, model in eval mode."""
     model.eval()
     for i in range(0, len(images), bs):
-        x = to_float(images[i:i + bs].to(device))
-        yield i, {s: r.deviation for s, r in model(x).items()}
+        yield i, model(to_float(images[i:i + bs].to(device)))
 
 
 @torch.no_grad()
@@ -207,35 +217,38 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     det = model.detector
     g = torch.Generator().manual_seed(tc.seed)
     rows: dict[str, list] = {s: [] for s in model.scales}
-    pooled: dict[str, list] = {s: [] for s in model.scales}
-    for i, devs in _deviations(model, fit, device):
-        for s, d in devs.items():
+    layouts: dict[str, list] = {s: [] for s in model.scales}
+    for i, reads in _reads(model, fit, device):
+        for s, r in reads.items():
+            d = r.deviation
             flat = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])  # (b*h*w, D)
             per_image = d.shape[2] * d.shape[3]
             keep = max(1, min(per_image, GAUSSIAN_ROWS // len(fit))) * len(d)
             pick = torch.randperm(len(flat), generator=g)[:keep].to(flat.device)
             rows[s].append(flat[pick].cpu())
-            pooled[s].append(d.mean(dim=(2, 3)).cpu())
+            layouts[s].append(det.per_scale[s].layout(r.query).cpu())
         if progress:
             progress(Progress("stage2", 0.5 * min(1.0, (i + len(d)) / len(fit)),
                               "fitting the distance detectors"))
     for s in model.scales:
-        mean, prec = fit_gaussian(torch.cat(rows[s]))
-        gmean, gprec = fit_gaussian(torch.cat(pooled[s]))
         sd = det.per_scale[s]
+        mean, prec = fit_gaussian(torch.cat(rows[s]))
         sd.mean.copy_(mean)
         sd.precision.copy_(prec)
-        sd.global_mean.copy_(gmean)
-        sd.global_precision.copy_(gprec)
+        lmean, basis, var, noise = fit_ppca(torch.cat(layouts[s]), sd.layout_basis.shape[1])
+        sd.layout_mean.copy_(lmean)
+        sd.layout_basis.copy_(basis)
+        sd.layout_var.copy_(var)
+        sd.layout_noise.copy_(noise)
 
     # Standardise on held-out normals: distances per position and the image-level scores.
     raw: dict[str, list] = {s: [] for s in model.scales}
     dist_stats: dict[str, list] = {s: [] for s in model.scales}
-    for _, devs in _deviations(model, calibration, device):
-        for s, d in devs.items():
+    for _, reads in _reads(model, calibration, device):
+        for s, r in reads.items():
             sd = det.per_scale[s]
-            dist = sd.distance_map(d)
-            raw[s].append(sd.raw_scores(d, dist).cpu())
+            dist = sd.distance_map(r.deviation)
+            raw[s].append(sd.raw_scores(r.query, dist).cpu())
             dist_stats[s].append(dist.flatten().cpu())
     for s in model.scales:
         sd = det.per_scale[s]
@@ -273,9 +286,9 @@ def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tenso
     feats = []
     for images in (normals, anomalies):
         parts = []
-        for _, devs in _deviations(model, images, device):
-            z, _ = det.features(devs)
-            parts.append(det.classifier_input(z, devs).cpu())
+        for _, reads in _reads(model, images, device):
+            z, _ = det.features(reads)
+            parts.append(det.classifier_input(z, reads).cpu())
         feats.append(torch.cat(parts))
     x = torch.cat(feats).double().numpy()
     y = np.r_[np.zeros(len(feats[0])), np.ones(len(feats[1]))]

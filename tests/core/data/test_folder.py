@@ -18,7 +18,9 @@ COLOURS = {"apple": (200, 30, 30), "berry": (40, 40, 190), "cherry": (20, 160, 2
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+def private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ANOMEM_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 

@@ -368,6 +368,7 @@ def test_changed_file_misses_the_cache(tmp_path: Path, monkeypatch: pytest.Monke
     calls.clear()
     load_images(paths, 16, cache_dir=cache)  # another size is another entry
     assert len(calls) == len(paths)
+    assert len(list(cache.glob("*.npy"))) == 3  # first set, changed set, other size
 
 
 @pytest.mark.parametrize("broken", ["npy", "json", "shape"])
@@ -386,7 +387,7 @@ def test_broken_cache_is_ignored_and_rewritten(tmp_path: Path, broken: str) -> N
     np.testing.assert_array_equal(first, again)
     assert kept == paths
     np.testing.assert_array_equal(np.load(npy, allow_pickle=False), first)  # rewritten
-    assert json.loads(meta.read_text())["kept"] == list(range(len(paths)))
+    assert json.loads(meta.read_text())["left_out"] == []
 
 
 def test_unwritable_cache_only_warns(tmp_path: Path) -> None:

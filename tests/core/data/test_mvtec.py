@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import core.data
+from core.config import DataConfig
 from core.data import mvtec
 from core.data.base import DataError
 
@@ -18,7 +19,9 @@ REAL = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True)
-def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+def private_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ANOMEM_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
@@ -94,12 +97,12 @@ def test_unreadable_mask_counts_as_missing(root: Path) -> None:
     assert test.masks is not None and test.masks[1].sum() == 0
 
 
-def test_works_through_the_registry(root: Path) -> None:
-    config = core.data.DataConfig if hasattr(core.data, "DataConfig") else None
-    assert config is None or config  # the registry itself is what is exercised here
-    train, test = core.data.DATASETS["mvtec"].load_pools(root, 16, None)
-    assert train.images.shape[-1] == 16 and test.masks is not None
-    assert test.masks.shape == (len(test), 16, 16)
+def test_split_through_the_registry(root: Path) -> None:
+    with pytest.warns(UserWarning, match="no readable mask"):
+        split = core.data.load_split(DataConfig(dataset="mvtec", root=str(root), image_size=16))
+    assert split.normal_class == "good" and len(split.train) == 3
+    assert split.test.labels.tolist() == [1, 1, 0, 0, 1]
+    assert split.test.masks is not None and split.test.masks.shape == (5, 16, 16)
 
 
 @pytest.mark.realdata

@@ -1,0 +1,192 @@
+"""Training in a background thread, so the Train page stays responsive while a run trains.
+
+`JobBoard` holds at most one running `TrainingJob` per app process (the app keeps the board in
+`st.cache_resource`, so the job survives reruns and page switches). The page polls
+`TrainingJob.snapshot()`; the thread never calls Streamlit.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.config import ConfigError, DataConfig, RunConfig, preset
+from core.data.base import DataError
+from core.runs import WEIGHTS, RunError, new_run_dir
+from core.train.trainer import Progress, TrainingCancelled
+
+LOG = logging.getLogger(__name__)
+FIRST_RUN_MINUTES = 4.0  # wall-clock budget of the one-click first run
+# Share of the whole job each stage ends at: stage 1 dominates, the rest is quick.
+STAGE_SPAN = {"data": (0.0, 0.0), "stage1": (0.0, 0.85), "stage2": (0.85, 0.95),
+              "evaluate": (0.95, 1.0)}
+EXPECTED_ERRORS = (ConfigError, DataError, RunError, ValueError, OSError)
+
+TrainFn = Callable[..., dict]
+
+
+def make_config(dataset: str = "shapes", root: str | None = None,
+                normal_class: str | None = None, setting: str = "one-class",
+                anomaly_ratio: float = 0.05, anomaly_classes: tuple[str, ...] = (),
+                preset_name: str = "quick", epochs: int | None = None,
+                max_minutes: float | None = None, memory_size: int | None = None,
+                seed: int = 0, max_train: int | None = None) -> RunConfig:
+    """The RunConfig the Train page's widgets describe; raises ConfigError on bad values."""
+    data = DataConfig(dataset=dataset, root=root or None, normal_class=normal_class,
+                      setting=setting, anomaly_ratio=anomaly_ratio,
+                      anomaly_classes=tuple(anomaly_classes), max_train=max_train or None,
+                      seed=seed)
+    cfg = preset(preset_name, data)
+    if epochs is not None:
+        cfg.train.epochs = int(epochs)
+    cfg.train.max_minutes = max_minutes or None
+    if memory_size is not None:
+        cfg.model.memory_size = int(memory_size)
+    cfg.train.seed = int(seed)
+    # Re-run the dataclasses' checks on the edited values.
+    return RunConfig.from_dict(cfg.to_dict())
+
+
+def first_run_config() -> RunConfig:
+    """The quick preset on the built-in shapes data, capped at FIRST_RUN_MINUTES."""
+    return make_config(max_minutes=FIRST_RUN_MINUTES)
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A consistent copy of a job's progress, safe to read from a page."""
+
+    name: str
+    path: Path
+    status: str  # "running", "done", "failed" or "cancelled"
+    stage: str
+    fraction: float  # of the whole job, 0..1
+    message: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+class TrainingJob:
+    """One `train_run` in a daemon thread, with progress, history rows and cancellation.
+
+    A cancelled or failed run whose weights were never saved is deleted, so it never shows
+    up as a broken run; one that failed after saving is kept (its weights are usable).
+    """
+
+    def __init__(self, cfg: RunConfig, out: Path, train_fn: TrainFn | None = None) -> None:
+        if train_fn is None:
+            from core.pipeline import train_run
+
+            train_fn = train_run
+        self.cfg, self.out, self._train_fn = cfg, Path(out), train_fn
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._status, self._stage, self._fraction = "running", "data", 0.0
+        self._message = "loading the data"
+        self._rows: list[dict[str, Any]] = []
+        self._metrics: dict | None = None
+        self._error: str | None = None
+        self._started, self._ended = time.monotonic(), None
+        self._thread = threading.Thread(target=self._run, name=f"train-{self.out.name}",
+                                        daemon=True)
+
+    def start(self) -> TrainingJob:
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Ask the trainer to stop after its current step."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the thread ends (tests, shutdown); True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def running(self) -> bool:
+        with self._lock:
+            return self._status == "running"
+
+    def snapshot(self) -> JobState:
+        with self._lock:
+            end = self._ended if self._ended is not None else time.monotonic()
+            return JobState(
+                name=self.out.name, path=self.out, status=self._status, stage=self._stage,
+                fraction=self._fraction, message=self._message, rows=list(self._rows),
+                metrics=self._metrics, error=self._error, seconds=end - self._started,
+            )
+
+    def _on_progress(self, p: Progress) -> None:
+        lo, hi = STAGE_SPAN.get(p.stage, (0.0, 1.0))
+        with self._lock:
+            self._stage, self._message = p.stage, p.message
+            self._fraction = max(self._fraction, lo + (hi - lo) * float(p.done))
+            if p.row is not None:
+                self._rows.append(dict(p.row))
+
+    def _finish(self, status: str, message: str, error: str | None = None,
+                metrics: dict | None = None) -> None:
+        with self._lock:
+            self._status, self._message, self._error = status, message, error
+            self._metrics = metrics
+            self._ended = time.monotonic()
+            if status == "done":
+                self._fraction = 1.0
+
+    def _run(self) -> None:
+        try:
+            metrics = self._train_fn(self.cfg, self.out, progress=self._on_progress,
+                                     should_stop=self._stop.is_set)
+        except TrainingCancelled:
+            self._discard()
+            self._finish("cancelled", "training cancelled")
+        except EXPECTED_ERRORS as err:
+            self._discard()
+            self._finish("failed", "training failed", error=str(err))
+        except Exception as err:  # a bug must still end as a message on the page
+            LOG.exception("training job %s failed", self.out.name)
+            self._discard()
+            self._finish("failed", "training failed", error=f"{type(err).__name__}: {err}")
+        else:
+            self._finish("done", "training finished", metrics=metrics)
+
+    def _discard(self) -> None:
+        if self.out.is_dir() and not (self.out / WEIGHTS).exists():
+            shutil.rmtree(self.out, ignore_errors=True)
+
+
+class JobBoard:
+    """The app's training jobs: one runs at a time, the latest stays visible."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: TrainingJob | None = None
+
+    @property
+    def current(self) -> TrainingJob | None:
+        return self._current
+
+    def start(self, cfg: RunConfig, root: Path, name: str,
+              train_fn: TrainFn | None = None) -> TrainingJob:
+        """Create the run folder and start training; RuntimeError if a job is running."""
+        with self._lock:
+            if self._current is not None and self._current.running:
+                raise RuntimeError(
+                    f"run {self._current.out.name!r} is still training: cancel it or wait"
+                )
+            out = new_run_dir(Path(root), name)
+            self._current = TrainingJob(cfg, out, train_fn).start()
+            return self._current

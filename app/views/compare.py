@@ -1,0 +1,69 @@
+"""Compare anomaly types: which types the model catches, at which scale, at which threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from app import charts, state, widgets
+from core import explore
+
+EXAMPLES = 8
+
+run = widgets.require_run()
+split = widgets.require_split(run)
+model, test = run.model, split.test
+scored = state.scored_test_set(run)
+scores, labels = scored.image, test.labels.numpy()
+
+st.title("Compare anomaly types")
+lo, hi = float(scores.min()), float(scores.max())
+if hi <= lo:
+    hi = lo + 1.0
+default = float(np.clip(float(model.detector.threshold), lo, hi))
+threshold = st.slider(
+    "Threshold", lo, hi, default, (hi - lo) / 400, format="%.3f",
+    key=f"cmp_threshold_{state.run_tag(run)}",
+    help=f"Starts at the model's threshold ({float(model.detector.threshold):.3f}), a "
+         "quantile of held-out normal scores.",
+)
+stats = explore.type_stats(scores, labels, test.types, threshold)
+
+cols = st.columns(4)
+auroc = (run.metrics or {}).get("auroc")
+cols[0].metric("Test AUROC", "n/a" if auroc is None else f"{auroc:.3f}")
+fpr = stats.false_positive_rate
+cols[1].metric("False-positive rate", "n/a" if fpr is None else f"{fpr:.1%}",
+               help=f"Share of the {stats.n_normal} normal test images above the threshold.")
+flagged = scores > threshold
+cols[2].metric("Anomalies detected", f"{flagged[labels == 1].mean():.1%}")
+cols[3].metric("Test images", f"{len(scores)}")
+
+st.dataframe(
+    stats.table.assign(detection_rate=100 * stats.table["detection_rate"]), hide_index=True,
+    key="cmp_table",
+    column_config={
+        "type": "Anomaly type",
+        "n": st.column_config.NumberColumn("Images"),
+        "auroc": st.column_config.NumberColumn("AUROC vs normal", format="%.3f"),
+        "detection_rate": st.column_config.ProgressColumn(
+            "Detected at threshold", format="%.0f%%", min_value=0.0, max_value=100.0),
+    },
+)
+
+left, right = st.columns(2)
+left.plotly_chart(charts.score_distributions(scores, test.types, threshold), key="cmp_dist")
+profile = explore.mean_scale_profile(scored.per_scale, test.types)
+right.plotly_chart(charts.scale_profile(profile), key="cmp_profile")
+
+st.subheader("Examples")
+st.caption(f"{EXAMPLES} images per type, spread from the lowest to the highest score; "
+           "▲ marks those above the threshold.")
+types_arr = np.asarray(test.types)
+order = explore.type_order(test.types)
+for tab, t in zip(st.tabs(order), order, strict=True):
+    with tab:
+        picks = explore.spread_examples(scores, np.flatnonzero(types_arr == t), EXAMPLES)
+        st.image([widgets.thumb(test.images[i]) for i in picks],
+                 caption=[f"{'▲' if scores[i] > threshold else '·'} {scores[i]:.2f}"
+                          for i in picks])

@@ -1,0 +1,28 @@
+"""Score images: upload files, get a score, a verdict, the maps and the nearest prototypes."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import widgets
+from core import explore
+from core.data.imageio import IMAGE_SUFFIXES
+
+run = widgets.require_run()
+cfg = run.config.model
+
+st.title("Score images")
+st.caption(
+    f"Each file is checked (image type, at most {explore.MAX_UPLOAD_BYTES // 2**20} MB and "
+    f"{explore.MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels), resized to the run's "
+    f"{cfg.image_size}×{cfg.image_size} px and scored against threshold "
+    f"{float(run.model.detector.threshold):.3f}."
+)
+files = st.file_uploader("Images", type=sorted(s.lstrip(".") for s in IMAGE_SUFFIXES),
+                         accept_multiple_files=True, key="score_files")
+if not files:
+    st.info("Upload one or more images to score them.")
+else:
+    widgets.colour_legend(run)
+    for f in files:
+        widgets.show_upload(run, f.name, f.getvalue())

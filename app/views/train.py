@@ -1,0 +1,140 @@
+"""Train: choose data and a few hyper-parameters, train in the background, watch the curves."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import charts, jobs, state
+from core.config import PRESETS, SETTINGS, ConfigError, preset
+from core.data import DATASETS, DataError, list_classes
+from core.runs import RunError
+
+POLL_SECONDS = 2.0
+
+board = state.job_board()
+has_runs = any(state.selectable(s) for s in state.saved_runs())
+if "train_watching" not in st.session_state:
+    st.session_state.train_watching = None
+
+
+def start(cfg, name: str) -> None:
+    try:
+        job = board.start(cfg, state.runs_root(), name)
+    except (RuntimeError, RunError, OSError) as err:
+        st.error(f"Cannot start training: {err}")
+        return
+    st.session_state.train_watching = str(job.out)
+    st.rerun()
+
+
+def progress_panel() -> None:
+    """Progress, live curves and a cancel button; reruns the whole app when the job ends."""
+    job = board.current
+    snap = job.snapshot()
+    if snap.running:
+        st.progress(snap.fraction, text=f"**{snap.name}** · {snap.message} · "
+                                        f"{snap.seconds:.0f} s")
+        if st.button("Cancel training", key="train_cancel", icon=":material/stop:"):
+            job.cancel()
+            st.toast("Cancelling after the current step…")
+    elif st.session_state.train_watching == str(snap.path):
+        st.session_state.train_watching = None
+        st.rerun()  # let the sidebar pick up the finished run
+    elif snap.status == "done":
+        auroc = (snap.metrics or {}).get("auroc")
+        score = "n/a" if auroc is None else f"{auroc:.3f}"
+        st.success(f"Run **{snap.name}** finished in {snap.seconds:.0f} s (test AUROC "
+                   f"{score}); pick it in the sidebar to explore it.")
+    elif snap.status == "failed":
+        st.error(f"Training of **{snap.name}** failed: {snap.error}")
+    elif snap.status == "cancelled":
+        st.warning(f"Training of **{snap.name}** was cancelled; nothing was saved.")
+    if snap.rows:
+        left, right = st.columns(2)
+        left.plotly_chart(charts.loss_curves(snap.rows), key="train_loss_chart")
+        right.plotly_chart(charts.usage_curves(snap.rows), key="train_usage_chart")
+    elif snap.running:
+        st.caption("Curves appear when the first epoch ends.")
+
+
+st.title("Train")
+job = board.current
+running = job is not None and job.running
+
+if not has_runs and not running:
+    with st.container(border=True):
+        st.subheader("No saved run yet")
+        st.write(
+            "Start with the **quick** preset on the built-in **shapes** data (generated, "
+            f"nothing to download): it trains for about {jobs.FIRST_RUN_MINUTES:.0f} minutes on a "
+            "CPU, then every page of the explorer opens it."
+        )
+        if st.button("Train the quick preset on shapes", type="primary",
+                     key="train_first_run", icon=":material/play_arrow:"):
+            start(jobs.first_run_config(), "shapes-quick")
+
+if job is not None:
+    st.fragment(progress_panel, run_every=POLL_SECONDS if running else None)()
+
+with st.expander("Configure a run", expanded=has_runs and not running):
+    dataset = st.selectbox("Data set", list(DATASETS), key="train_dataset",
+                           format_func=lambda n: f"{n} — {DATASETS[n].description}")
+    info = DATASETS[dataset]
+    root = None
+    if info.needs_root:
+        root = st.text_input("Data folder on this machine", key=f"train_root_{dataset}",
+                             placeholder="/path/to/data").strip() or None
+    classes: list[str] = []
+    if info.needs_root and root is None:
+        st.info(f"Enter the folder of the data: {info.description}.")
+    else:
+        try:
+            classes = list_classes(dataset, root)
+        except DataError as err:
+            st.error(str(err))
+    normal = None
+    anomaly_classes: list[str] = []
+    ratio = 0.05
+    if classes:
+        normal = st.selectbox("Normal class", classes, key=f"train_normal_{dataset}")
+        setting = st.radio("Setting", SETTINGS, key="train_setting", horizontal=True,
+                           captions=["normal images only", "plus a few labelled anomalies"])
+        if setting == "unbalanced":
+            ratio = st.number_input("Labelled anomalies per normal training image", 0.01, 1.0,
+                                    0.05, 0.01, key="train_ratio")
+            anomaly_classes = st.multiselect(
+                "Anomaly classes to label (none: all)", [c for c in classes if c != normal],
+                key=f"train_anomaly_classes_{dataset}")
+    else:
+        setting = "one-class"
+
+    cols = st.columns(3)
+    preset_name = cols[0].selectbox("Preset", PRESETS, key="train_preset",
+                                    help="quick: minutes on a CPU · paper: ResNet-18, GPU")
+    defaults = preset(preset_name)
+    epochs = cols[1].number_input("Epochs", 1, 10_000, defaults.train.epochs,
+                                  key=f"train_epochs_{preset_name}")
+    minutes = cols[2].number_input("Max minutes (0: no limit)", 0.0, 10_000.0, 0.0, 1.0,
+                                   key="train_minutes")
+    memory = cols[0].number_input("Prototypes per scale", 2, 4096, defaults.model.memory_size,
+                                  key=f"train_memory_{preset_name}")
+    seed = cols[1].number_input("Seed", 0, 2**31 - 1, 0, key="train_seed")
+    max_train = cols[2].number_input("Max normal training images (0: all)", 0, 10_000_000, 0,
+                                     key="train_max_train")
+    default_name = f"{dataset}-{normal or 'run'}-{preset_name}"
+    name = st.text_input("Run name", key="train_name", placeholder=default_name).strip()
+
+    if st.button("Start training", type="primary", key="train_start",
+                 disabled=running or not classes, icon=":material/play_arrow:"):
+        try:
+            cfg = jobs.make_config(
+                dataset=dataset, root=root, normal_class=normal, setting=setting,
+                anomaly_ratio=float(ratio), anomaly_classes=tuple(anomaly_classes),
+                preset_name=preset_name, epochs=int(epochs), max_minutes=float(minutes),
+                memory_size=int(memory), seed=int(seed), max_train=int(max_train))
+        except ConfigError as err:
+            st.error(f"Invalid settings: {err}")
+        else:
+            start(cfg, name or default_name)
+    if running:
+        st.caption("One run trains at a time: cancel or wait for the current one.")

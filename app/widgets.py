@@ -1,0 +1,148 @@
+"""Pieces several pages share: the "train a run first" guard, legends, image reports."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+import torch
+
+from app import state
+from core import explore
+from core.data import DataError, Split
+from core.runs import Run, RunError, RunSummary
+
+TRAIN_PAGE = "views/train.py"
+THUMB = 96  # displayed size of a sample thumbnail, pixels
+MAP_TILE = 160  # displayed size of an overlay
+
+
+def require_run() -> Run:
+    """The selected run; otherwise a message (and a way to the Train page) and stop."""
+    if not any(state.selectable(s) for s in state.saved_runs()):
+        st.info(f"Train a run first: no saved run under `{state.runs_root()}` yet.")
+        st.page_link(TRAIN_PAGE, label="Go to Train", icon=":material/model_training:")
+        st.stop()
+    try:
+        run = state.selected_run()
+    except RunError as err:
+        st.error(f"This run cannot be loaded: {err}")
+        st.stop()
+    if run is None:
+        st.info("Pick a run in the sidebar.")
+        st.stop()
+    return run
+
+
+def require_split(run: Run) -> Split:
+    """The run's data split, or the loader's message and stop."""
+    try:
+        return state.split_of(run)
+    except DataError as err:
+        st.error(f"The data of run {run.path.name!r} cannot be loaded: {err}")
+        st.stop()
+
+
+def thumb(image: torch.Tensor | np.ndarray, size: int = THUMB) -> np.ndarray:
+    """An image upscaled (nearest) for display."""
+    return explore.upscale(explore.to_rgb(image), size)
+
+
+def colour_legend(run: Run) -> None:
+    """The shared colour bar of every overlay, with the pixel threshold in its middle."""
+    vmin, vmax = explore.heat_range(run.model)
+    st.image(explore.colour_bar(vmin, vmax), width=256)
+    st.caption(
+        f"Colour scale of every map: {vmin:.1f} (dark: as normal as an average normal "
+        f"position) · {(vmin + vmax) / 2:.2f} (middle: the pixel threshold) · {vmax:.2f} and "
+        "above (bright). Maps are standardised on normal images."
+    )
+
+
+def overlays(run: Run, image: torch.Tensor, report: explore.ImageReport, alpha: float) -> None:
+    """The image, then the deviation map of each scale and the combined map, side by side."""
+    vmin, vmax = explore.heat_range(run.model)
+    names = ["image", *run.model.scales, "combined"]
+    for col, name in zip(st.columns(len(names)), names, strict=True):
+        with col:
+            if name == "image":
+                st.image(thumb(image, MAP_TILE), caption="image")
+            else:
+                img = explore.overlay(image, report.maps[name], vmin, vmax, alpha)
+                peak = float(report.maps[name].max())
+                st.image(thumb(img, MAP_TILE), caption=f"{name} · peak {peak:.2f}")
+
+
+def verdict(report: explore.ImageReport) -> None:
+    cols = st.columns(2 + len(report.per_scale))
+    cols[0].metric("Anomaly score", f"{report.score:.3f}",
+                   help=f"Above the threshold {report.threshold:.3f} means anomalous.")
+    cols[1].metric("Verdict", "anomalous" if report.anomalous else "normal",
+                   delta=f"{report.score - report.threshold:+.3f} vs threshold",
+                   delta_color="inverse")
+    for col, (scale, value) in zip(cols[2:], report.per_scale.items(), strict=True):
+        col.metric(f"{scale} score", f"{value:.2f}", help="Standardised on normal images.")
+
+
+def nearest_prototypes(run: Run, report: explore.ImageReport) -> None:
+    """Per scale: the most deviant position and the prototypes nearest to its query."""
+    images = state.gallery_images(run)
+    for scale, near in report.nearest.items():
+        patches = state.prototype_patches(run, scale)
+        st.markdown(f"**{scale}** · most deviant position (row {near.row}, col {near.col})")
+        for proto, cos in zip(near.prototypes, near.cosine, strict=True):
+            st.image(explore.patch_strip(images, patches.hits[proto], patches.stride, tile=40),
+                     caption=f"prototype #{proto} · cosine {cos:.2f} · "
+                             f"used by {int(patches.usage[proto])} positions")
+
+
+def show_upload(run: Run, name: str, data: bytes) -> bool:
+    """Validate, score and explain one uploaded file; False (with an error) when refused."""
+    cfg = run.config.model
+    try:
+        array = explore.validate_upload(data, name, size=cfg.image_size,
+                                        channels=cfg.in_channels)
+    except DataError as err:
+        st.error(str(err))
+        return False
+    image = explore.hwc_to_chw(array)
+    report = explore.inspect_image(run.model, image)
+    with st.container(border=True):
+        st.subheader(name)
+        verdict(report)
+        overlays(run, image, report, alpha=0.5)
+        with st.expander("Nearest prototypes", expanded=False):
+            nearest_prototypes(run, report)
+    return True
+
+
+def _run_label(summary: RunSummary) -> str:
+    auroc = "no metrics" if summary.auroc is None else f"AUROC {summary.auroc:.3f}"
+    return f"{summary.name} · {summary.dataset}/{summary.normal_class} · {auroc}"
+
+
+def run_picker() -> list[RunSummary]:
+    """Sidebar: pick any loadable run; broken ones are listed with their error."""
+    summaries = state.saved_runs()
+    usable = [s for s in summaries if state.selectable(s)]
+    broken = [s for s in summaries if not state.selectable(s)]
+    labels = {str(s.path): _run_label(s) for s in usable}
+    job = state.job_board().current
+    if job is not None:  # a run that just finished training becomes the selected one
+        snap = job.snapshot()
+        if snap.status == "done" and str(snap.path) not in st.session_state.announced_jobs:
+            st.session_state.announced_jobs.append(str(snap.path))
+            if str(snap.path) in labels:
+                st.session_state[state.RUN_KEY] = str(snap.path)
+    if st.session_state.get(state.RUN_KEY) not in labels:
+        st.session_state[state.RUN_KEY] = next(iter(labels), None)
+    with st.sidebar:
+        if labels:
+            st.selectbox("Run", list(labels), key=state.RUN_KEY, format_func=labels.get)
+        else:
+            st.caption("No saved run yet.")
+        if broken:
+            with st.expander(f"{len(broken)} run folder(s) cannot be loaded"):
+                for s in broken:
+                    st.error(f"{s.name}: {s.error or 'no weights (training did not finish)'}")
+        st.caption(f"Runs folder: `{state.runs_root()}`")
+    return usable

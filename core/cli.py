@@ -1,0 +1,212 @@
+"""`anomem`: the headless front end (datasets, train, evaluate, score).
+
+Bad input ends with one line on stderr naming the thing and what was expected, and exit
+status 2; no traceback. The CLI only builds the dataclasses of core.config and calls the same
+pipeline as the app.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from core.config import PRESETS, SETTINGS, ConfigError, DataConfig, preset
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """A user error the CLI reports in one line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="anomem",
+        description="Multi-scale contrasted-memory anomaly detection (AnoMem).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("datasets", help="list the data sets and their classes")
+    d.add_argument("--data-root", help="also list the classes found under this folder")
+
+    t = sub.add_parser("train", help="train both stages, evaluate, write RUN_DIR")
+    t.add_argument("--dataset", default="shapes",
+                   choices=["shapes", "digits", "folder", "mvtec", "cifar10", "cifar100"])
+    t.add_argument("--data-root")
+    t.add_argument("--normal-class")
+    t.add_argument("--setting", default="one-class", choices=SETTINGS)
+    t.add_argument("--anomaly-ratio", type=float, default=0.05,
+                   help="unbalanced: labelled anomalies per normal training image")
+    t.add_argument("--anomaly-classes", default="",
+                   help="unbalanced: comma-separated classes or types to draw them from")
+    t.add_argument("--preset", default="quick", choices=PRESETS)
+    t.add_argument("--epochs", type=int, help="override the preset's epoch count")
+    t.add_argument("--max-minutes", type=float, help="wall-clock budget for both stages")
+    t.add_argument("--image-size", type=int, help="working resolution (default: the data set's)")
+    t.add_argument("--max-train", type=int, help="cap on normal training images")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True, help="run folder to create (must not hold a run)")
+
+    e = sub.add_parser("evaluate", help="recompute RUN_DIR/metrics.json")
+    e.add_argument("run_dir")
+    e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    s = sub.add_parser("score", help="print one anomaly score per image")
+    s.add_argument("run_dir")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--overlays", help="folder to save heat-map overlays into")
+    return p
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from core.data import DATASETS, DataError, list_classes
+
+    for name, info in DATASETS.items():
+        if info.needs_root and not args.data_root:
+            print(f"{name:9s} {info.description}  (needs --data-root)")
+            continue
+        try:
+            classes = list_classes(name, args.data_root if info.needs_root else None)
+            print(f"{name:9s} {info.description}\n          classes: {', '.join(classes)}")
+        except DataError as err:
+            print(f"{name:9s} {info.description}  ({err})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from core.pipeline import train_run
+    from core.runs import CONFIG, WEIGHTS
+
+    data = DataConfig(
+        dataset=args.dataset, root=args.data_root, normal_class=args.normal_class,
+        setting=args.setting, anomaly_ratio=args.anomaly_ratio,
+        anomaly_classes=tuple(c for c in args.anomaly_classes.split(",") if c),
+        image_size=args.image_size, max_train=args.max_train, seed=args.seed,
+    )
+    cfg = preset(args.preset, data)
+    cfg.train.seed, cfg.train.device = args.seed, args.device
+    if args.epochs is not None:
+        cfg.train.epochs = args.epochs
+    cfg.train.max_minutes = args.max_minutes
+    if args.image_size:
+        cfg.model.image_size = args.image_size
+    elif data.dataset:
+        from core.data import DATASETS
+
+        cfg.model.image_size = DATASETS[data.dataset].image_size
+    cfg.train.__post_init__()
+    cfg.model.__post_init__()
+    out = Path(args.out)
+    if (out / WEIGHTS).exists() or (out / CONFIG).exists():
+        raise CliError(f"--out {out}: already holds a run (choose a new folder)")
+
+    bars: dict[str, tqdm] = {}
+
+    def progress(p) -> None:
+        bar = bars.get(p.stage)
+        if bar is None:
+            bar = bars[p.stage] = tqdm(total=1000, desc=p.stage, unit="‰", leave=True,
+                                       bar_format="{desc}: {percentage:3.0f}%|{bar}| "
+                                                  "{elapsed} {postfix}")
+        bar.n = int(1000 * p.done)
+        bar.set_postfix_str(p.message, refresh=False)
+        bar.refresh()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        metrics = train_run(cfg, out, progress)
+    for bar in bars.values():
+        bar.close()
+    print(_summary(metrics))
+    print(f"run saved in {out}")
+    return 0
+
+
+def _summary(m: dict) -> str:
+    def f(v) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    parts = [f"AUROC {f(m.get('auroc'))}"]
+    parts += [f"{t} {f(v)}" for t, v in (m.get("auroc_by_type") or {}).items()]
+    parts.append(f"pixel AUROC {f(m.get('pixel_auroc'))}")
+    if "train_seconds" in m:
+        parts.append(f"trained in {m['train_seconds']:.0f} s")
+    return " | ".join(parts)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from core.pipeline import evaluate_run
+
+    print(_summary(evaluate_run(Path(args.run_dir), args.device)))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from core.data.imageio import read_image
+    from core.explore import overlay
+    from core.runs import load_run
+    from core.train.trainer import score_images
+
+    run = load_run(Path(args.run_dir))
+    size, channels = run.config.model.image_size, run.config.model.in_channels
+    images, paths = [], []
+    for name in args.images:
+        path = Path(name)
+        if not path.is_file():
+            raise CliError(f"{path}: no such image file")
+        images.append(read_image(path, size, channels))
+        paths.append(path)
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    scored = score_images(run.model, batch)
+    threshold = float(run.model.detector.threshold)
+    out_dir = Path(args.overlays) if args.overlays else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    pixel_thr = float(run.model.detector.pixel_threshold)
+    for i, path in enumerate(paths):
+        verdict = "anomaly" if scored.image[i] > threshold else "normal"
+        print(f"{path}\t{scored.image[i]:.4f}\t{verdict}")
+        if out_dir and scored.pixel_maps is not None:
+            img = overlay(images[i], scored.pixel_maps[i].astype(np.float32), 0.0,
+                          2 * max(pixel_thr, 1e-6), 0.5)
+            Image.fromarray(img).save(out_dir / f"{path.stem}_overlay.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"datasets": cmd_datasets, "train": cmd_train, "evaluate": cmd_evaluate,
+                "score": cmd_score}
+    from core.data.base import DataError
+    from core.runs import RunError
+    from core.train.trainer import TrainingCancelled
+
+    try:
+        return commands[args.command](args)
+    except (CliError, ConfigError, DataError, RunError) as err:
+        print(f"anomem: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingCancelled:
+        print("anomem: training cancelled", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("anomem: interrupted", file=sys.stderr)
+        return 130
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, indent=2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

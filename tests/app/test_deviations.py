@@ -1,0 +1,52 @@
+"""Deviation maps page: edge-case browser, overlays of every scale, position inspection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.runs import load_run
+from tests.app.helpers import images, open_page
+
+
+def _scores(options: list[str]) -> list[float]:
+    return [float(o.split("score ")[1].split(" ")[0]) for o in options]
+
+
+def _sample_box(at):
+    (box,) = [s for s in at.selectbox if s.label == "Sample"]
+    return box
+
+
+def _slider(at, label: str):
+    (slider,) = [s for s in at.slider if s.label == label]
+    return slider
+
+
+def test_edge_cases_overlays_and_matched_prototype(runs_dir: Path, tiny_run: Path):
+    scales = load_run(tiny_run).model.scales
+    at = open_page("views/deviations.py")
+    assert [t.value for t in at.title] == ["Deviation maps"]
+    sample = _sample_box(at)
+    assert all(" normal" in o for o in sample.options)
+    assert _scores(sample.options) == sorted(_scores(sample.options), reverse=True)
+    overlay_row = [c for img in images(at) for c in img.captions][:len(scales) + 2]
+    assert overlay_row[0] == "image"
+    assert [c.split(" · ")[0] for c in overlay_row[1:]] == [*scales, "combined"]
+    assert "pixel threshold" in " ".join(c.value for c in at.caption)
+
+    at.segmented_control(key="dev_case").set_value("anomaly_lowest").run()
+    lowest = _sample_box(at)
+    assert not any(" normal " in o for o in lowest.options)
+    assert _scores(lowest.options) == sorted(_scores(lowest.options))
+    at.segmented_control(key="dev_case").set_value("near_threshold").run()
+    assert not at.exception
+
+    at.selectbox(key="dev_pos_scale").set_value(scales[-1]).run()
+    _slider(at, "Row").set_value(0).run()
+    _slider(at, "Column").set_value(1).run()
+    assert not at.exception
+    text = " ".join(m.value for m in at.markdown)
+    assert f"Position (0, 1) of **{scales[-1]}** reads **prototype #" in text
+    proto = text.split("reads **prototype #")[1].split("*")[0]
+    captions = [c for img in images(at) for c in img.captions]
+    assert any(c.startswith(f"prototype #{proto}: its top training patches") for c in captions)

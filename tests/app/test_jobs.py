@@ -1,0 +1,116 @@
+"""app/jobs.py: the background training job, with a fake trainer so no model is trained."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from app import jobs
+from core.config import ConfigError
+from core.data.base import DataError
+from core.runs import WEIGHTS
+from core.train.trainer import Progress, TrainingCancelled
+
+
+def _row(epoch: int) -> dict:
+    return {"epoch": epoch, "stage": 1, "loss": 1.0 / epoch, "usage_layer2": 0.5}
+
+
+def test_job_reports_progress_rows_and_metrics(tmp_path: Path):
+    def fake_train(cfg, out, progress, should_stop):
+        progress(Progress("stage1", 0.5, "epoch 1", _row(1)))
+        progress(Progress("stage1", 1.0, "epoch 2", _row(2)))
+        progress(Progress("stage2", 1.0, "detector fitted"))
+        (Path(out) / WEIGHTS).write_bytes(b"")
+        return {"auroc": 0.9}
+
+    board = jobs.JobBoard()
+    job = board.start(jobs.make_config(), tmp_path, "my run", train_fn=fake_train)
+    assert job.wait(10)
+    snap = job.snapshot()
+    assert snap.status == "done" and not snap.running
+    assert snap.name == "my-run" and snap.path == tmp_path / "my-run"
+    assert [r["epoch"] for r in snap.rows] == [1, 2]
+    assert snap.metrics == {"auroc": 0.9} and snap.fraction == 1.0
+
+
+def test_progress_fraction_spans_the_stages(tmp_path: Path):
+    seen = []
+    release = threading.Event()
+
+    def fake_train(cfg, out, progress, should_stop):
+        progress(Progress("stage1", 0.5, "epoch 1", _row(1)))
+        seen.append(job.snapshot().fraction)
+        progress(Progress("stage2", 0.5, "fitting"))
+        seen.append(job.snapshot().fraction)
+        release.wait(5)
+        return {}
+
+    job = jobs.TrainingJob(jobs.make_config(), tmp_path / "r", fake_train)
+    job.start()
+    release.set()
+    assert job.wait(10)
+    lo1, hi1 = jobs.STAGE_SPAN["stage1"]
+    lo2, hi2 = jobs.STAGE_SPAN["stage2"]
+    assert seen == [pytest.approx(lo1 + 0.5 * (hi1 - lo1)), pytest.approx(lo2 + 0.5 * (hi2 - lo2))]
+
+
+def test_cancel_stops_the_trainer_and_removes_the_unsaved_run(tmp_path: Path):
+    started = threading.Event()
+
+    def fake_train(cfg, out, progress, should_stop):
+        Path(out, "history.jsonl").write_text("{}\n")
+        started.set()
+        while not should_stop():
+            threading.Event().wait(0.01)
+        raise TrainingCancelled([_row(1)])
+
+    board = jobs.JobBoard()
+    job = board.start(jobs.make_config(), tmp_path, "c", train_fn=fake_train)
+    assert started.wait(10)
+    with pytest.raises(RuntimeError, match="still training"):
+        board.start(jobs.make_config(), tmp_path, "other", train_fn=fake_train)
+    job.cancel()
+    assert job.wait(10)
+    assert job.snapshot().status == "cancelled"
+    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "other").exists()
+    # Once the first job has ended, the board accepts a new one.
+    quick = board.start(jobs.make_config(), tmp_path, "next",
+                        train_fn=lambda cfg, out, progress, should_stop: {})
+    assert quick.wait(10) and quick.snapshot().status == "done"
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [(DataError("data root '/x' is not a folder"), "data root '/x' is not a folder"),
+     (KeyError("boom"), "KeyError: 'boom'")],
+)
+def test_failure_becomes_a_message(tmp_path: Path, error: Exception, message: str):
+    def fake_train(cfg, out, progress, should_stop):
+        raise error
+
+    job = jobs.TrainingJob(jobs.make_config(), tmp_path / "f", fake_train).start()
+    assert job.wait(10)
+    snap = job.snapshot()
+    assert snap.status == "failed" and snap.error == message
+
+
+def test_make_config_applies_the_page_values():
+    cfg = jobs.make_config(dataset="digits", normal_class="3", setting="unbalanced",
+                           anomaly_ratio=0.1, anomaly_classes=("5",), preset_name="paper",
+                           epochs=7, max_minutes=2.5, memory_size=33, seed=4, max_train=100)
+    assert cfg.preset == "paper" and cfg.model.width == 1.0
+    assert (cfg.train.epochs, cfg.train.max_minutes, cfg.train.seed) == (7, 2.5, 4)
+    assert cfg.model.memory_size == 33
+    assert cfg.data.anomaly_classes == ("5",) and cfg.data.max_train == 100
+    assert jobs.make_config(max_minutes=0, max_train=0).train.max_minutes is None
+    first = jobs.first_run_config()
+    assert (first.data.dataset, first.preset) == ("shapes", "quick")
+    assert first.train.max_minutes == jobs.FIRST_RUN_MINUTES
+    with pytest.raises(ConfigError):
+        jobs.make_config(epochs=0)
+    with pytest.raises(ConfigError):
+        jobs.make_config(memory_size=1)

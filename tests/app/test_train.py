@@ -1,0 +1,101 @@
+"""Train page: training from the form in the background, and errors shown, never raised."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from app import state
+from core.runs import list_runs
+from tests.app.helpers import open_page, texts
+
+
+def _fill(at: AppTest, max_train: int, name: str) -> None:
+    at.number_input(key="train_epochs_quick").set_value(1)
+    at.number_input(key="train_memory_quick").set_value(16)
+    at.number_input(key="train_max_train").set_value(max_train)
+    at.text_input(key="train_name").input(name)
+
+
+def _wait_until_done(at: AppTest, timeout: float = 90) -> None:
+    """Rerun the page (as its polling fragment would) until the job has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        if at.success or at.error or at.warning:
+            return
+        time.sleep(0.5)
+    raise AssertionError("training did not end in time")
+
+
+def test_form_trains_a_run_that_becomes_selectable(empty_runs: Path):
+    at = open_page()
+    _fill(at, max_train=200, name="form run")
+    at.button(key="train_start").click().run()
+    assert not at.exception
+    assert at.get("progress") or at.success  # the job is running (or already done)
+    assert at.button(key="train_start").disabled or at.success
+    _wait_until_done(at)
+    assert not at.error, [e.value for e in at.error]
+    assert "form-run" in at.success[0].value and "AUROC" in at.success[0].value
+    runs = list_runs(empty_runs)
+    assert [(r.name, r.complete, r.dataset) for r in runs] == [("form-run", True, "shapes")]
+    # The finished run is selected in the sidebar, so the explorer pages open it.
+    assert at.sidebar.selectbox(key="run_path").value == str(empty_runs / "form-run")
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2  # loss and memory-usage curves from the history rows
+
+
+def _folder_without_anomalies(root: Path) -> Path:
+    """A class-folder data set whose test split holds normal images only."""
+    for split, n in (("train", 6), ("test", 2)):
+        folder = root / split / "good"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(folder / f"{i}.png")
+    return root
+
+
+def test_failed_training_shows_the_error(empty_runs: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("ANOMEM_CACHE", str(tmp_path / "cache"))
+    data = _folder_without_anomalies(tmp_path / "data")
+    at = open_page()
+    at.selectbox(key="train_dataset").set_value("folder").run()
+    at.text_input(key="train_root_folder").input(str(data)).run()
+    assert at.selectbox(key="train_normal_folder").value == "good"
+    _fill(at, max_train=0, name="no-anomalies")
+    at.button(key="train_start").click().run()
+    _wait_until_done(at)
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and "failed" in errors[0] and "anomalous images" in errors[0]
+    assert list_runs(empty_runs) == []  # the unsaved run folder is removed
+    assert not any(empty_runs.iterdir())
+
+
+def test_invalid_settings_are_refused_before_training(empty_runs: Path):
+    at = open_page()
+    _fill(at, max_train=2, name="too-small")
+    at.button(key="train_start").click().run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and errors[0].startswith("Invalid settings:")
+    assert "max_train" in errors[0]
+    assert state.job_board().current is None and not any(empty_runs.iterdir())
+
+
+def test_data_errors_are_shown_and_block_training(empty_runs: Path, tmp_path: Path):
+    at = open_page()
+    at.selectbox(key="train_dataset").set_value("folder").run()
+    assert "Enter the folder" in texts(at)
+    missing = tmp_path / "no-such-folder"
+    at.text_input(key="train_root_folder").input(str(missing)).run()
+    assert not at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 1 and str(missing) in errors[0] and "not a folder" in errors[0]
+    assert at.button(key="train_start").disabled

@@ -1,0 +1,114 @@
+"""core/model/anomem.py: the assembled model, called without the trainer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.config import ModelConfig
+from core.model.anomem import AnoMem
+from core.model.detector import Scores
+from core.model.memory import MemoryRead
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize(("scales", "sizes"), [
+    (("layer2", "layer3", "layer4"), {"layer2": 16, "layer3": 8, "layer4": 4}),
+    (("layer1", "layer3"), {"layer1": 32, "layer3": 8}),
+])
+def test_forward_returns_one_read_per_scale(
+        make_model_config: Callable[..., ModelConfig], scales: tuple[str, ...],
+        sizes: dict[str, int]) -> None:
+    torch.manual_seed(0)
+    cfg = make_model_config(scales=scales, memory_size=6, memory_dim=5)
+    model = AnoMem(cfg)
+    reads = model(torch.rand(3, 3, 32, 32))
+    assert tuple(reads) == scales
+    for s, read in reads.items():
+        h = sizes[s]
+        assert isinstance(read, MemoryRead)
+        assert read.query.shape == (3, 5, h, h)
+        assert read.readout.shape == (3, 5, h, h)
+        assert read.attention.shape == (3, 6, h, h)
+        assert model.stride(s) * h == 32
+        torch.testing.assert_close(read.query.norm(dim=1), torch.ones(3, h, h))
+    assert set(model.memories) == set(model.heads) == set(scales)
+
+
+def test_score_has_pixel_map_at_input_resolution(tiny_cfg: ModelConfig) -> None:
+    torch.manual_seed(0)
+    model = AnoMem(tiny_cfg).eval()
+    with torch.no_grad():
+        scores = model.score(torch.rand(2, 3, 32, 32))
+    assert isinstance(scores, Scores)
+    assert scores.image.shape == (2,)
+    assert scores.pixel_map.shape == (2, 32, 32)
+    assert set(scores.per_scale) == set(tiny_cfg.scales)
+    assert {s: tuple(m.shape) for s, m in scores.maps.items()} == {
+        "layer2": (2, 16, 16), "layer3": (2, 8, 8), "layer4": (2, 4, 4)}
+    assert torch.isfinite(scores.image).all() and torch.isfinite(scores.pixel_map).all()
+
+
+def test_score_uses_the_deviation_of_each_read(tiny_cfg: ModelConfig) -> None:
+    torch.manual_seed(1)
+    model = AnoMem(tiny_cfg).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        reads = model(images)
+        expected = model.detector({s: r.deviation for s, r in reads.items()}, (32, 32))
+        scores = model.score(images)
+    torch.testing.assert_close(scores.image, expected.image)
+    torch.testing.assert_close(scores.pixel_map, expected.pixel_map)
+
+
+def test_embed_is_unit_norm_and_detached(tiny_cfg: ModelConfig) -> None:
+    torch.manual_seed(2)
+    model = AnoMem(tiny_cfg).eval()
+    images = torch.rand(4, 3, 32, 32)
+    emb = model.embed(images)
+    assert set(emb) == set(tiny_cfg.scales)
+    for s, e in emb.items():
+        assert e.shape == (4, tiny_cfg.memory_dim)
+        assert not e.requires_grad
+        torch.testing.assert_close(e.norm(dim=1), torch.ones(4))
+        pooled = model(images)[s].query.mean(dim=(2, 3))
+        torch.testing.assert_close(e, torch.nn.functional.normalize(pooled, dim=1).detach())
+
+
+def test_projection_heads_map_memory_dim_to_head_dim(
+        make_model_config: Callable[..., ModelConfig]) -> None:
+    model = AnoMem(make_model_config(memory_dim=6, head_dim=5))
+    out = model.heads["layer3"](torch.randn(7, 6))
+    assert out.shape == (7, 5)
+
+
+def test_model_builds_and_scores_without_the_trainer() -> None:
+    code = (
+        "import sys, torch\n"
+        "from core.config import ModelConfig\n"
+        "from core.model.anomem import AnoMem\n"
+        "m = AnoMem(ModelConfig(width=0.125, memory_size=4, memory_dim=4, head_dim=4)).eval()\n"
+        "m.score(torch.rand(1, 3, 32, 32))\n"
+        "m.embed(torch.rand(1, 3, 32, 32))\n"
+        "loaded = sorted(k for k in sys.modules if k == 'core.train' "
+        "or k.startswith('core.train.'))\n"
+        "print('TRAIN_MODULES', loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "TRAIN_MODULES []" in done.stdout
+
+
+def test_model_sources_do_not_import_the_trainer() -> None:
+    for file in (REPO / "core" / "model").glob("*.py"):
+        text = file.read_text()
+        assert "core.train" not in text and "from core import train" not in text, file.name
