@@ -8,7 +8,6 @@ pipeline as the app.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from core.config import PRESETS, SETTINGS, ConfigError, DataConfig, preset
 
 EXIT_BAD_INPUT = 2
+UNBOUNDED_EPOCHS = 100_000
 
 
 class CliError(Exception):
@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="unbalanced: comma-separated classes or types to draw them from")
     t.add_argument("--preset", default="quick", choices=PRESETS)
     t.add_argument("--epochs", type=int, help="override the preset's epoch count")
-    t.add_argument("--max-minutes", type=float, help="wall-clock budget for both stages")
+    t.add_argument("--max-minutes", type=float,
+                   help="wall-clock budget for both stages (without --epochs, train until it "
+                        "is spent)")
     t.add_argument("--image-size", type=int, help="working resolution (default: the data set's)")
     t.add_argument("--max-train", type=int, help="cap on normal training images")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -93,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg.train.seed, cfg.train.device = args.seed, args.device
     if args.epochs is not None:
         cfg.train.epochs = args.epochs
+    elif args.max_minutes is not None:
+        cfg.train.epochs = UNBOUNDED_EPOCHS  # the time budget decides
     cfg.train.max_minutes = args.max_minutes
     if args.image_size:
         cfg.model.image_size = args.image_size
@@ -202,10 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("anomem: interrupted", file=sys.stderr)
         return 130
-
-
-def _json(obj) -> str:
-    return json.dumps(obj, indent=2)
 
 
 if __name__ == "__main__":

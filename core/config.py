@@ -37,6 +37,8 @@ class ModelConfig:
     topk_ratio: float = 0.05  # share of positions averaged for a scale's local score
     layout_grid: int = 8  # the detector's layout term sees each map pooled to g x g at most
     layout_rank: int = 256  # principal directions kept by the layout's PPCA Gaussian
+    layout_source: str = "query"  # map the layout term reads: "query" or "deviation"
+    local_weight: float = 0.0  # share of the local (top-k deviation) term in a scale's score
 
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, list | tuple) or not all(
@@ -70,6 +72,10 @@ class ModelConfig:
             raise ConfigError(f"layout_grid={self.layout_grid}: expected 1..16")
         if not 1 <= self.layout_rank <= 4096:
             raise ConfigError(f"layout_rank={self.layout_rank}: expected 1..4096")
+        if self.layout_source not in ("query", "deviation"):
+            raise ConfigError(f"layout_source={self.layout_source!r}: expected query or deviation")
+        if not 0 <= self.local_weight <= 1:
+            raise ConfigError(f"local_weight={self.local_weight}: expected 0..1")
         if not 0 < self.topk_ratio <= 1:
             raise ConfigError(f"topk_ratio={self.topk_ratio}: expected 0 < ratio <= 1")
 
@@ -106,7 +112,7 @@ class AugmentConfig:
 class TrainConfig:
     """Optimisation of both stages; the loss weights name the terms of core/train/losses.py."""
 
-    epochs: int = 30
+    epochs: int = 20  # the quick preset: about two minutes on a 2-core CPU
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4

@@ -356,14 +356,17 @@ def colour_table(cmap: str = DEFAULT_CMAP, n: int = 256) -> np.ndarray:
     import plotly.colors as pc
 
     colours = pc.sample_colorscale(cmap, list(np.linspace(0, 1, n)))
-    return np.array([[int(float(v)) for v in c[c.index("(") + 1:-1].split(",")]
-                     for c in colours], dtype=np.uint8)
+    table = np.array([[int(float(v)) for v in c[c.index("(") + 1:-1].split(",")]
+                      for c in colours], dtype=np.uint8)
+    table.flags.writeable = False  # shared by every caller through the cache
+    return table
 
 
 def colourise(heat: np.ndarray, vmin: float, vmax: float, cmap: str = DEFAULT_CMAP
               ) -> np.ndarray:
     """(H, W) values -> (H, W, 3) colours, values clipped to [vmin, vmax]."""
-    t = np.clip((np.asarray(heat, dtype=np.float32) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=vmin)
+    t = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0, 1)
     table = colour_table(cmap)
     return table[np.rint(t * (len(table) - 1)).astype(np.int64)]
 

@@ -49,6 +49,10 @@ def evaluate(model: AnoMem, split: Split, device: str = "cpu",
         s: image_metrics(test.labels.numpy(), v, test.types)["auroc"]
         for s, v in scored.per_scale.items()
     }
+    metrics["auroc_by_term"] = {
+        k: image_metrics(test.labels.numpy(), v, test.types)["auroc_by_type"]
+        for k, v in scored.terms.items()
+    }
     threshold = float(model.detector.threshold)
     flagged = scored.image > threshold
     labels = test.labels.numpy().astype(bool)
@@ -66,10 +70,10 @@ def train_run(cfg: RunConfig, out: Path, progress: ProgressFn | None = None,
     History rows are written as each epoch ends, so a run cut short still shows its curves.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    split = split or load_split(cfg.data)
+    split = split or load_split(cfg.data)  # before creating anything: bad data writes nothing
     load_s = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
     cfg.data.normal_class = split.normal_class  # the run names its class even when defaulted
 
     def on_progress(p: Progress) -> None:

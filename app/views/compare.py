@@ -10,13 +10,13 @@ from core import explore
 
 EXAMPLES = 8
 
+st.title("Compare anomaly types")
 run = widgets.require_run()
 split = widgets.require_split(run)
 model, test = run.model, split.test
 scored = state.scored_test_set(run)
 scores, labels = scored.image, test.labels.numpy()
 
-st.title("Compare anomaly types")
 lo, hi = float(scores.min()), float(scores.max())
 if hi <= lo:
     hi = lo + 1.0

@@ -14,6 +14,7 @@ CASES = {
 }
 PER_CASE = 12
 
+st.title("Deviation maps")
 run = widgets.require_run()
 split = widgets.require_split(run)
 model, test = run.model, split.test
@@ -21,7 +22,6 @@ scored = state.scored_test_set(run)
 threshold = float(model.detector.threshold)
 tag = state.run_tag(run)  # for widget keys whose range depends on the run
 
-st.title("Deviation maps")
 cases = explore.edge_cases(scored.image, test.labels.numpy(), threshold, PER_CASE)
 groups = explore.sample_groups(test.types, test.edge)
 

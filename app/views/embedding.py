@@ -10,11 +10,11 @@ from core import explore
 
 MAX_THUMBS = 24
 
+st.title("UMAP")
 run = widgets.require_run()
 split = widgets.require_split(run)
 model, test = run.model, split.test
 
-st.title("UMAP")
 st.caption(
     "Each dot is a test image (its spatially pooled, unit-norm queries); stars are the "
     "memory's prototypes, which live in the same space. Select points with the box or lasso "

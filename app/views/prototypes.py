@@ -10,11 +10,11 @@ from core import explore
 PER_PAGE = 48
 COLUMNS = 3
 
+st.title("Prototypes")
 run = widgets.require_run()
 widgets.require_split(run)
 model = run.model
 
-st.title("Prototypes")
 st.caption(
     "Each prototype is shown by the normal training patches that read it most strongly "
     "(receptive-field crops, one per image, strongest first). Usage counts the map positions "

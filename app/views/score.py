@@ -8,10 +8,10 @@ from app import widgets
 from core import explore
 from core.data.imageio import IMAGE_SUFFIXES
 
+st.title("Score images")
 run = widgets.require_run()
 cfg = run.config.model
 
-st.title("Score images")
 st.caption(
     f"Each file is checked (image type, at most {explore.MAX_UPLOAD_BYTES // 2**20} MB and "
     f"{explore.MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels), resized to the run's "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import charts, jobs, state
-from core.config import PRESETS, SETTINGS, ConfigError, preset
+from core.config import PRESETS, SETTINGS, ConfigError, RunConfig, preset
 from core.data import DATASETS, DataError, list_classes
 from core.runs import RunError
 
@@ -17,7 +17,7 @@ if "train_watching" not in st.session_state:
     st.session_state.train_watching = None
 
 
-def start(cfg, name: str) -> None:
+def start(cfg: RunConfig, name: str) -> None:
     try:
         job = board.start(cfg, state.runs_root(), name)
     except (RuntimeError, RunError, OSError) as err:
@@ -44,7 +44,7 @@ def progress_panel() -> None:
         auroc = (snap.metrics or {}).get("auroc")
         score = "n/a" if auroc is None else f"{auroc:.3f}"
         st.success(f"Run **{snap.name}** finished in {snap.seconds:.0f} s (test AUROC "
-                   f"{score}); pick it in the sidebar to explore it.")
+                   f"{score}). It is selected in the sidebar: open any page to explore it.")
     elif snap.status == "failed":
         st.error(f"Training of **{snap.name}** failed: {snap.error}")
     elif snap.status == "cancelled":

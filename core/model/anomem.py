@@ -41,7 +41,8 @@ class AnoMem(nn.Module):
         self.heads = nn.ModuleDict({s: ProjectionHead(cfg.memory_dim, cfg.head_dim)
                                     for s in cfg.scales})
         grids = {s: min(cfg.layout_grid, self.map_size(s)) for s in cfg.scales}
-        self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank)
+        self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank,
+                                        cfg.local_weight, cfg.layout_source)
 
     @property
     def scales(self) -> tuple[str, ...]:

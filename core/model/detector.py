@@ -12,8 +12,11 @@ Two terms per scale, each a distance under a Gaussian fitted to normal training 
   too), and only their arrangement gives it away. Measured on the built-in shapes, this term
   on the query map beats the same term on the deviation map (see the README's ablation).
 
-Each score is standardised on held-out normal images, and a weighted sum across scales is the
-image score.
+Each score is standardised on held-out normal images. A scale's score weighs its two terms by
+`ModelConfig.local_weight`, and the image score averages the scales. The local term's default
+weight is 0: on the built-in shapes its image-level score trails the layout term on every
+anomaly kind, local defects included (see the README), while its map stays the best guide to
+where the anomaly is.
 
 Why Gaussians: their negative log-likelihood is the detector's training objective, fitted in
 closed form (Ledoit-Wolf shrinkage; PPCA for the high-dimensional layouts). Unlike a Deep SVDD
@@ -36,7 +39,8 @@ from torch import nn
 
 from core.model.memory import MemoryRead
 
-N_SCORES = 2  # per scale: local (top-k positions) and layout (coarse query map)
+TERMS = ("local", "layout")  # per scale: top-k deviation distances, coarse-map distance
+N_SCORES = len(TERMS)
 
 
 class Scores(NamedTuple):
@@ -44,6 +48,7 @@ class Scores(NamedTuple):
     per_scale: dict[str, torch.Tensor]  # (B,) standardised score of each scale
     pixel_map: torch.Tensor  # (B, H, W) at input resolution, standardised on normal data
     maps: dict[str, torch.Tensor]  # (B, h, w) standardised distance map of each scale
+    terms: dict[str, torch.Tensor]  # "layer2/local", "layer2/layout", ...: (B,) standardised
 
 
 def fit_gaussian(x: torch.Tensor, max_rows: int = 50_000, seed: int = 0
@@ -132,16 +137,16 @@ class ScaleDetector(nn.Module):
         """(B, D, H, W) -> (B, H, W) Mahalanobis distance of each position."""
         return mahalanobis(deviation.permute(0, 2, 3, 1), self.mean, self.precision)
 
-    def layout(self, query: torch.Tensor) -> torch.Tensor:
-        """(B, D, H, W) -> (B, D * g * g): the query map on a coarse grid, flattened."""
-        return F.adaptive_avg_pool2d(query, self.grid).flatten(1)
+    def layout(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B, D * g * g): a map on a coarse grid, flattened."""
+        return F.adaptive_avg_pool2d(maps, self.grid).flatten(1)
 
-    def raw_scores(self, query: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-        """(B, 2): mean of the top-k distances of the map, and the layout's distance."""
+    def raw_scores(self, layout_map: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """(B, 2): mean of the top-k distances of `dist`, and the layout's distance."""
         flat = dist.flatten(1)
         k = max(1, int(round(self.topk_ratio * flat.shape[1])))
         local = flat.topk(k, dim=1).values.mean(1)
-        layout = ppca_distance(self.layout(query), self.layout_mean, self.layout_basis,
+        layout = ppca_distance(self.layout(layout_map), self.layout_mean, self.layout_basis,
                                self.layout_var, self.layout_noise)
         return torch.stack([local, layout], dim=1)
 
@@ -152,14 +157,18 @@ class ScaleDetector(nn.Module):
 class AnomalyDetector(nn.Module):
     """Per-scale detectors, their combination, an optional classifier, the thresholds."""
 
-    def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int) -> None:
+    def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int,
+                 local_weight: float = 0.0, layout_source: str = "query") -> None:
         super().__init__()
         self.scales = tuple(grids)
+        self.layout_source = layout_source
         self.per_scale = nn.ModuleDict({s: ScaleDetector(dim, topk_ratio, g, rank)
                                         for s, g in grids.items()})
-        n = N_SCORES * len(self.scales)
-        self.register_buffer("weights", torch.full((n,), 1.0 / n))
+        # Share of each term in a scale's score, then scales weigh equally.
+        term = torch.tensor([local_weight, 1.0 - local_weight])
+        self.register_buffer("weights", term.repeat(len(self.scales)) / len(self.scales))
         # Logistic head over [standardised scores, pooled deviations]; zero = one-class.
+        n = N_SCORES * len(self.scales)
         self.register_buffer("clf_weight", torch.zeros(n + dim * len(self.scales)))
         self.register_buffer("clf_bias", torch.zeros(()))
         self.register_buffer("threshold", torch.zeros(()))
@@ -173,9 +182,13 @@ class AnomalyDetector(nn.Module):
         for s in self.scales:
             det = self.per_scale[s]
             dist = det.distance_map(reads[s].deviation)
-            z.append(det.standardise(det.raw_scores(reads[s].query, dist)))
+            z.append(det.standardise(det.raw_scores(self.layout_input(reads[s]), dist)))
             maps[s] = dist
         return torch.cat(z, dim=1), maps
+
+    def layout_input(self, read: MemoryRead) -> torch.Tensor:
+        """The map the layout term reads: the query map (default) or the deviation map."""
+        return read.query if self.layout_source == "query" else read.deviation
 
     def classifier_input(self, z: torch.Tensor, reads: dict[str, MemoryRead]) -> torch.Tensor:
         pooled = [F.normalize(reads[s].deviation.mean(dim=(2, 3)), dim=1) for s in self.scales]
@@ -186,7 +199,9 @@ class AnomalyDetector(nn.Module):
         image = z @ self.weights
         if bool(self.clf_weight.any()):
             image = image + self.classifier_input(z, reads) @ self.clf_weight + self.clf_bias
-        per_scale = {s: z[:, N_SCORES * i:N_SCORES * (i + 1)].mean(1)
+        n = len(self.scales)
+        per_scale = {s: z[:, N_SCORES * i:N_SCORES * (i + 1)] @ self.weights[
+                         N_SCORES * i:N_SCORES * (i + 1)] * n
                      for i, s in enumerate(self.scales)}
         maps = {}
         for s in self.scales:
@@ -196,4 +211,7 @@ class AnomalyDetector(nn.Module):
             F.interpolate(m[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]
             for m in maps.values()
         ])
-        return Scores(image=image, per_scale=per_scale, pixel_map=stacked.mean(0), maps=maps)
+        terms = {f"{s}/{t}": z[:, N_SCORES * i + j] for i, s in enumerate(self.scales)
+                 for j, t in enumerate(TERMS)}
+        return Scores(image=image, per_scale=per_scale, pixel_map=stacked.mean(0), maps=maps,
+                      terms=terms)

@@ -226,7 +226,7 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
             keep = max(1, min(per_image, GAUSSIAN_ROWS // len(fit))) * len(d)
             pick = torch.randperm(len(flat), generator=g)[:keep].to(flat.device)
             rows[s].append(flat[pick].cpu())
-            layouts[s].append(det.per_scale[s].layout(r.query).cpu())
+            layouts[s].append(det.per_scale[s].layout(det.layout_input(r)).cpu())
         if progress:
             progress(Progress("stage2", 0.5 * min(1.0, (i + len(d)) / len(fit)),
                               "fitting the distance detectors"))
@@ -248,7 +248,7 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
         for s, r in reads.items():
             sd = det.per_scale[s]
             dist = sd.distance_map(r.deviation)
-            raw[s].append(sd.raw_scores(r.query, dist).cpu())
+            raw[s].append(sd.raw_scores(det.layout_input(r), dist).cpu())
             dist_stats[s].append(dist.flatten().cpu())
     for s in model.scales:
         sd = det.per_scale[s]
@@ -304,6 +304,7 @@ class ScoredSet:
 
     image: np.ndarray  # (N,)
     per_scale: dict[str, np.ndarray]  # scale -> (N,)
+    terms: dict[str, np.ndarray]  # "layer2/local", ... -> (N,) standardised term scores
     pixel_maps: np.ndarray | None  # (N, H, W) float16, or None when not asked for
 
 
@@ -316,11 +317,14 @@ def score_images(model: AnoMem, images: torch.Tensor, device: torch.device | str
     model.eval().to(device)
     image, maps = [], []
     per_scale: dict[str, list] = {s: [] for s in model.scales}
+    terms: dict[str, list] = {}
     for i in range(0, len(images), batch_size):
         out = model.score(to_float(images[i:i + batch_size].to(device)))
         image.append(out.image.cpu())
         for s, v in out.per_scale.items():
             per_scale[s].append(v.cpu())
+        for k, v in out.terms.items():
+            terms.setdefault(k, []).append(v.cpu())
         if with_maps:
             maps.append(out.pixel_map.half().cpu())
         if progress:
@@ -329,5 +333,6 @@ def score_images(model: AnoMem, images: torch.Tensor, device: torch.device | str
     return ScoredSet(
         image=torch.cat(image).numpy(),
         per_scale={s: torch.cat(v).numpy() for s, v in per_scale.items()},
+        terms={k: torch.cat(v).numpy() for k, v in terms.items()},
         pixel_maps=torch.cat(maps).numpy() if with_maps else None,
     )

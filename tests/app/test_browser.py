@@ -33,7 +33,9 @@ PAGES = {  # url path -> title
 }
 SETTLED = """() => {
     const h1 = document.querySelector('h1');
-    return h1 && h1.innerText.trim().length > 0
+    const shown = (h1 && h1.innerText.trim().length > 0)
+        || document.querySelector('[data-testid="stException"]');
+    return shown
         && !document.querySelector('[data-testid="stStatusWidget"]')
         && !document.querySelector('[data-testid="stSkeleton"]')
         && Array.from(document.images).every(i => i.complete);
@@ -106,6 +108,9 @@ def test_every_page_renders_without_an_exception(server: str, tmp_path: Path):
                 errors = page.locator('[data-testid="stException"]')
                 assert errors.count() == 0, f"/{path}: {errors.first.inner_text()}"
                 assert page.locator("h1").first.inner_text().strip() == title
+                alerts = page.locator('[data-testid="stAlertContentError"]')
+                assert alerts.count() == 0, f"/{path}: {alerts.first.inner_text()}"
+                assert page.get_by_text("Train a run first").count() == 0, f"/{path}: no run"
                 for folder in folders:
                     page.screenshot(path=str(folder / f"{path or 'train'}.png"),
                                     full_page=True)

@@ -27,7 +27,8 @@ def test_other_pages_ask_for_a_run_first(empty_runs: Path, page: str):
     assert any("Train a run first" in i.value for i in at.info)
     links = at.get("page_link")
     assert len(links) == 1 and links[0].proto.label == "Go to Train"
-    assert not at.title  # the page stopped before drawing anything else
+    assert len(at.title) == 1  # the page stopped after its title
+    assert not at.metric and not at.main.image and not at.get("plotly_chart")
 
 
 def test_sidebar_lists_runs_and_shows_broken_ones(tiny_run: Path, tmp_path: Path,

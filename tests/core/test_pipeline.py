@@ -1,0 +1,99 @@
+"""End to end on the built-in shapes: train, save, reload, score; both settings."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import DataConfig, preset
+from core.data import load_split
+from core.pipeline import evaluate_run, train_run
+from core.runs import CONFIG, HISTORY, METRICS, WEIGHTS, load_run
+from core.train.trainer import score_images
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shapes_split():
+    return load_split(DataConfig())
+
+
+@pytest.fixture(scope="module")
+def one_class_run(tmp_path_factory, shapes_split):
+    cfg = preset("quick", DataConfig())
+    cfg.train.epochs = 4
+    out = tmp_path_factory.mktemp("runs") / "one-class"
+    metrics = train_run(cfg, out, split=shapes_split)
+    return out, metrics
+
+
+def test_one_class_run_folder_is_complete(one_class_run):
+    out, metrics = one_class_run
+    for name in (WEIGHTS, CONFIG, METRICS, HISTORY):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / HISTORY).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert all(0 < r[f"usage_{s}"] <= 1 for r in rows for s in ("layer2", "layer3", "layer4"))
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    required = {"auroc", "auroc_by_type", "aupr", "fpr_at_95_tpr", "pixel_auroc",
+                "train_seconds", "n_train", "n_test"}
+    assert required <= set(json.loads((out / METRICS).read_text()))
+    assert metrics["n_train"] == 1200 and metrics["n_test"] == 700
+
+
+def test_every_anomaly_kind_is_detected_well_above_chance(one_class_run):
+    _, metrics = one_class_run
+    assert set(metrics["auroc_by_type"]) == {"object", "style", "local"}
+    for kind, value in metrics["auroc_by_type"].items():
+        assert value > 0.75, (kind, value)
+    assert metrics["pixel_auroc"] > 0.85
+
+
+def test_reloaded_run_scores_like_the_trained_one(one_class_run, shapes_split):
+    out, metrics = one_class_run
+    run = load_run(out)
+    scored = score_images(run.model, shapes_split.test.images[:64])
+    again = score_images(load_run(out).model, shapes_split.test.images[:64])
+    np.testing.assert_allclose(scored.image, again.image, rtol=1e-5, atol=1e-5)
+    assert scored.pixel_maps.shape == (64, 32, 32)
+    recomputed = evaluate_run(out)
+    assert recomputed["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)
+    assert recomputed["train_seconds"] == metrics["train_seconds"]
+
+
+def test_threshold_flags_few_normals(one_class_run):
+    _, metrics = one_class_run
+    # The threshold is the 95% quantile of held-out normal scores.
+    assert metrics["fpr_at_threshold"] < 0.2
+    assert metrics["tpr_at_threshold"] > metrics["fpr_at_threshold"]
+
+
+def test_unbalanced_setting_end_to_end(tmp_path, shapes_split):
+    data = DataConfig(setting="unbalanced", anomaly_ratio=0.05)
+    split = load_split(data)
+    assert int(split.train.labels.sum()) == 60
+    cfg = preset("quick", data)
+    cfg.train.epochs = 3
+    metrics = train_run(cfg, tmp_path / "unbalanced", split=split)
+    run = load_run(tmp_path / "unbalanced")
+    assert bool(run.model.detector.clf_weight.any()), "the labelled anomalies trained no head"
+    assert metrics["n_train_anomalies"] == 60
+    for kind, value in metrics["auroc_by_type"].items():
+        assert value > 0.75, (kind, value)
+
+
+def test_same_seed_gives_the_same_model(tmp_path):
+    data = DataConfig(max_train=128)
+    split = load_split(data)
+    cfg = preset("quick", data)
+    cfg.train.epochs, cfg.train.batch_size = 1, 32
+    first = train_run(cfg, tmp_path / "a", split=split)
+    second = train_run(cfg, tmp_path / "b", split=split)
+    assert first["auroc"] == second["auroc"]
+    a, b = load_run(tmp_path / "a").model, load_run(tmp_path / "b").model
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
