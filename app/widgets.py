@@ -73,7 +73,7 @@ def overlays(run: Run, image: torch.Tensor, report: explore.ImageReport, alpha: 
 
 
 def verdict(report: explore.ImageReport) -> None:
-    cols = st.columns(2 + len(report.per_scale))
+    cols = st.columns([1, 1.3] + [1] * len(report.per_scale))
     cols[0].metric("Anomaly score", f"{report.score:.3f}",
                    help=f"Above the threshold {report.threshold:.3f} means anomalous.")
     cols[1].metric("Verdict", "anomalous" if report.anomalous else "normal",
@@ -117,7 +117,7 @@ def show_upload(run: Run, name: str, data: bytes) -> bool:
 
 def _run_label(summary: RunSummary) -> str:
     auroc = "no metrics" if summary.auroc is None else f"AUROC {summary.auroc:.3f}"
-    return f"{summary.name} · {summary.dataset}/{summary.normal_class} · {auroc}"
+    return f"{summary.name} · {auroc}"
 
 
 def run_picker() -> list[RunSummary]:
@@ -126,6 +126,7 @@ def run_picker() -> list[RunSummary]:
     usable = [s for s in summaries if state.selectable(s)]
     broken = [s for s in summaries if not state.selectable(s)]
     labels = {str(s.path): _run_label(s) for s in usable}
+    by_path = {str(s.path): s for s in usable}
     job = state.job_board().current
     if job is not None:  # a run that just finished training becomes the selected one
         snap = job.snapshot()
@@ -137,7 +138,10 @@ def run_picker() -> list[RunSummary]:
         st.session_state[state.RUN_KEY] = next(iter(labels), None)
     with st.sidebar:
         if labels:
-            st.selectbox("Run", list(labels), key=state.RUN_KEY, format_func=labels.get)
+            path = st.selectbox("Run", list(labels), key=state.RUN_KEY, format_func=labels.get)
+            chosen = by_path[path]
+            st.caption(f"{chosen.dataset} · normal class **{chosen.normal_class}** · "
+                       f"{chosen.setting}")
         else:
             st.caption("No saved run yet.")
         if broken:

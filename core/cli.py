@@ -98,12 +98,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.max_minutes is not None:
         cfg.train.epochs = UNBOUNDED_EPOCHS  # the time budget decides
     cfg.train.max_minutes = args.max_minutes
-    if args.image_size:
-        cfg.model.image_size = args.image_size
-    elif data.dataset:
-        from core.data import DATASETS
-
-        cfg.model.image_size = DATASETS[data.dataset].image_size
     cfg.train.__post_init__()
     cfg.model.__post_init__()
     out = Path(args.out)
@@ -117,7 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if bar is None:
             bar = bars[p.stage] = tqdm(total=1000, desc=p.stage, unit="‰", leave=True,
                                        bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-                                                  "{elapsed} {postfix}")
+                                                  "{elapsed}{postfix}")
         bar.n = int(1000 * p.done)
         bar.set_postfix_str(p.message, refresh=False)
         bar.refresh()

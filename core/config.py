@@ -254,7 +254,10 @@ def _require_int(obj: Any, name: str) -> None:
 
 
 def preset(name: str, data: DataConfig | None = None) -> RunConfig:
-    """The named preset: `quick` fits a 2-core CPU in minutes, `paper` is a ResNet-18 run."""
+    """The named preset: `quick` fits a 2-core CPU in minutes, `paper` is a ResNet-18 run.
+
+    The model's input size follows the data: `data.image_size`, else the data set's own.
+    """
     data = data or DataConfig()
     if name == "quick":
         cfg = RunConfig(model=ModelConfig(), train=TrainConfig(), data=data, preset=name)
@@ -268,4 +271,8 @@ def preset(name: str, data: DataConfig | None = None) -> RunConfig:
         )
     else:
         raise ConfigError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
+    from core.data import DATASETS  # here: core.data itself imports this module
+
+    info = DATASETS.get(data.dataset)
+    cfg.model.image_size = data.image_size or (info.image_size if info else 32)
     return cfg

@@ -7,7 +7,7 @@ import streamlit as st
 from app import state, widgets
 from core import explore
 
-PER_PAGE = 48
+PER_PAGE = 66  # 22 rows of 3: the quick preset's 64 prototypes fit on one page
 COLUMNS = 3
 
 st.title("Prototypes")
@@ -45,7 +45,8 @@ ordered = patches.by_usage() if order == "usage" else list(range(patches.size))
 n_pages = -(-len(ordered) // PER_PAGE)
 page = 1
 if n_pages > 1:
-    page = st.number_input(f"Page (of {n_pages})", 1, n_pages, 1, key=f"proto_page_{scale}")
+    page = st.columns(4)[0].number_input(f"Page (of {n_pages})", 1, n_pages, 1,
+                                         key=f"proto_page_{scale}")
 shown = ordered[(page - 1) * PER_PAGE:page * PER_PAGE]
 
 for n, p in enumerate(shown):

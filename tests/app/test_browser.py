@@ -105,6 +105,7 @@ def test_every_page_renders_without_an_exception(server: str, tmp_path: Path):
                 if page.locator('[data-testid="stPlotlyChart"]').count():
                     page.wait_for_selector('[data-testid="stPlotlyChart"] .main-svg',
                                            timeout=30_000)
+                    page.wait_for_timeout(1000)  # WebGL traces draw after the SVG layers
                 errors = page.locator('[data-testid="stException"]')
                 assert errors.count() == 0, f"/{path}: {errors.first.inner_text()}"
                 assert page.locator("h1").first.inner_text().strip() == title

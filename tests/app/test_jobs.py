@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app import jobs
-from core.config import ConfigError
+from core.config import ConfigError, DataConfig, preset
 from core.data.base import DataError
 from core.runs import WEIGHTS
 from core.train.trainer import Progress, TrainingCancelled
@@ -109,7 +109,8 @@ def test_make_config_applies_the_page_values():
     assert jobs.make_config(max_minutes=0, max_train=0).train.max_minutes is None
     first = jobs.first_run_config()
     assert (first.data.dataset, first.preset) == ("shapes", "quick")
-    assert first.train.max_minutes == jobs.FIRST_RUN_MINUTES
+    assert first.train.max_minutes is None  # reproducible: epochs, not a time budget
+    assert first.to_dict() == preset("quick", DataConfig()).to_dict()
     with pytest.raises(ConfigError):
         jobs.make_config(epochs=0)
     with pytest.raises(ConfigError):

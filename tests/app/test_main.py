@@ -45,6 +45,7 @@ def test_sidebar_lists_runs_and_shows_broken_ones(tiny_run: Path, tmp_path: Path
     at = open_page("views/compare.py")
     picker = at.sidebar.selectbox(key="run_path")
     assert sorted(label.split(" · ")[0] for label in picker.options) == ["first", "second"]
+    assert "shapes · normal class **circle** · one-class" in [c.value for c in at.sidebar.caption]
     errors = [e.value for e in at.sidebar.error]
     assert len(errors) == 1 and errors[0].startswith("broken:") and "not valid JSON" in errors[0]
     assert [t.value for t in at.title] == ["Compare anomaly types"]
