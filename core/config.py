@@ -127,6 +127,9 @@ class TrainConfig:
     # Distribution-shifted copies of each batch (CSI) as extra contrastive negatives: "jigsaw"
     # (quadrants swapped) and/or "rotate" (90/180/270 degrees); empty to turn off.
     shift_negatives: tuple[str, ...] = ("jigsaw",)
+    # How stage 2 weighs scales and terms: "learned" (against shifted copies of held-out
+    # normals, see trainer._fit_combination) or "fixed" (ModelConfig.local_weight, scales equal).
+    combine: str = "learned"
     max_minutes: float | None = None  # wall-clock budget for both stages
     stage1_share: float = 0.85  # share of the budget given to stage 1
     holdout: float = 0.15  # share of normal training images kept for calibration
@@ -154,6 +157,8 @@ class TrainConfig:
             raise ConfigError("lr and temperature must be positive")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay}: expected >= 0")
+        if self.combine not in ("learned", "fixed"):
+            raise ConfigError(f"combine={self.combine!r}: expected learned or fixed")
         if not 0 < self.stage1_share <= 1:
             raise ConfigError(f"stage1_share={self.stage1_share}: expected 0 < share <= 1")
         if self.max_minutes is not None and self.max_minutes <= 0:

@@ -259,6 +259,8 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
         sd.map_loc.copy_(d.mean())
         sd.map_scale.copy_(d.std().clamp_min(1e-6))
 
+    if tc.combine == "learned":
+        _fit_combination(model, calibration, tc, device, g)
     if len(anomalies):
         _fit_classifier(model, calibration, anomalies, device)
     scores, maxima = [], []
@@ -271,6 +273,46 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     det.fitted.fill_(True)
     if progress:
         progress(Progress("stage2", 1.0, "detector fitted"))
+
+
+def _standardised_terms(model: AnoMem, images: torch.Tensor, device: torch.device
+                        ) -> torch.Tensor:
+    """(N, 2S) standardised term scores of uint8 images."""
+    return torch.cat([model.detector.features(reads)[0].cpu()
+                      for _, reads in _reads(model, images, device)])
+
+
+def _fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
+                     device: torch.device, g: torch.Generator) -> None:
+    """One-class: learn how much each scale and term counts, without real anomalies.
+
+    Held-out normals are contrasted with distribution-shifted copies of themselves (the same
+    pseudo-anomalies as stage 1) by a logistic model whose weights live on the simplex, so the
+    image score stays a convex combination of standardised scores. A term that cannot tell a
+    shifted image from a normal one ends up with little weight.
+    """
+    normal = _standardised_terms(model, calibration, device)
+    shifted = _standardised_terms(
+        model, shift(calibration, tc.shift_negatives or ("jigsaw",), g), device)
+    x = torch.cat([normal, shifted]).double()
+    y = torch.cat([torch.zeros(len(normal)), torch.ones(len(shifted))]).double()
+    logits_w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits_w, log_scale, bias], max_iter=200,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        w = torch.softmax(logits_w, 0)
+        out = log_scale.exp() * (x @ w) + bias
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, y)
+        loss = loss + 1e-3 * logits_w.pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    model.detector.weights.copy_(torch.softmax(logits_w.detach(), 0).float())
 
 
 def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from core.cli import EXIT_BAD_INPUT, main
 from core.config import ModelConfig, RunConfig
@@ -100,25 +101,34 @@ def test_out_of_range_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert_one_line_error(capsys, needle)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="split_normals raises a plain ValueError for too few normal "
-                   "training images; main() does not catch it, so a traceback follows")
-def test_too_few_training_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_max_train_below_four(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["train", "--dataset", "digits", "--normal-class", "0", "--max-train", "3",
                  "--epochs", "1", "--out", str(tmp_path / "r")])
     assert code == EXIT_BAD_INPUT
-    assert_one_line_error(capsys, "normal training images")
+    assert_one_line_error(capsys, "max_train=3", "at least 4")
+
+
+def test_too_few_normal_training_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Three normal images load fine, but cannot be split into fit and calibration sets."""
+    monkeypatch.setenv("ANOMEM_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "fruit"
+    for split, name, count in (("train", "apple", 3), ("test", "apple", 1), ("test", "pear", 1)):
+        for i in range(count):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (12, 12), (40 * i, 90, 60)).save(root / split / name / f"{i}.png")
+    code = main(["train", "--dataset", "folder", "--data-root", str(root), "--normal-class",
+                 "apple", "--image-size", "16", "--epochs", "1", "--out", str(tmp_path / "r")])
+    assert code == EXIT_BAD_INPUT
+    assert_one_line_error(capsys, "normal training images", "got 3")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="resolve_device raises a plain ValueError for --device cuda "
-                   "without a GPU; main() does not catch it, so a traceback follows")
 def test_cuda_without_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["train", "--dataset", "digits", "--normal-class", "0", "--device", "cuda",
                  "--epochs", "1", "--out", str(tmp_path / "r")])
     assert code == EXIT_BAD_INPUT
-    assert_one_line_error(capsys, "cuda")
+    assert_one_line_error(capsys, "cuda", "no CUDA GPU")
 
 
 def test_datasets_lists_shapes_and_its_classes(capsys: pytest.CaptureFixture[str]) -> None:

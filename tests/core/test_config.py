@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -36,6 +37,16 @@ OUT_OF_RANGE = [
     (ModelConfig, {"beta": 0.0}, "beta"),
     (ModelConfig, {"topk_ratio": 0.0}, "topk_ratio"),
     (ModelConfig, {"topk_ratio": 1.5}, "topk_ratio"),
+    (ModelConfig, {"head_dim": -1}, "head_dim"),
+    (ModelConfig, {"head_dim": 1}, "head_dim"),
+    (ModelConfig, {"layout_grid": 0}, "layout_grid"),
+    (ModelConfig, {"layout_grid": 17}, "layout_grid"),
+    (ModelConfig, {"layout_grid": 4.0}, "layout_grid"),
+    (ModelConfig, {"layout_rank": 0}, "layout_rank"),
+    (ModelConfig, {"layout_rank": 5000}, "layout_rank"),
+    (ModelConfig, {"layout_source": "readout"}, "layout_source"),
+    (ModelConfig, {"local_weight": -0.1}, "local_weight"),
+    (ModelConfig, {"local_weight": 1.5}, "local_weight"),
     (AugmentConfig, {"crop_scale": (0.0, 1.0)}, "crop_scale"),
     (AugmentConfig, {"crop_scale": (0.8, 0.5)}, "crop_scale"),
     (AugmentConfig, {"crop_scale": (0.5, 1.5)}, "crop_scale"),
@@ -52,10 +63,22 @@ OUT_OF_RANGE = [
     (TrainConfig, {"threshold_quantile": 0.4}, "threshold_quantile"),
     (TrainConfig, {"threshold_quantile": 1.0}, "threshold_quantile"),
     (TrainConfig, {"device": "tpu"}, "device"),
-    (TrainConfig, {"augment": {"jitter": 2.0}}, "jitter"),
+    (TrainConfig, {"augment": {**dataclasses.asdict(AugmentConfig()), "jitter": 2.0}}, "jitter"),
+    (TrainConfig, {"augment": {"jitter": 0.5}}, "'train.augment': missing crop_scale"),
+    (TrainConfig, {"augment": 3}, "augment"),
+    (TrainConfig, {"stage1_share": 0.0}, "stage1_share"),
+    (TrainConfig, {"stage1_share": 1.5}, "stage1_share"),
+    (TrainConfig, {"weight_decay": -0.1}, "weight_decay"),
+    (TrainConfig, {"shift_negatives": ("jigsaw", "blur")}, "shift_negatives"),
     (DataConfig, {"setting": "semi-supervised"}, "setting"),
     (DataConfig, {"anomaly_ratio": 0.0}, "anomaly_ratio"),
     (DataConfig, {"anomaly_ratio": 1.5}, "anomaly_ratio"),
+    (DataConfig, {"max_train": -1}, "max_train"),
+    (DataConfig, {"max_train": 3}, "max_train"),
+    (DataConfig, {"max_train": 8.0}, "max_train"),
+    (DataConfig, {"image_size": 0}, "image_size"),
+    (DataConfig, {"image_size": 2048}, "image_size"),
+    (DataConfig, {"image_size": 32.0}, "image_size"),
 ]
 
 
@@ -72,19 +95,19 @@ def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize(("cls", "kwargs", "field"), [
-    pytest.param(ModelConfig, {"head_dim": -1}, "head_dim", id="ModelConfig-head_dim"),
-    pytest.param(TrainConfig, {"stage1_share": 1.5}, "stage1_share", id="TrainConfig-share"),
-    pytest.param(TrainConfig, {"weight_decay": -0.1}, "weight_decay", id="TrainConfig-wd"),
-    pytest.param(DataConfig, {"max_train": -1}, "max_train", id="DataConfig-max_train"),
-    pytest.param(DataConfig, {"image_size": 0}, "image_size", id="DataConfig-image_size"),
+@pytest.mark.parametrize(("cls", "kwargs"), [
+    (ModelConfig, {"head_dim": 2, "layout_grid": 1, "layout_rank": 1, "local_weight": 0.0}),
+    (ModelConfig, {"layout_grid": 16, "layout_rank": 4096, "local_weight": 1.0,
+                   "layout_source": "deviation"}),
+    (TrainConfig, {"stage1_share": 1.0, "weight_decay": 0.0, "shift_negatives": ()}),
+    (TrainConfig, {"shift_negatives": ["rotate", "jigsaw"]}),
+    (DataConfig, {"max_train": 4, "image_size": 8}),
+    (DataConfig, {"image_size": 1024}),
 ])
-@pytest.mark.xfail(strict=True, reason="these fields are not range-checked in __post_init__; "
-                   "the bad value surfaces later as a RuntimeError/ValueError from torch/numpy")
-def test_unchecked_fields_raise_config_error(cls: type, kwargs: dict[str, Any], field: str
-                                             ) -> None:
-    with pytest.raises(ConfigError, match=field):
-        cls(**kwargs)
+def test_boundary_values_are_accepted(cls: type, kwargs: dict[str, Any]) -> None:
+    cfg = cls(**kwargs)
+    for name, value in kwargs.items():
+        assert getattr(cfg, name) == (tuple(value) if isinstance(value, list) else value)
 
 
 def custom_config() -> RunConfig:
@@ -132,11 +155,12 @@ def edited(path: tuple[str, ...], value: Any) -> dict:
     ("not a dict", "JSON object"),
     ({**RunConfig().to_dict(), "version": CONFIG_VERSION + 1}, "version"),
     ({k: v for k, v in RunConfig().to_dict().items() if k != "version"}, "version"),
-    ({k: v for k, v in RunConfig().to_dict().items() if k != "train"}, "missing section"),
-    (edited(("model", "unknown_knob"), 1), "unknown_knob"),
+    ({k: v for k, v in RunConfig().to_dict().items() if k != "train"},
+     "missing or malformed section 'train'"),
+    (edited(("model", "unknown_knob"), 1), "section 'model': unknown unknown_knob"),
     (edited(("model", "memory_size"), "8"), "config"),
     (edited(("model",), [1, 2]), "config"),
-    (edited(("train", "augment", "bogus"), 1), "bogus"),
+    (edited(("train", "augment", "bogus"), 1), "section 'train.augment': unknown bogus"),
     (edited(("model", "width"), 100), "width"),
 ])
 def test_from_dict_rejects_bad_input_with_config_error(raw: Any, match: str) -> None:
@@ -144,22 +168,36 @@ def test_from_dict_rejects_bad_input_with_config_error(raw: Any, match: str) -> 
         RunConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("raw", [
-    pytest.param(edited(("model", "blocks"), ["x", 1, 1, 1]), id="blocks-not-int"),
-    pytest.param(edited(("train", "augment", "crop_scale"), ["x", 1]), id="crop-not-float"),
-    pytest.param(edited(("train", "augment"), 3), id="augment-not-object"),
-    pytest.param(edited(("model", "memory_size"), 8.5), id="memory_size-float"),
-    pytest.param(
-        {**RunConfig().to_dict(),
-         "model": {k: v for k, v in RunConfig().to_dict()["model"].items()
-                   if k != "topk_ratio"}},
-        id="field-missing"),
+def without(section: str, name: str) -> dict:
+    raw = json.loads(json.dumps(RunConfig().to_dict()))
+    del raw[section][name]
+    return raw
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    pytest.param(edited(("model", "blocks"), ["x", 1, 1, 1]), "blocks", id="blocks-not-int"),
+    pytest.param(edited(("train", "augment", "crop_scale"), ["x", 1]), "crop_scale",
+                 id="crop-not-float"),
+    pytest.param(edited(("train", "augment"), 3), "augment", id="augment-not-object"),
+    pytest.param(edited(("model", "memory_size"), 8.5), "memory_size", id="memory_size-float"),
+    pytest.param(edited(("data", "max_train"), 2), "max_train", id="max_train-too-small"),
+    pytest.param(without("model", "topk_ratio"), "section 'model': missing topk_ratio",
+                 id="model-field-missing"),
+    pytest.param(without("train", "augment"), "section 'train': missing augment",
+                 id="train-field-missing"),
+    pytest.param(without("data", "seed"), "section 'data': missing seed",
+                 id="data-field-missing"),
+    pytest.param(edited(("data", "extra"), 1), "section 'data': unknown extra",
+                 id="data-field-unknown"),
+    pytest.param(without("train", "augment") | {"train": {**without("train", "augment")["train"],
+                                                           "augments": {}}},
+                 "section 'train': missing augment; unknown augments", id="train-field-renamed"),
+    # A TypeError of a range check on a mistyped value is wrapped too:
+    pytest.param(edited(("model", "width"), "wide"), "^config: ", id="width-not-a-number"),
+    pytest.param(edited(("train", "lr"), None), "^config: ", id="lr-null"),
 ])
-@pytest.mark.xfail(strict=True, reason="from_dict promises ConfigError for any missing, unknown "
-                   "or mistyped field, but only catches KeyError/TypeError and fills missing "
-                   "fields with defaults")
-def test_from_dict_rejects_mistyped_or_missing_fields(raw: dict) -> None:
-    with pytest.raises(ConfigError):
+def test_from_dict_rejects_mistyped_or_missing_fields(raw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
         RunConfig.from_dict(raw)
 
 
@@ -173,6 +211,16 @@ def test_presets_build_a_model(name: str) -> None:
     assert set(model.memories) == set(cfg.model.scales)
     assert model.memories[cfg.model.scales[0]].size == cfg.model.memory_size
     assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(("data", "size"), [
+    (DataConfig(dataset="mvtec", root="/nowhere"), 128),  # the data set's working size
+    (DataConfig(dataset="mvtec", root="/nowhere", image_size=64), 64),  # the asked size wins
+    (DataConfig(dataset="digits", image_size=48), 48),
+])
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_size_the_model_from_the_data(name: str, data: DataConfig, size: int) -> None:
+    assert preset(name, data).model.image_size == size
 
 
 def test_paper_preset_is_a_resnet18() -> None:

@@ -156,8 +156,12 @@ def config_dict(saved_run: Path) -> dict:
     (lambda d: "{not json", "not valid JSON"),
     (lambda d: json.dumps([1, 2]), "JSON object"),
     (lambda d: json.dumps({**d, "version": CONFIG_VERSION + 1}), "version"),
-    (lambda d: json.dumps({k: v for k, v in d.items() if k != "model"}), "missing section"),
-    (lambda d: json.dumps({**d, "model": {**d["model"], "bogus": 1}}), "bogus"),
+    (lambda d: json.dumps({k: v for k, v in d.items() if k != "model"}),
+     "missing or malformed section 'model'"),
+    (lambda d: json.dumps({**d, "model": {**d["model"], "bogus": 1}}),
+     "section 'model': unknown bogus"),
+    (lambda d: json.dumps({**d, "data": {k: v for k, v in d["data"].items() if k != "seed"}}),
+     "section 'data': missing seed"),
     (lambda d: json.dumps({**d, "model": {**d["model"], "width": 100}}), "width"),
 ])
 def test_bad_config_json_raises_run_error_naming_the_file(saved_run: Path, edit, match: str
@@ -257,16 +261,20 @@ def test_list_runs_reports_broken_runs_instead_of_raising(tmp_path: Path,
     assert "version" in runs["old"].error
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="list_runs calls .get on metrics.json's content, so a metrics.json "
-                   "that is valid JSON but not an object raises AttributeError")
 def test_list_runs_reports_a_metrics_file_that_is_not_an_object(tmp_path: Path,
                                                                 run_config: RunConfig) -> None:
     run = tmp_path / "odd"
     save_model(run, run_config, AnoMem(run_config.model))
     write_json(run / METRICS, [0.9])
-    [summary] = list_runs(tmp_path)
-    assert not summary.complete and summary.error
+    good = tmp_path / "good"
+    save_model(good, run_config, AnoMem(run_config.model))
+    write_json(good / METRICS, {"auroc": 0.8})
+    runs = {r.name: r for r in list_runs(tmp_path)}
+    assert set(runs) == {"odd", "good"}  # one odd file does not hide the other runs
+    odd = runs["odd"]
+    assert not odd.complete and odd.auroc is None
+    assert odd.error and str(run / METRICS) in odd.error and "JSON object" in odd.error
+    assert runs["good"].complete and runs["good"].error is None
 
 
 def test_list_runs_of_a_missing_root_is_empty(tmp_path: Path) -> None:

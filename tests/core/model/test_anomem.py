@@ -56,16 +56,64 @@ def test_score_has_pixel_map_at_input_resolution(tiny_cfg: ModelConfig) -> None:
     assert torch.isfinite(scores.image).all() and torch.isfinite(scores.pixel_map).all()
 
 
-def test_score_uses_the_deviation_of_each_read(tiny_cfg: ModelConfig) -> None:
+def test_score_is_the_detector_on_the_reads_of_forward(tiny_cfg: ModelConfig) -> None:
     torch.manual_seed(1)
     model = AnoMem(tiny_cfg).eval()
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         reads = model(images)
-        expected = model.detector({s: r.deviation for s, r in reads.items()}, (32, 32))
+        expected = model.detector(reads, (32, 32))
         scores = model.score(images)
     torch.testing.assert_close(scores.image, expected.image)
     torch.testing.assert_close(scores.pixel_map, expected.pixel_map)
+    for key, term in expected.terms.items():
+        torch.testing.assert_close(scores.terms[key], term)
+
+
+@pytest.mark.parametrize(("image_size", "scales"), [
+    (32, ("layer1", "layer2", "layer3", "layer4")),
+    (36, ("layer2", "layer4")),  # not a multiple of the stride: maps round up
+    (70, ("layer1", "layer4")),  # the large-image stem (stride-2 conv and max-pool)
+])
+def test_map_size_is_the_side_of_each_scales_maps(
+        make_model_config: Callable[..., ModelConfig], image_size: int,
+        scales: tuple[str, ...]) -> None:
+    model = AnoMem(make_model_config(image_size=image_size, scales=scales)).eval()
+    with torch.no_grad():
+        reads = model(torch.rand(1, 3, image_size, image_size))
+    for s, read in reads.items():
+        assert read.query.shape[-2:] == (model.map_size(s), model.map_size(s)), s
+
+
+@pytest.mark.parametrize(("layout_grid", "expected"), [
+    (8, {"layer2": 8, "layer3": 8, "layer4": 4}),  # layer4's 4 x 4 maps cap its grid
+    (2, {"layer2": 2, "layer3": 2, "layer4": 2}),
+    (16, {"layer2": 16, "layer3": 8, "layer4": 4}),
+])
+def test_layout_grid_is_capped_by_the_map_size(
+        make_model_config: Callable[..., ModelConfig], layout_grid: int,
+        expected: dict[str, int]) -> None:
+    cfg = make_model_config(layout_grid=layout_grid, layout_rank=7)
+    model = AnoMem(cfg)
+    for s, grid in expected.items():
+        sd = model.detector.per_scale[s]
+        assert sd.grid == grid == min(layout_grid, model.map_size(s))
+        assert sd.layout_basis.shape == (cfg.memory_dim * grid * grid, 7)
+    with torch.no_grad():
+        reads = model.eval()(torch.rand(2, 3, 32, 32))
+    for s, read in reads.items():
+        layout = model.detector.per_scale[s].layout(read.query)
+        assert layout.shape == (2, cfg.memory_dim * expected[s] ** 2)
+
+
+def test_detector_options_come_from_the_model_config(
+        make_model_config: Callable[..., ModelConfig]) -> None:
+    assert (ModelConfig().layout_grid, ModelConfig().layout_rank) == (8, 256)
+    model = AnoMem(make_model_config(local_weight=0.25, layout_source="deviation"))
+    assert model.detector.layout_source == "deviation"
+    n = len(model.scales)
+    torch.testing.assert_close(model.detector.weights,
+                               torch.tensor([0.25, 0.75]).repeat(n) / n)
 
 
 def test_embed_is_unit_norm_and_detached(tiny_cfg: ModelConfig) -> None:

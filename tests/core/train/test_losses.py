@@ -288,3 +288,105 @@ def test_anomaly_term_is_zero_without_labelled_anomalies() -> None:
 def test_negative_loss_weight_raises(name: str) -> None:
     with pytest.raises(ValueError, match=name):
         MemoryContrastLoss(TrainConfig(**{name: -0.5}))
+
+
+# --- shifted pseudo-anomalies: negatives only ----------------------------------------------
+
+def subset(reads: dict[str, MemoryRead], keep: list[int]) -> dict[str, MemoryRead]:
+    return {s: MemoryRead(*(t[keep] for t in r)) for s, r in reads.items()}
+
+
+def memory_contrast_reference(reads_a, reads_b, heads, anchors: list[int]) -> float:
+    """Sum over scales of the mean InfoNCE of the listed anchors of [view a; view b] against
+    the other view's read-outs of *every* image, an anchor's own copy excluded."""
+    total = 0.0
+    for s, head in heads.items():
+        ra, rb = reads_a[s], reads_b[s]
+        b = len(ra.query)
+        with torch.no_grad():
+            qa, qb = head(ra.query.mean(dim=(2, 3))), head(rb.query.mean(dim=(2, 3)))
+            oa, ob = head(ra.readout.mean(dim=(2, 3))), head(rb.readout.mean(dim=(2, 3)))
+        excluded = {(i, (i + b) % (2 * b)) for i in range(2 * b)}
+        per_anchor = reference_info_nce(torch.cat([qa, qb]), torch.cat([ob, oa]), 0.2, excluded)
+        total += sum(per_anchor[i] for i in anchors) / len(anchors)
+    return total
+
+
+def align_and_usage_reference(reads_a, reads_b, keep: list[int]) -> tuple[float, float]:
+    """Both terms over the kept images only, summed over scales and views."""
+    align = usage = 0.0
+    for reads in (reads_a, reads_b):
+        for r in reads.values():
+            dev = (r.query - r.readout)[keep].detach().double()
+            align += float(dev.pow(2).sum(1).mean(dim=(1, 2)).mean())
+            p = r.attention[keep].detach().double().mean(dim=(0, 2, 3))
+            usage += math.log(len(p)) + float((p * p.log()).sum())
+    return align, usage
+
+
+def test_shifted_samples_are_neither_anchors_nor_aligned_nor_counted_in_usage() -> None:
+    reads_a, reads_b, heads, prototypes = two_views(batch=5)
+    is_anomaly = torch.tensor([False, False, False, True, False])
+    is_shifted = torch.tensor([False, True, False, False, True])
+    loss = MemoryContrastLoss(weights_config(1.0))
+    out = loss(reads_a, reads_b, heads, prototypes, is_anomaly, is_shifted)
+    normals = [0, 2]
+    align, usage = align_and_usage_reference(reads_a, reads_b, normals)
+    assert math.isclose(value(out.terms["align"]), align, rel_tol=1e-5)
+    assert math.isclose(value(out.terms["usage"]), usage, rel_tol=1e-4, abs_tol=1e-6)
+    anchors = normals + [i + 5 for i in normals]  # both views of the normal images
+    expected = memory_contrast_reference(reads_a, reads_b, heads, anchors)
+    assert math.isclose(value(out.terms["memory_contrast"]), expected, rel_tol=1e-4)
+    # Not repelled like a labelled anomaly: the anomaly term sees image 3 only.
+    only_anomaly = sum(anomaly_repulsion(r, is_anomaly) for reads in (reads_a, reads_b)
+                       for r in reads.values())
+    assert math.isclose(value(out.terms["anomaly"]), value(only_anomaly), rel_tol=1e-5)
+    # The same alignment and usage as a batch without the shifted images at all.
+    kept = [0, 2, 3]
+    without = loss(subset(reads_a, kept), subset(reads_b, kept), heads, prototypes,
+                   is_anomaly[kept])
+    for name in ("align", "usage", "variance", "anomaly"):
+        torch.testing.assert_close(out.terms[name], without.terms[name])
+
+
+def test_shifted_samples_still_act_as_negatives() -> None:
+    reads_a, reads_b, heads, prototypes = two_views(batch=4)
+    is_anomaly = torch.zeros(4, dtype=torch.bool)
+    is_shifted = torch.tensor([False, False, True, False])
+    loss = MemoryContrastLoss(weights_config(1.0))
+    out = loss(reads_a, reads_b, heads, prototypes, is_anomaly, is_shifted)
+    # Removing the shifted image changes the other anchors' loss: it was in their denominator.
+    kept = [0, 1, 3]
+    without = loss(subset(reads_a, kept), subset(reads_b, kept), heads, prototypes,
+                   is_anomaly[kept])
+    assert abs(value(out.terms["memory_contrast"]) - value(without.terms["memory_contrast"])) > 1e-3
+
+    def moved(reads: dict[str, MemoryRead]) -> dict[str, MemoryRead]:
+        """Image 2 reads something else from memory (and attends elsewhere)."""
+        out = {}
+        for s, r in reads.items():
+            readout, attention = r.readout.clone(), r.attention.clone()
+            readout[2] = -readout[2].roll(1, dims=0)
+            attention[2] = attention[2].flip(0)
+            out[s] = MemoryRead(r.query, readout, attention)
+        return out
+
+    changed = loss(moved(reads_a), moved(reads_b), heads, prototypes, is_anomaly, is_shifted)
+    assert abs(value(changed.terms["memory_contrast"]) - value(out.terms["memory_contrast"])) \
+        > 1e-3
+    for name in ("align", "usage"):  # its own read-out is never pulled nor counted
+        torch.testing.assert_close(changed.terms[name], out.terms[name])
+    # Flagged as normal instead, the same change moves the alignment term too.
+    as_normal = [loss(r_a, r_b, heads, prototypes, is_anomaly)
+                 for r_a, r_b in ((reads_a, reads_b), (moved(reads_a), moved(reads_b)))]
+    assert not torch.allclose(as_normal[0].terms["align"], as_normal[1].terms["align"])
+
+
+def test_no_shift_flags_is_the_same_as_all_false() -> None:
+    reads_a, reads_b, heads, prototypes = two_views()
+    is_anomaly = torch.tensor([False, True, False, False])
+    loss = MemoryContrastLoss(weights_config(1.0))
+    default = loss(reads_a, reads_b, heads, prototypes, is_anomaly)
+    explicit = loss(reads_a, reads_b, heads, prototypes, is_anomaly, torch.zeros(4, dtype=bool))
+    for name in TERMS:
+        torch.testing.assert_close(default.terms[name], explicit.terms[name])

@@ -1,0 +1,92 @@
+"""core/train/trainer.py: device choice, the fit/calibration split, the stage-1 batches.
+
+Whole runs (both stages, metrics) are covered end to end in tests/core/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import ConfigError, ModelConfig, TrainConfig
+from core.data.base import DataError, ImageSet
+from core.model.anomem import AnoMem
+from core.train import trainer
+from core.train.trainer import resolve_device, split_normals, train_stage1
+
+
+def image_set(labels: list[int]) -> ImageSet:
+    n = len(labels)
+    return ImageSet(images=torch.zeros(n, 3, 8, 8, dtype=torch.uint8),
+                    labels=torch.tensor(labels), types=["normal" if y == 0 else "object"
+                                                        for y in labels],
+                    names=[str(i) for i in range(n)], edge=torch.zeros(n, dtype=torch.bool))
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="'cuda'.*no CUDA GPU"):
+        resolve_device("cuda")
+
+
+def test_split_normals_holds_out_a_share_of_the_normals_only() -> None:
+    labels = [0] * 30 + [1] * 5 + [0] * 10
+    fit, cal = split_normals(image_set(labels), holdout=0.2, seed=3)
+    normals = {i for i, y in enumerate(labels) if y == 0}
+    assert len(cal) == 8 and len(fit) == 32
+    assert set(fit) | set(cal) == normals and not set(fit) & set(cal)
+    assert list(fit) == sorted(fit) and list(cal) == sorted(cal)
+    again = split_normals(image_set(labels), holdout=0.2, seed=3)
+    other = split_normals(image_set(labels), holdout=0.2, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip((fit, cal), again, strict=True))
+    assert not np.array_equal(cal, other[1])
+
+
+def test_split_normals_keeps_at_least_two_images_on_each_side() -> None:
+    fit, cal = split_normals(image_set([0] * 4 + [1] * 9), holdout=0.01, seed=0)
+    assert len(fit) == len(cal) == 2
+
+
+@pytest.mark.parametrize("labels", [[0, 0, 0], [0, 0, 0, 1, 1, 1, 1]])
+def test_too_few_normal_images_is_a_data_error(labels: list[int]) -> None:
+    with pytest.raises(DataError, match="need at least 4 normal training images, got 3"):
+        split_normals(image_set(labels), holdout=0.15, seed=0)
+
+
+@pytest.mark.parametrize(("shifts", "n_anomalies"), [
+    (("jigsaw",), 0), (("jigsaw", "rotate"), 3), ((), 3)])
+def test_stage1_adds_a_flagged_shifted_copy_of_each_normal(
+        make_model_config: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch,
+        shifts: tuple[str, ...], n_anomalies: int) -> None:
+    seen: list[tuple[torch.Tensor, torch.Tensor, int]] = []
+
+    class Recording(trainer.MemoryContrastLoss):
+        def __call__(self, reads_a, reads_b, heads, prototypes, is_anomaly, is_shifted=None):
+            seen.append((is_anomaly.clone(), is_shifted.clone(), len(reads_a["layer3"].query)))
+            return super().__call__(reads_a, reads_b, heads, prototypes, is_anomaly, is_shifted)
+
+    monkeypatch.setattr(trainer, "MemoryContrastLoss", Recording)
+    torch.manual_seed(0)
+    model = AnoMem(make_model_config(image_size=16, scales=("layer3",)))
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
+    anomalies = torch.randint(0, 256, (n_anomalies, 3, 16, 16), dtype=torch.uint8, generator=g)
+    tc = TrainConfig(epochs=1, batch_size=8, shift_negatives=shifts)
+    history = train_stage1(model, normals, anomalies, tc, torch.device("cpu"))
+    assert len(seen) == 2 and len(history) == 1
+    n_anom = 1 if n_anomalies else 0  # batch_size // 8 labelled anomalies per batch
+    n_shift = 8 if shifts else 0  # one shifted copy of every normal image of the batch
+    for is_anomaly, is_shifted, size in seen:
+        assert size == len(is_anomaly) == len(is_shifted) == 8 + n_anom + n_shift
+        assert int(is_anomaly.sum()) == n_anom and int(is_shifted.sum()) == n_shift
+        assert not (is_anomaly & is_shifted).any()
+        assert not is_shifted[:8 + n_anom].any()  # the copies come after the originals
