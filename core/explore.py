@@ -311,11 +311,15 @@ def umap_embedding(vectors: np.ndarray, seed: int = 0, n_neighbors: int = 15) ->
 
     k = max(2, min(n_neighbors, len(x) - 1))
     knn = exact_knn(x, k)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        reducer = umap.UMAP(n_neighbors=k, random_state=seed, n_epochs=UMAP_EPOCHS, init="pca",
-                            precomputed_knn=(*knn, None))
-        return np.asarray(reducer.fit_transform(x), dtype=np.float32)
+    threads = torch.get_num_threads()  # umap's numba start-up resets torch's thread count
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            reducer = umap.UMAP(n_neighbors=k, random_state=seed, n_epochs=UMAP_EPOCHS,
+                                init="pca", precomputed_knn=(*knn, None))
+            return np.asarray(reducer.fit_transform(x), dtype=np.float32)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class UmapPoints(NamedTuple):

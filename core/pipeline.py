@@ -29,6 +29,7 @@ from core.train.trainer import (
     StopFn,
     resolve_device,
     score_images,
+    split_normals,
     train,
 )
 
@@ -72,6 +73,7 @@ def train_run(cfg: RunConfig, out: Path, progress: ProgressFn | None = None,
     out = Path(out)
     t0 = time.perf_counter()
     split = split or load_split(cfg.data)  # before creating anything: bad data writes nothing
+    split_normals(split.train, cfg.train.holdout, cfg.train.seed)  # enough images to train?
     load_s = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     cfg.data.normal_class = split.normal_class  # the run names its class even when defaulted

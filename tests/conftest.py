@@ -23,6 +23,14 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Pin one thread again before each test and its fixtures: fitting a UMAP (numba) puts
+    torch back on every core, and every later test would then run ~50x slower."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def make_model_config() -> Callable[..., ModelConfig]:
     """Factory of ModelConfigs with the smallest widths the model accepts; overrides win."""

@@ -121,7 +121,7 @@ def jigsaw(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.T
 
 
 def rotate90(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Rotate each image by 90, 180 or 270 degrees (CSI's shifting transformation)."""
+    """Rotate each square image by 90, 180 or 270 degrees (CSI's shifting transformation)."""
     k = torch.randint(1, 4, (len(x),), generator=generator)
     out = x.clone()
     for turns in (1, 2, 3):

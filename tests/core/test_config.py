@@ -70,6 +70,7 @@ OUT_OF_RANGE = [
     (TrainConfig, {"stage1_share": 1.5}, "stage1_share"),
     (TrainConfig, {"weight_decay": -0.1}, "weight_decay"),
     (TrainConfig, {"shift_negatives": ("jigsaw", "blur")}, "shift_negatives"),
+    (TrainConfig, {"combine": "mean"}, "combine"),
     (DataConfig, {"setting": "semi-supervised"}, "setting"),
     (DataConfig, {"anomaly_ratio": 0.0}, "anomaly_ratio"),
     (DataConfig, {"anomaly_ratio": 1.5}, "anomaly_ratio"),
@@ -100,7 +101,7 @@ def test_config_error_is_a_value_error() -> None:
     (ModelConfig, {"layout_grid": 16, "layout_rank": 4096, "local_weight": 1.0,
                    "layout_source": "deviation"}),
     (TrainConfig, {"stage1_share": 1.0, "weight_decay": 0.0, "shift_negatives": ()}),
-    (TrainConfig, {"shift_negatives": ["rotate", "jigsaw"]}),
+    (TrainConfig, {"shift_negatives": ["rotate", "jigsaw"], "combine": "fixed"}),
     (DataConfig, {"max_train": 4, "image_size": 8}),
     (DataConfig, {"image_size": 1024}),
 ])

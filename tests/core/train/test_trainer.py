@@ -90,3 +90,21 @@ def test_stage1_adds_a_flagged_shifted_copy_of_each_normal(
         assert int(is_anomaly.sum()) == n_anom and int(is_shifted.sum()) == n_shift
         assert not (is_anomaly & is_shifted).any()
         assert not is_shifted[:8 + n_anom].any()  # the copies come after the originals
+
+
+def test_learned_combination_is_convex_and_favours_the_informative_term(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held-out normals against shifted copies: only term 2 tells them apart here."""
+    g = torch.Generator().manual_seed(0)
+    normal = torch.randn(200, 4, generator=g)
+    shifted = torch.randn(200, 4, generator=g)
+    shifted[:, 2] += 3.0
+    answers = iter([normal, shifted])  # calibration images first, then their shifted copies
+    monkeypatch.setattr(trainer, "_standardised_terms", lambda *args: next(answers))
+    model = AnoMem(ModelConfig(image_size=16, width=0.125, memory_size=4, memory_dim=4,
+                               head_dim=4, scales=("layer2", "layer3")))
+    calibration = torch.randint(0, 256, (200, 3, 16, 16), dtype=torch.uint8, generator=g)
+    trainer._fit_combination(model, calibration, TrainConfig(), torch.device("cpu"), g)
+    w = model.detector.weights
+    assert bool((w >= 0).all()) and float(w.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert int(w.argmax()) == 2 and float(w[2]) > 0.6
