@@ -6,7 +6,7 @@ import streamlit as st
 
 from app import charts, jobs, state
 from core.config import PRESETS, SETTINGS, ConfigError, RunConfig, preset
-from core.data import DATASETS, DataError, list_classes
+from core.data import DATASETS, DataError, anomaly_choices, list_classes
 from core.runs import RunError
 
 POLL_SECONDS = 2.0
@@ -103,7 +103,8 @@ with st.expander("Configure a run", expanded=has_runs and not running):
             ratio = st.number_input("Labelled anomalies per normal training image", 0.01, 1.0,
                                     0.05, 0.01, key="train_ratio")
             anomaly_classes = st.multiselect(
-                "Anomaly classes to label (none: all)", [c for c in classes if c != normal],
+                "Anomaly classes or types to label (none: all)",
+                anomaly_choices(dataset, root, normal),
                 key=f"train_anomaly_classes_{dataset}")
     else:
         setting = "one-class"

@@ -19,7 +19,7 @@ from core.data.base import NORMAL, DataError, ImageSet, Pool, Split, make_split
 
 __all__ = [
     "DATASETS", "NORMAL", "DataError", "DatasetInfo", "ImageSet", "Pool", "Split",
-    "list_classes", "load_split",
+    "anomaly_choices", "list_classes", "load_split",
 ]
 
 Progress = Callable[[str, float], None] | None
@@ -86,6 +86,15 @@ def list_classes(name: str, root: str | Path | None = None) -> list[str]:
     """The classes a user may pick as normal."""
     info = _info(name)
     return info.classes(_root(info, root))
+
+
+def anomaly_choices(name: str, root: str | Path | None, normal: str) -> list[str]:
+    """What labelled anomalies can be drawn from: a data set's anomaly kinds or defect types
+    where it has them, then its other classes."""
+    info = _info(name)
+    path = _root(info, root)
+    kinds = getattr(info._module, "anomaly_types", lambda _root: [])(path)
+    return kinds + [c for c in info.classes(path) if c != normal and c not in kinds]
 
 
 def load_split(cfg: DataConfig, progress: Progress = None) -> Split:

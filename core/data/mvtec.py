@@ -69,6 +69,11 @@ def load_pools(root: Path | None, image_size: int, progress: Progress = None) ->
     )
 
 
+def anomaly_types(root: Path | None) -> list[str]:
+    """The defect types under ROOT/test, for drawing labelled anomalies."""
+    return sorted(t for t in _test_types(_check_root(root)) if t != GOOD)
+
+
 def _check_root(root: Path | None) -> Path:
     if root is None:
         raise DataError(f"the mvtec data set needs a root folder: expected {LAYOUT}")

@@ -36,6 +36,11 @@ def classes(root: Path | None = None) -> list[str]:
     return list(CLASSES)
 
 
+def anomaly_types(root: Path | None = None) -> list[str]:
+    """The anomaly kinds a user can label in the unbalanced setting."""
+    return ["object", "style", "local"]
+
+
 def load_pools(root: Path | None, image_size: int, progress=None) -> tuple[Pool, Pool]:
     """Generate the train and test pools of every class at `image_size` pixels."""
     pools = []

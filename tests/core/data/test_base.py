@@ -176,3 +176,12 @@ def test_concat_fills_missing_masks_with_zeros() -> None:
     assert int(both.masks.sum()) == 1 and int(both.masks[3:].sum()) == 0
     with pytest.raises(DataError, match="empty"):
         ImageSet.concat([with_masks.subset([])])
+
+
+def test_anomaly_choices_offer_kinds_then_other_classes():
+    from core.data import anomaly_choices
+
+    choices = anomaly_choices("shapes", None, "square")
+    assert choices[:3] == ["object", "style", "local"]
+    assert "square" not in choices and {"circle", "triangle", "cross"} <= set(choices)
+    assert anomaly_choices("digits", None, "3") == [str(d) for d in range(10) if d != 3]
