@@ -54,6 +54,11 @@ def test_classes(root: Path) -> None:
     assert core.data.list_classes("mvtec", root) == ["good"]
 
 
+def test_defect_types_are_the_labelled_anomaly_choices(root: Path) -> None:
+    assert mvtec.anomaly_types(root) == ["crack", "hole"]
+    assert core.data.anomaly_choices("mvtec", root, "good") == ["crack", "hole"]
+
+
 @pytest.mark.parametrize("folder", ["train/good", "test"])
 def test_missing_folder_is_named(root: Path, folder: str) -> None:
     shutil.rmtree(root / folder)
