@@ -183,7 +183,8 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
         done_steps = max(1, i + 1)
         row = {"epoch": epoch + 1, "stage": 1, **{k: v / done_steps for k, v in sums.items()},
                "lr": lr, "seconds": time.perf_counter() - t0,
-               "images_per_s": done_steps * len(batch) / (time.perf_counter() - t0)}
+               # training images per second (each also costs its shifted copy and two views)
+               "images_per_s": done_steps * (bs + n_anom) / (time.perf_counter() - t0)}
         for s, c in counts.items():
             row[f"usage_{s}"] = float((c > 0).float().mean())
         history.append(row)
