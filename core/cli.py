@@ -177,7 +177,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         if out_dir and scored.pixel_maps is not None:
             img = overlay(images[i], scored.pixel_maps[i].astype(np.float32), 0.0,
                           2 * max(pixel_thr, 1e-6), 0.5)
-            Image.fromarray(img).save(out_dir / f"{path.stem}_overlay.png")
+            # The position keeps two inputs with the same file name apart.
+            Image.fromarray(img).save(out_dir / f"{i:03d}_{path.stem}_overlay.png")
     return 0
 
 

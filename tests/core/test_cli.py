@@ -147,3 +147,19 @@ def test_datasets_with_a_bad_root_still_lists_everything(
     out = capsys.readouterr().out
     assert "circle, square, triangle, cross" in out
     assert "not a folder" in out
+
+
+def test_score_prints_one_line_per_image_and_saves_distinct_overlays(
+        saved_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    paths = []
+    for folder, value in (("a", 40), ("b", 200)):
+        (tmp_path / folder).mkdir()
+        path = tmp_path / folder / "000.png"  # the same file name twice
+        Image.new("RGB", (32, 32), (value, value, value)).save(path)
+        paths.append(str(path))
+    out = tmp_path / "overlays"
+    assert main(["score", str(saved_run), *paths, "--overlays", str(out)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == paths
+    assert all(line.split("\t")[2] in ("normal", "anomaly") for line in lines)
+    assert sorted(p.name for p in out.iterdir()) == ["000_000_overlay.png", "001_000_overlay.png"]
