@@ -49,8 +49,7 @@ def make_config(dataset: str = "shapes", root: str | None = None,
     if memory_size is not None:
         cfg.model.memory_size = int(memory_size)
     cfg.train.seed = int(seed)
-    # Re-run the dataclasses' checks on the edited values.
-    return RunConfig.from_dict(cfg.to_dict())
+    return cfg.checked()
 
 
 def first_run_config() -> RunConfig:

@@ -98,8 +98,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.max_minutes is not None:
         cfg.train.epochs = UNBOUNDED_EPOCHS  # the time budget decides
     cfg.train.max_minutes = args.max_minutes
-    cfg.train.__post_init__()
-    cfg.model.__post_init__()
+    cfg = cfg.checked()
     out = Path(args.out)
     if (out / WEIGHTS).exists() or (out / CONFIG).exists():
         raise CliError(f"--out {out}: already holds a run (choose a new folder)")

@@ -212,6 +212,10 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def checked(self) -> RunConfig:
+        """A copy with every check run again: for configs edited field by field."""
+        return RunConfig.from_dict(self.to_dict())
+
     @classmethod
     def from_dict(cls, raw: Any) -> RunConfig:
         """Rebuild from JSON; any missing, unknown or mistyped field raises ConfigError."""
