@@ -8,11 +8,12 @@ pipeline as the app.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
 
-from core.config import PRESETS, SETTINGS, ConfigError, DataConfig, preset
+from core.config import PRESETS, SETTINGS, ConfigError, DataConfig, RunConfig, preset
 
 EXIT_BAD_INPUT = 2
 UNBOUNDED_EPOCHS = 100_000
@@ -51,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-train", type=int, help="cap on normal training images")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", required=True, help="run folder to create (must not hold a run)")
+    t.add_argument("--out", help="run folder to create (must not hold a run)")
+    t.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a stopped run from its checkpoint, with its own settings")
 
     e = sub.add_parser("evaluate", help="recompute RUN_DIR/metrics.json")
     e.add_argument("run_dir")
@@ -79,12 +82,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from core.pipeline import train_run
-    from core.runs import CONFIG, WEIGHTS
-
+def _config_from_args(args: argparse.Namespace) -> RunConfig:
     data = DataConfig(
         dataset=args.dataset, root=args.data_root, normal_class=args.normal_class,
         setting=args.setting, anomaly_ratio=args.anomaly_ratio,
@@ -98,14 +96,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif args.max_minutes is not None:
         cfg.train.epochs = UNBOUNDED_EPOCHS  # the time budget decides
     cfg.train.max_minutes = args.max_minutes
-    cfg = cfg.checked()
-    out = Path(args.out)
-    if (out / WEIGHTS).exists() or (out / CONFIG).exists():
-        raise CliError(f"--out {out}: already holds a run (choose a new folder)")
+    return cfg.checked()
 
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask training to stop after the current step (a checkpoint is written);
+    a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nanomem: {signal.Signals(signum).name}: stopping after this step and writing "
+              "a checkpoint (Ctrl-C again to quit at once)", file=sys.stderr)
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from core.pipeline import resume_run, train_run
+    from core.runs import CONFIG, WEIGHTS
+    from core.train.distributed import Dist
+
+    if args.resume and args.out:
+        raise CliError("--resume continues a run in its own folder: leave out --out")
+    if not args.resume and not args.out:
+        raise CliError("--out is required (the run folder to create), or --resume RUN_DIR")
+    if args.resume:
+        out = Path(args.resume)
+        if not out.is_dir():
+            raise CliError(f"--resume {out}: no such run folder")
+    else:
+        cfg = _config_from_args(args)
+        out = Path(args.out)
+        if (out / WEIGHTS).exists() or (out / CONFIG).exists():
+            raise CliError(f"--out {out}: already holds a run (choose a new folder)")
+
+    dist = Dist.from_env(args.device)
+    dist.barrier()  # every rank has checked --out before rank 0 writes into it
+    stop = StopOnSignal()
+    stop.install()
     bars: dict[str, tqdm] = {}
 
     def progress(p) -> None:
+        if not dist.is_main:
+            return
         bar = bars.get(p.stage)
         if bar is None:
             bar = bars[p.stage] = tqdm(total=1000, desc=p.stage, unit="‰", leave=True,
@@ -115,13 +160,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.set_postfix_str(p.message, refresh=False)
         bar.refresh()
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        metrics = train_run(cfg, out, progress)
-    for bar in bars.values():
-        bar.close()
-    print(_summary(metrics))
-    print(f"run saved in {out}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            if args.resume:
+                metrics = resume_run(out, progress, stop, dist)
+            else:
+                metrics = train_run(cfg, out, progress, stop, dist=dist)
+    finally:
+        for bar in bars.values():
+            bar.close()
+        dist.close()
+    if dist.is_main:
+        print(_summary(metrics))
+        print(f"run saved in {out}")
     return 0
 
 
@@ -194,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ConfigError, DataError, RunError) as err:
         print(f"anomem: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainingCancelled:
-        print("anomem: training cancelled", file=sys.stderr)
+    except TrainingCancelled as stopped:
+        if stopped.checkpoint_dir is not None:
+            print(f"anomem: training stopped; checkpoint saved, continue with: "
+                  f"anomem train --resume {stopped.checkpoint_dir}", file=sys.stderr)
+        else:
+            print("anomem: training stopped", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("anomem: interrupted", file=sys.stderr)

@@ -16,12 +16,19 @@ from core.data import Split, load_split
 from core.metrics import image_metrics, pixel_auroc
 from core.model.anomem import AnoMem
 from core.runs import (
+    CONFIG,
     METRICS,
+    WEIGHTS,
+    RunError,
     append_history,
     load_run,
+    read_config,
     save_model,
+    write_history,
     write_json,
 )
+from core.train.checkpoint import CHECKPOINT, read_checkpoint
+from core.train.distributed import Dist
 from core.train.trainer import (
     Progress,
     ProgressFn,
@@ -65,27 +72,39 @@ def evaluate(model: AnoMem, split: Split, device: str = "cpu",
 
 
 def train_run(cfg: RunConfig, out: Path, progress: ProgressFn | None = None,
-              should_stop: StopFn | None = None, split: Split | None = None) -> dict:
+              should_stop: StopFn | None = None, split: Split | None = None,
+              resume: bool = False, dist: Dist | None = None) -> dict:
     """Load the data, train both stages, save the run, evaluate it; returns the metrics.
 
-    History rows are written as each epoch ends, so a run cut short still shows its curves.
+    config.json is written first and history rows as each epoch ends, so a run cut short still
+    shows its curves; stage 1 keeps `checkpoint.safetensors` until the weights are saved, so a
+    stopped run can be resumed (`resume_run`). Under torchrun only rank 0 writes and
+    evaluates; the other ranks return an empty dict.
     """
+    dist = dist or Dist()
     out = Path(out)
     t0 = time.perf_counter()
     split = split or load_split(cfg.data)  # before creating anything: bad data writes nothing
     split_normals(split.train, cfg.train.holdout, cfg.train.seed)  # enough images to train?
     load_s = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
     cfg.data.normal_class = split.normal_class  # the run names its class even when defaulted
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            write_json(out / CONFIG, cfg.to_dict())
 
     def on_progress(p: Progress) -> None:
-        if p.row is not None:
+        if p.row is not None and dist.is_main:
             append_history(out, p.row)
-        if progress:
+        if progress and dist.is_main:
             progress(p)
 
-    result = train(cfg, split.train, on_progress, should_stop)  # may raise TrainingCancelled
+    result = train(cfg, split.train, on_progress, should_stop, run_dir=out, resume=resume,
+                   dist=dist)  # may raise TrainingCancelled
+    if not dist.is_main:
+        return {}
     save_model(out, cfg, result.model)
+    (out / CHECKPOINT).unlink(missing_ok=True)  # the weights supersede it
     metrics, _ = evaluate(result.model, split, cfg.train.device, progress)
     metrics.update({
         "train_seconds": result.seconds,
@@ -95,9 +114,31 @@ def train_run(cfg: RunConfig, out: Path, progress: ProgressFn | None = None,
         "dataset": cfg.data.dataset,
         "normal_class": split.normal_class,
         "setting": cfg.data.setting,
+        "processes": dist.world,
     })
     write_json(out / METRICS, metrics)
     return metrics
+
+
+def resume_run(path: Path, progress: ProgressFn | None = None,
+               should_stop: StopFn | None = None, dist: Dist | None = None) -> dict:
+    """Continue a stopped run from its checkpoint with its own config; returns the metrics."""
+    dist = dist or Dist()
+    path = Path(path)
+    if (path / WEIGHTS).is_file():
+        raise RunError(f"{path}: already finished ({WEIGHTS} exists), nothing to resume")
+    cfg = read_config(path)
+    _, state = read_checkpoint(path)  # refuse a damaged checkpoint before loading any data
+    if dist.is_main:  # an epoch finished after the checkpoint was written is redone
+        write_history(path, state.history)
+    return train_run(cfg, path, progress, should_stop, resume=True, dist=dist)
+
+
+def resumable(path: Path) -> bool:
+    """Whether `path` holds a stopped run that `resume_run` can continue."""
+    path = Path(path)
+    return (path / CHECKPOINT).is_file() and (path / CONFIG).is_file() and not (
+        path / WEIGHTS).is_file()
 
 
 def evaluate_run(path: Path, device: str = "cpu", progress: ProgressFn | None = None) -> dict:

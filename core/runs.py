@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -29,6 +30,9 @@ _NAME = re.compile(r"[^A-Za-z0-9._-]+")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK  # what a plain open() would have given
+# What json.loads raises on a malformed file: a syntax error, bytes that are not UTF-8, an
+# integer of more digits than Python converts (ValueError), nesting deeper than the stack.
+_BAD_JSON = (ValueError, RecursionError)
 
 
 class RunError(ValueError):
@@ -81,16 +85,24 @@ def save_model(path: Path, cfg: RunConfig, model: AnoMem) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".model.", suffix=".tmp")
+    save_tensors(path / WEIGHTS, state, {"format": "anomem", "version": str(cfg.version)})
+    write_json(path / CONFIG, cfg.to_dict())
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Write a safetensors file through a temporary file, fsync and an atomic rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(state, tmp, metadata={"format": "anomem", "version": str(cfg.version)})
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path / WEIGHTS)
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    write_json(path / CONFIG, cfg.to_dict())
 
 
 def append_history(path: Path, row: dict) -> None:
@@ -100,13 +112,18 @@ def append_history(path: Path, row: dict) -> None:
     write_atomic(file, old + json.dumps(row) + "\n")
 
 
+def write_history(path: Path, rows: list[dict]) -> None:
+    """Replace history.jsonl with `rows` (a resumed run drops rows its checkpoint lacks)."""
+    write_atomic(Path(path) / HISTORY, "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def read_config(path: Path) -> RunConfig:
     file = Path(path) / CONFIG
     if not file.is_file():
         raise RunError(f"{file}: missing (expected the config.json of an anomem run)")
     try:
         raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except _BAD_JSON as err:
         raise RunError(f"{file}: not valid JSON ({err})") from None
     try:
         return RunConfig.from_dict(raw)
@@ -125,10 +142,15 @@ def load_model(path: Path, cfg: RunConfig | None = None, device: str = "cpu") ->
         state = load_file(file, device="cpu")
     except (SafetensorError, OSError, ValueError) as err:
         raise RunError(f"{file}: not a readable safetensors file ({err})") from None
-    model = AnoMem(cfg.model)
-    expected = model.state_dict()
+    try:
+        with torch.device("meta"):  # shapes only: a config.json naming a huge model is free
+            expected = AnoMem(cfg.model).state_dict()
+    except (RuntimeError, ValueError, TypeError, OverflowError) as err:
+        reason = " ".join(str(err).split())
+        raise RunError(f"{path / CONFIG}: describes a model that cannot be built ({reason})"
+                       ) from None
     missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+    extra = [k if k.isprintable() else repr(k) for k in sorted(set(state) - set(expected))]
     if missing or extra:
         parts = []
         if missing:
@@ -144,6 +166,7 @@ def load_model(path: Path, cfg: RunConfig | None = None, device: str = "cpu") ->
                 f"{file}: tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, config.json "
                 f"expects {tuple(v.shape)} {v.dtype}"
             )
+    model = AnoMem(cfg.model)  # as large as the checked weights file, no larger
     model.load_state_dict(state)
     return model.to(device).eval()
 
@@ -151,7 +174,7 @@ def load_model(path: Path, cfg: RunConfig | None = None, device: str = "cpu") ->
 def read_json(file: Path) -> Any:
     try:
         return json.loads(Path(file).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except _BAD_JSON as err:
         raise RunError(f"{file}: not valid JSON ({err})") from None
 
 
@@ -159,12 +182,16 @@ def read_history(path: Path) -> list[dict]:
     file = Path(path) / HISTORY
     if not file.is_file():
         return []
+    try:
+        text = file.read_text()
+    except UnicodeDecodeError as err:
+        raise RunError(f"{file}: not valid JSON lines ({err})") from None
     rows = []
-    for i, line in enumerate(file.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:
+            except _BAD_JSON:
                 raise RunError(f"{file}: line {i} is not valid JSON") from None
     return rows
 

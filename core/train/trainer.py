@@ -12,10 +12,12 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from core.config import ConfigError, RunConfig, TrainConfig
 from core.data.base import DataError, ImageSet
@@ -23,7 +25,15 @@ from core.model.anomem import AnoMem
 from core.model.detector import fit_gaussian, fit_ppca
 from core.model.memory import MemoryRead
 from core.train.augment import augment, shift, to_float
-from core.train.losses import MemoryContrastLoss
+from core.train.checkpoint import (
+    CHECKPOINT,
+    Stage1State,
+    read_checkpoint,
+    restore,
+    save_checkpoint,
+)
+from core.train.distributed import Dist
+from core.train.losses import LossTerms, MemoryContrastLoss
 
 GAUSSIAN_ROWS = 60_000  # deviation vectors sampled per scale to fit a detector's Gaussian
 
@@ -41,11 +51,13 @@ StopFn = Callable[[], bool]
 
 
 class TrainingCancelled(RuntimeError):
-    """`should_stop` asked the trainer to stop; the partial history is attached."""
+    """`should_stop` asked the trainer to stop; the partial history is attached, and the
+    checkpoint's folder when one was written (the run can be resumed from it)."""
 
-    def __init__(self, history: list[dict]) -> None:
+    def __init__(self, history: list[dict], checkpoint_dir: Path | None = None) -> None:
         super().__init__("training cancelled")
         self.history = history
+        self.checkpoint_dir = checkpoint_dir
 
 
 @dataclass
@@ -77,25 +89,44 @@ def split_normals(train: ImageSet, holdout: float, seed: int) -> tuple[np.ndarra
 
 
 def train(cfg: RunConfig, train_set: ImageSet, progress: ProgressFn | None = None,
-          should_stop: StopFn | None = None) -> TrainOutput:
-    """Both stages on `train_set` (normal images, plus labelled anomalies if unbalanced)."""
+          should_stop: StopFn | None = None, run_dir: Path | None = None,
+          resume: bool = False, dist: Dist | None = None) -> TrainOutput:
+    """Both stages on `train_set` (normal images, plus labelled anomalies if unbalanced).
+
+    With `run_dir`, stage 1 keeps a resumable checkpoint there (rank 0 writes it); `resume`
+    continues from it. Under torchrun (`dist`), each rank trains on its shard of the images.
+    """
     tc = cfg.train
+    dist = dist or Dist()
     torch.manual_seed(tc.seed)
-    device = resolve_device(tc.device)
+    device = dist.device(resolve_device(tc.device))
     model = AnoMem(cfg.model).to(device)
     fit_idx, cal_idx = split_normals(train_set, tc.holdout, tc.seed)
     anomaly_idx = np.flatnonzero(train_set.labels.numpy() == 1)
     budget = None if tc.max_minutes is None else tc.max_minutes * 60
-    start = time.perf_counter()
-    history = train_stage1(
+    history, stage1_s = train_stage1(
         model, train_set.images[fit_idx], train_set.images[anomaly_idx], tc, device,
         budget_s=None if budget is None else budget * tc.stage1_share,
-        progress=progress, should_stop=should_stop,
+        progress=progress, should_stop=should_stop, run_dir=run_dir, resume=resume, dist=dist,
     )
-    fit_detector(model, train_set.images[fit_idx], train_set.images[cal_idx],
-                 train_set.images[anomaly_idx], tc, device, progress)
-    return TrainOutput(model=model.cpu().eval(), history=history,
-                       seconds=time.perf_counter() - start)
+    stage2_start = time.perf_counter()
+    try:
+        fit_detector(model, train_set.images[fit_idx], train_set.images[cal_idx],
+                     train_set.images[anomaly_idx], tc, device, progress, should_stop, dist)
+    except TrainingCancelled:  # stage 1's last checkpoint is the resume point
+        raise TrainingCancelled(history, run_dir if run_dir and dist.is_main else None
+                                ) from None
+    model = model.cpu().eval()
+    if dist.enabled and not dist.all_equal(_fingerprint(model)):
+        raise RuntimeError("model replicas differ across ranks after training")
+    # stage 1's seconds include those before an interruption
+    return TrainOutput(model=model, history=history,
+                       seconds=stage1_s + time.perf_counter() - stage2_start)
+
+
+def _fingerprint(model: AnoMem) -> torch.Tensor:
+    """Every parameter and buffer, flattened: equal on all ranks when replicas agree."""
+    return torch.cat([v.detach().double().flatten() for v in model.state_dict().values()])
 
 
 def _param_groups(model: AnoMem, weight_decay: float) -> list[dict]:
@@ -108,104 +139,184 @@ def _param_groups(model: AnoMem, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+class ContrastStep(nn.Module):
+    """Stage 1's forward pass: two views of a batch in, the loss out.
+
+    A module of its own so that `DistributedDataParallel` can wrap the whole computation
+    (encoder, memories and projection heads) and average every gradient across ranks.
+    """
+
+    def __init__(self, model: AnoMem, loss_fn: MemoryContrastLoss) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, views: torch.Tensor, is_anomaly: torch.Tensor, is_shifted: torch.Tensor
+                ) -> tuple[LossTerms, dict[str, torch.Tensor]]:
+        """views (2B, C, H, W): view a of B images, then view b -> loss, view a's attention."""
+        model, b = self.model, len(is_anomaly)
+        reads = model(views)
+        reads_a = {s: type(r)(*(t[:b] for t in r)) for s, r in reads.items()}
+        reads_b = {s: type(r)(*(t[b:] for t in r)) for s, r in reads.items()}
+        out = self.loss_fn(reads_a, reads_b, model.heads,
+                           {s: model.memories[s].prototypes for s in model.scales}, is_anomaly,
+                           is_shifted)
+        return out, {s: r.attention for s, r in reads_a.items()}
+
+
+def make_batch(normals: torch.Tensor, anomalies: torch.Tensor, n_anom: int,
+               shifts: tuple[str, ...], g: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A stage-1 batch: normals, sampled labelled anomalies, shifted copies of the normals.
+
+    Returns uint8 images and their (B,) is_anomaly and is_shifted flags.
+    """
+    device = normals.device
+    batch = normals
+    is_anom = torch.zeros(len(batch), dtype=torch.bool, device=device)
+    if n_anom:
+        pick = torch.randint(len(anomalies), (n_anom,), generator=g).to(device)
+        batch = torch.cat([batch, anomalies[pick]])
+        is_anom = torch.cat([is_anom, torch.ones(n_anom, dtype=torch.bool, device=device)])
+    is_shift = torch.zeros_like(is_anom)
+    if shifts:
+        n_normal = int((~is_anom).sum())
+        batch = torch.cat([batch, shift(batch[~is_anom], shifts, g)])
+        is_shift = torch.cat([is_shift, torch.ones(n_normal, dtype=torch.bool, device=device)])
+        is_anom = torch.cat([is_anom, torch.zeros(n_normal, dtype=torch.bool, device=device)])
+    return batch, is_anom, is_shift
+
+
 def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
                  tc: TrainConfig, device: torch.device, budget_s: float | None = None,
-                 progress: ProgressFn | None = None, should_stop: StopFn | None = None
-                 ) -> list[dict]:
-    """Memory-augmented contrastive learning on uint8 images; returns one row per epoch.
+                 progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                 run_dir: Path | None = None, resume: bool = False, dist: Dist | None = None
+                 ) -> tuple[list[dict], float]:
+    """Memory-augmented contrastive learning on uint8 images -> (one row per epoch, seconds).
 
     The learning rate follows a cosine over the larger of the step and the time fractions, so
-    a time budget ends on a low learning rate whatever the machine's speed.
+    a time budget ends on a low learning rate whatever the machine's speed. With `run_dir`, a
+    checkpoint is written after every epoch and when `should_stop` fires (then
+    TrainingCancelled is raised); `resume` starts from that checkpoint.
     """
+    dist = dist or Dist()
     model.train()
-    loss_fn = MemoryContrastLoss(tc)
+    step_fn: nn.Module = ContrastStep(model, MemoryContrastLoss(tc))
+    if dist.enabled:
+        step_fn = nn.parallel.DistributedDataParallel(
+            step_fn, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
-    normals, anomalies = normals.to(device), anomalies.to(device)
+    normals = dist.shard(normals).to(device)
+    anomalies = anomalies.to(device)
     n = len(normals)
-    bs = min(tc.batch_size, n)
+    bs = min(max(2, tc.batch_size // dist.world), n)  # the global batch stays batch_size
     n_anom = 0 if len(anomalies) == 0 else max(1, bs // 8)  # labelled anomalies per batch
     steps_per_epoch = max(1, n // bs)
+    if dist.enabled:  # every rank must take the same number of steps
+        steps_per_epoch = int(dist.gather(torch.tensor([steps_per_epoch])).min())
     total_steps = steps_per_epoch * tc.epochs
     warmup = min(50, total_steps // 10)
-    g = torch.Generator().manual_seed(tc.seed)
-    history: list[dict] = []
-    start, step = time.perf_counter(), 0
-    for epoch in range(tc.epochs):
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        counts = {s: torch.zeros(model.cfg.memory_size, device=device) for s in model.scales}
-        perm = torch.randperm(n, generator=g).to(device)
-        for i in range(steps_per_epoch):
-            batch = normals[perm[i * bs:(i + 1) * bs]]
-            is_anom = torch.zeros(len(batch), dtype=torch.bool, device=device)
-            if n_anom:
-                pick = torch.randint(len(anomalies), (n_anom,), generator=g).to(device)
-                batch = torch.cat([batch, anomalies[pick]])
-                is_anom = torch.cat([is_anom, torch.ones(n_anom, dtype=torch.bool,
-                                                         device=device)])
-            is_shift = torch.zeros_like(is_anom)
-            if tc.shift_negatives:
-                batch = torch.cat([batch, shift(batch[~is_anom], tc.shift_negatives, g)])
-                is_shift = torch.cat([is_shift, torch.ones(int((~is_anom).sum()),
-                                                           dtype=torch.bool, device=device)])
-                is_anom = torch.cat([is_anom, torch.zeros_like(is_shift[len(is_anom):])])
-            views = torch.cat([augment(batch, tc.augment, g), augment(batch, tc.augment, g)])
-            reads = model(views)
-            b = len(batch)
-            reads_a = {s: type(r)(*(t[:b] for t in r)) for s, r in reads.items()}
-            reads_b = {s: type(r)(*(t[b:] for t in r)) for s, r in reads.items()}
-            out = loss_fn(reads_a, reads_b, model.heads,
-                          {s: model.memories[s].prototypes for s in model.scales}, is_anom,
-                          is_shift)
+    g = torch.Generator().manual_seed(tc.seed + 1000 * dist.rank)
+    state = Stage1State()
+    if resume:
+        assert run_dir is not None
+        tensors, state = read_checkpoint(run_dir)
+        restore(tensors, Path(run_dir) / CHECKPOINT, model, opt, g)
+        if dist.enabled:  # rank 0's weights for all; each rank its own stream and order
+            g.manual_seed(tc.seed + 1000 * dist.rank + 7919 * state.step)
+            if state.perm is not None:
+                state.perm = torch.randperm(n, generator=g)
+    writes = run_dir is not None and dist.is_main
 
-            frac = step / total_steps
+    def checkpoint() -> None:
+        if writes:
+            save_checkpoint(run_dir, model, opt, g, state)
+
+    session = time.perf_counter()
+    elapsed0 = state.elapsed_s
+    lr = tc.lr
+    while not state.finished and state.epoch < tc.epochs:
+        if state.perm is None:
+            state.perm = torch.randperm(n, generator=g)
+            state.index, state.sums, state.epoch_s = 0, {}, 0.0
+            state.counts = {s: torch.zeros(model.cfg.memory_size) for s in model.scales}
+        t0 = time.perf_counter() - state.epoch_s
+        perm = state.perm.to(device)
+        counts = {s: c.to(device) for s, c in state.counts.items()}
+        stop = out_of_time = False
+        while state.index < steps_per_epoch:
+            i = state.index
+            batch, is_anom, is_shift = make_batch(normals[perm[i * bs:(i + 1) * bs]],
+                                                  anomalies, n_anom, tc.shift_negatives, g)
+            views = torch.cat([augment(batch, tc.augment, g), augment(batch, tc.augment, g)])
+            out, attention = step_fn(views, is_anom, is_shift)
+
+            state.elapsed_s = elapsed0 + time.perf_counter() - session
+            frac = state.step / total_steps
             if budget_s:
-                frac = max(frac, (time.perf_counter() - start) / budget_s)
-            lr = tc.lr * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+                frac = max(frac, state.elapsed_s / budget_s)
+            lr = tc.lr * (min(1.0, (state.step + 1) / warmup) if warmup else 1.0)
             lr *= 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
             out.total.backward()
             opt.step()
-            step += 1
+            state.step += 1
+            state.index += 1
 
             with torch.no_grad():
-                for s, r in reads_a.items():
-                    top = r.attention[~is_anom & ~is_shift].argmax(1).flatten()
+                normal = ~is_anom & ~is_shift
+                for s, att in attention.items():
+                    top = att[normal].argmax(1).flatten()
                     counts[s] += torch.bincount(top, minlength=len(counts[s]))
             for k, v in out.terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["loss"] = sums.get("loss", 0.0) + float(out.total.detach())
-            out_of_time = budget_s is not None and time.perf_counter() - start > budget_s
-            if (should_stop and should_stop()) or out_of_time:
+                state.sums[k] = state.sums.get(k, 0.0) + float(v.detach())
+            state.sums["loss"] = state.sums.get("loss", 0.0) + float(out.total.detach())
+            out_of_time = budget_s is not None and state.elapsed_s > budget_s
+            stop = bool(should_stop and should_stop())
+            if dist.enabled:  # all ranks stop at the same step, or none does
+                stop = dist.any(stop, device)
+                out_of_time = dist.any(out_of_time, device)
+            if stop or out_of_time:
                 break
-        done_steps = max(1, i + 1)
-        row = {"epoch": epoch + 1, "stage": 1, **{k: v / done_steps for k, v in sums.items()},
-               "lr": lr, "seconds": time.perf_counter() - t0,
+        state.counts = {s: c.cpu() for s, c in counts.items()}
+        state.epoch_s = time.perf_counter() - t0
+        if stop and state.index < steps_per_epoch:
+            checkpoint()  # mid-epoch: resumes at the next batch of this epoch
+            raise TrainingCancelled(state.history, run_dir if writes else None)
+        done_steps = max(1, state.index)
+        row = {"epoch": state.epoch + 1, "stage": 1,
+               **{k: v / done_steps for k, v in state.sums.items()}, "lr": lr,
+               "seconds": state.epoch_s,
                # training images per second (each also costs its shifted copy and two views)
-               "images_per_s": done_steps * (bs + n_anom) / (time.perf_counter() - t0)}
-        for s, c in counts.items():
+               "images_per_s": done_steps * (bs + n_anom) * dist.world / state.epoch_s}
+        for s, c in state.counts.items():
             row[f"usage_{s}"] = float((c > 0).float().mean())
-        history.append(row)
+        state.history.append(row)
+        state.epoch += 1
+        state.perm, state.index = None, 0
+        state.finished = out_of_time or state.epoch >= tc.epochs
+        checkpoint()
         if progress:
-            elapsed = time.perf_counter() - start
-            done = max((epoch + 1) / tc.epochs, elapsed / budget_s if budget_s else 0)
+            done = max(state.epoch / tc.epochs, state.elapsed_s / budget_s if budget_s else 0)
             progress(Progress("stage1", min(done, 1.0),
-                              f"epoch {epoch + 1}: loss {row['loss']:.3f}", row))
-        if should_stop and should_stop():
-            raise TrainingCancelled(history)
-        if budget_s is not None and time.perf_counter() - start > budget_s:
-            break
+                              f"epoch {state.epoch}: loss {row['loss']:.3f}", row))
+        if stop:
+            raise TrainingCancelled(state.history, run_dir if writes else None)
     model.eval()
-    return history
+    return state.history, state.elapsed_s
 
 
 @torch.no_grad()
-def _reads(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 256
-           ) -> Iterator[tuple[int, dict[str, MemoryRead]]]:
-    """Yields (start index, {scale: MemoryRead}) batch by batch, model in eval mode."""
+def _reads(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 256,
+           dist: Dist | None = None) -> Iterator[tuple[int, dict[str, MemoryRead]]]:
+    """Yields (start index, {scale: MemoryRead}) batch by batch, model in eval mode.
+
+    Under torchrun each rank reads only its shard of `images`.
+    """
     model.eval()
+    if dist is not None:
+        images = dist.shard(images)
     for i in range(0, len(images), bs):
         yield i, model(to_float(images[i:i + bs].to(device)))
 
@@ -213,13 +324,26 @@ def _reads(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 
 @torch.no_grad()
 def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
                  anomalies: torch.Tensor, tc: TrainConfig, device: torch.device,
-                 progress: ProgressFn | None = None) -> None:
-    """Stage 2: fit each scale's Gaussians, standardise on held-out normals, set thresholds."""
+                 progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                 dist: Dist | None = None) -> None:
+    """Stage 2: fit each scale's Gaussians, standardise on held-out normals, set thresholds.
+
+    Under torchrun each rank passes its shard of the images through the model and the results
+    are gathered, so every rank fits the same detector. Raises TrainingCancelled when
+    `should_stop` fires between phases.
+    """
+    dist = dist or Dist()
     det = model.detector
-    g = torch.Generator().manual_seed(tc.seed)
+    g = torch.Generator().manual_seed(tc.seed + 1000 * dist.rank)
+
+    def check_stop() -> None:
+        if dist.any(bool(should_stop and should_stop()), device):
+            raise TrainingCancelled([])
+
+    check_stop()
     rows: dict[str, list] = {s: [] for s in model.scales}
     layouts: dict[str, list] = {s: [] for s in model.scales}
-    for i, reads in _reads(model, fit, device):
+    for i, reads in _reads(model, fit, device, dist=dist):
         for s, r in reads.items():
             d = r.deviation
             flat = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])  # (b*h*w, D)
@@ -229,14 +353,16 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
             rows[s].append(flat[pick].cpu())
             layouts[s].append(det.per_scale[s].layout(det.layout_input(r)).cpu())
         if progress:
-            progress(Progress("stage2", 0.5 * min(1.0, (i + len(d)) / len(fit)),
+            progress(Progress("stage2", 0.5 * min(1.0, (i + len(d)) * dist.world / len(fit)),
                               "fitting the distance detectors"))
+    check_stop()
     for s in model.scales:
         sd = det.per_scale[s]
-        mean, prec = fit_gaussian(torch.cat(rows[s]))
+        mean, prec = fit_gaussian(dist.gather(torch.cat(rows[s])))
         sd.mean.copy_(mean)
         sd.precision.copy_(prec)
-        lmean, basis, var, noise = fit_ppca(torch.cat(layouts[s]), sd.layout_basis.shape[1])
+        lmean, basis, var, noise = fit_ppca(dist.gather(torch.cat(layouts[s])),
+                                            sd.layout_basis.shape[1])
         sd.layout_mean.copy_(lmean)
         sd.layout_basis.copy_(basis)
         sd.layout_var.copy_(var)
@@ -245,46 +371,49 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     # Standardise on held-out normals: distances per position and the image-level scores.
     raw: dict[str, list] = {s: [] for s in model.scales}
     dist_stats: dict[str, list] = {s: [] for s in model.scales}
-    for _, reads in _reads(model, calibration, device):
+    for _, reads in _reads(model, calibration, device, dist=dist):
         for s, r in reads.items():
             sd = det.per_scale[s]
-            dist = sd.distance_map(r.deviation)
-            raw[s].append(sd.raw_scores(det.layout_input(r), dist).cpu())
-            dist_stats[s].append(dist.flatten().cpu())
+            dmap = sd.distance_map(r.deviation)
+            raw[s].append(sd.raw_scores(det.layout_input(r), dmap).cpu())
+            dist_stats[s].append(dmap.flatten().cpu())
     for s in model.scales:
         sd = det.per_scale[s]
-        r = torch.cat(raw[s])
+        r = dist.gather(torch.cat(raw[s]))
         sd.score_loc.copy_(r.mean(0))
         sd.score_scale.copy_(r.std(0).clamp_min(1e-6))
-        d = torch.cat(dist_stats[s])
+        d = dist.gather(torch.cat(dist_stats[s]))
         sd.map_loc.copy_(d.mean())
         sd.map_scale.copy_(d.std().clamp_min(1e-6))
 
+    check_stop()
     if tc.combine == "learned":
-        _fit_combination(model, calibration, tc, device, g)
+        _fit_combination(model, calibration, tc, device, g, dist)
     if len(anomalies):
-        _fit_classifier(model, calibration, anomalies, device)
+        _fit_classifier(model, calibration, anomalies, device, dist)
     scores, maxima = [], []
-    for i in range(0, len(calibration), 256):
-        out = model.score(to_float(calibration[i:i + 256].to(device)))
+    mine = dist.shard(calibration)
+    for i in range(0, len(mine), 256):
+        out = model.score(to_float(mine[i:i + 256].to(device)))
         scores.append(out.image.cpu())
         maxima.append(out.pixel_map.flatten(1).max(1).values.cpu())
-    det.threshold.copy_(torch.quantile(torch.cat(scores), tc.threshold_quantile))
-    det.pixel_threshold.copy_(torch.quantile(torch.cat(maxima), tc.threshold_quantile))
+    det.threshold.copy_(torch.quantile(dist.gather(torch.cat(scores)), tc.threshold_quantile))
+    det.pixel_threshold.copy_(torch.quantile(dist.gather(torch.cat(maxima)),
+                                             tc.threshold_quantile))
     det.fitted.fill_(True)
     if progress:
         progress(Progress("stage2", 1.0, "detector fitted"))
 
 
-def _standardised_terms(model: AnoMem, images: torch.Tensor, device: torch.device
-                        ) -> torch.Tensor:
-    """(N, 2S) standardised term scores of uint8 images."""
-    return torch.cat([model.detector.features(reads)[0].cpu()
-                      for _, reads in _reads(model, images, device)])
+def _standardised_terms(model: AnoMem, images: torch.Tensor, device: torch.device,
+                        dist: Dist) -> torch.Tensor:
+    """(N, 2S) standardised term scores of uint8 images (every rank's shard, gathered)."""
+    return dist.gather(torch.cat([model.detector.features(reads)[0].cpu()
+                                  for _, reads in _reads(model, images, device, dist=dist)]))
 
 
 def _fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
-                     device: torch.device, g: torch.Generator) -> None:
+                     device: torch.device, g: torch.Generator, dist: Dist) -> None:
     """One-class: learn how much each scale and term counts, without real anomalies.
 
     Held-out normals are contrasted with distribution-shifted copies of themselves (the same
@@ -292,9 +421,11 @@ def _fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
     image score stays a convex combination of standardised scores. A term that cannot tell a
     shifted image from a normal one ends up with little weight.
     """
-    normal = _standardised_terms(model, calibration, device)
-    shifted = _standardised_terms(
-        model, shift(calibration, tc.shift_negatives or ("jigsaw",), g), device)
+    mine = dist.shard(calibration)
+    normal = _standardised_terms(model, mine, device, Dist())
+    shifted = _standardised_terms(model, shift(mine, tc.shift_negatives or ("jigsaw",), g),
+                                  device, Dist())
+    normal, shifted = dist.gather(normal), dist.gather(shifted)
     x = torch.cat([normal, shifted]).double()
     y = torch.cat([torch.zeros(len(normal)), torch.ones(len(shifted))]).double()
     logits_w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
@@ -317,7 +448,7 @@ def _fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
 
 
 def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
-                    device: torch.device) -> None:
+                    device: torch.device, dist: Dist) -> None:
     """Unbalanced setting: a class-balanced logistic head on scale scores and pooled deviations.
 
     Trained on held-out normals against the labelled anomalies; its logit is added to the
@@ -329,10 +460,10 @@ def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tenso
     feats = []
     for images in (normals, anomalies):
         parts = []
-        for _, reads in _reads(model, images, device):
+        for _, reads in _reads(model, images, device, dist=dist):
             z, _ = det.features(reads)
             parts.append(det.classifier_input(z, reads).cpu())
-        feats.append(torch.cat(parts))
+        feats.append(dist.gather(torch.cat(parts)))
     x = torch.cat(feats).double().numpy()
     y = np.r_[np.zeros(len(feats[0])), np.ones(len(feats[1]))]
     clf = LogisticRegression(C=0.5, class_weight="balanced", max_iter=2000)

@@ -15,6 +15,7 @@ from core.config import ConfigError, ModelConfig, TrainConfig
 from core.data.base import DataError, ImageSet
 from core.model.anomem import AnoMem
 from core.train import trainer
+from core.train.distributed import Dist
 from core.train.trainer import resolve_device, split_normals, train_stage1
 
 
@@ -81,7 +82,7 @@ def test_stage1_adds_a_flagged_shifted_copy_of_each_normal(
     normals = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
     anomalies = torch.randint(0, 256, (n_anomalies, 3, 16, 16), dtype=torch.uint8, generator=g)
     tc = TrainConfig(epochs=1, batch_size=8, shift_negatives=shifts)
-    history = train_stage1(model, normals, anomalies, tc, torch.device("cpu"))
+    history, _ = train_stage1(model, normals, anomalies, tc, torch.device("cpu"))
     assert len(seen) == 2 and len(history) == 1
     n_anom = 1 if n_anomalies else 0  # batch_size // 8 labelled anomalies per batch
     n_shift = 8 if shifts else 0  # one shifted copy of every normal image of the batch
@@ -104,7 +105,8 @@ def test_learned_combination_is_convex_and_favours_the_informative_term(
     model = AnoMem(ModelConfig(image_size=16, width=0.125, memory_size=4, memory_dim=4,
                                head_dim=4, scales=("layer2", "layer3")))
     calibration = torch.randint(0, 256, (200, 3, 16, 16), dtype=torch.uint8, generator=g)
-    trainer._fit_combination(model, calibration, TrainConfig(), torch.device("cpu"), g)
+    trainer._fit_combination(model, calibration, TrainConfig(), torch.device("cpu"), g,
+                              Dist())
     w = model.detector.weights
     assert bool((w >= 0).all()) and float(w.sum()) == pytest.approx(1.0, abs=1e-5)
     assert int(w.argmax()) == 2 and float(w[2]) > 0.6
