@@ -1,0 +1,1 @@
+"""Benchmark: AnoMem beside peer detectors, on the same data and the same metrics."""
