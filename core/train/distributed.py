@@ -89,6 +89,16 @@ class Dist:
         dist.all_reduce(hi, op=dist.ReduceOp.MAX)
         return bool(torch.equal(lo, hi))
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's buffers (batch-norm statistics) to every rank.
+
+        DDP averages gradients, so parameters stay in step, but each rank's last forward pass
+        updates its own running statistics.
+        """
+        if self.enabled:
+            for b in module.buffers():
+                dist.broadcast(b.data, src=0)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

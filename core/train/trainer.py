@@ -303,6 +303,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
                               f"epoch {state.epoch}: loss {row['loss']:.3f}", row))
         if stop:
             raise TrainingCancelled(state.history, run_dir if writes else None)
+    dist.broadcast_buffers(model)
     model.eval()
     return state.history, state.elapsed_s
 
