@@ -1,8 +1,11 @@
 """Training in a background thread, so the Train page stays responsive while a run trains.
 
 `JobBoard` holds at most one running `TrainingJob` per app process (the app keeps the board in
-`st.cache_resource`, so the job survives reruns and page switches). The page polls
+`st.cache_resource`, so the job survives reruns, page switches and a closed tab). The page polls
 `TrainingJob.snapshot()`; the thread never calls Streamlit.
+
+Stage 1 checkpoints after every epoch, so a run whose app was shut down mid-training, or that
+was stopped from the page, stays in its folder as a resumable run (`JobBoard.resume`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from core.config import ConfigError, DataConfig, RunConfig, preset
 from core.data.base import DataError
 from core.runs import WEIGHTS, RunError, new_run_dir
+from core.train.checkpoint import CHECKPOINT
 from core.train.trainer import Progress, TrainingCancelled
 
 LOG = logging.getLogger(__name__)
@@ -67,7 +71,7 @@ class JobState:
 
     name: str
     path: Path
-    status: str  # "running", "done", "failed" or "cancelled"
+    status: str  # "running", "done", "failed", "stopped" (resumable) or "cancelled"
     stage: str
     fraction: float  # of the whole job, 0..1
     message: str
@@ -82,18 +86,21 @@ class JobState:
 
 
 class TrainingJob:
-    """One `train_run` in a daemon thread, with progress, history rows and cancellation.
+    """One `train_run` (or `resume_run`) in a daemon thread, with progress, history rows and
+    a stop button.
 
-    A cancelled or failed run whose weights were never saved is deleted, so it never shows
-    up as a broken run; one that failed after saving is kept (its weights are usable).
+    A stopped run keeps its checkpoint and can be resumed. A run that failed or was stopped
+    before its first checkpoint is deleted, so it never shows up as a broken run; one that
+    failed after saving its weights is kept (they are usable).
     """
 
-    def __init__(self, cfg: RunConfig, out: Path, train_fn: TrainFn | None = None) -> None:
-        if train_fn is None:
-            from core.pipeline import train_run
+    def __init__(self, cfg: RunConfig | None, out: Path, train_fn: TrainFn | None = None,
+                 resume: bool = False) -> None:
+        from core.pipeline import resume_run, train_run
 
-            train_fn = train_run
-        self.cfg, self.out, self._train_fn = cfg, Path(out), train_fn
+        if train_fn is None:
+            train_fn = resume_run if resume else train_run
+        self.cfg, self.out, self._train_fn, self.resume = cfg, Path(out), train_fn, resume
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._status, self._stage, self._fraction = "running", "data", 0.0
@@ -151,11 +158,18 @@ class TrainingJob:
 
     def _run(self) -> None:
         try:
-            metrics = self._train_fn(self.cfg, self.out, progress=self._on_progress,
-                                     should_stop=self._stop.is_set)
+            if self.resume:
+                metrics = self._train_fn(self.out, progress=self._on_progress,
+                                         should_stop=self._stop.is_set)
+            else:
+                metrics = self._train_fn(self.cfg, self.out, progress=self._on_progress,
+                                         should_stop=self._stop.is_set)
         except TrainingCancelled:
             self._discard()
-            self._finish("cancelled", "training cancelled")
+            if (self.out / CHECKPOINT).is_file():
+                self._finish("stopped", "training stopped: resumable")
+            else:
+                self._finish("cancelled", "training cancelled")
         except EXPECTED_ERRORS as err:
             self._discard()
             self._finish("failed", "training failed", error=str(err))
@@ -167,7 +181,11 @@ class TrainingJob:
             self._finish("done", "training finished", metrics=metrics)
 
     def _discard(self) -> None:
-        if self.out.is_dir() and not (self.out / WEIGHTS).exists():
+        """Delete the folder unless it holds weights or a checkpoint to resume from."""
+        if self.resume:
+            return  # an existing run: never delete what was there before this job
+        if self.out.is_dir() and not (self.out / WEIGHTS).exists() and not (
+                self.out / CHECKPOINT).exists():
             shutil.rmtree(self.out, ignore_errors=True)
 
 
@@ -192,4 +210,18 @@ class JobBoard:
                 )
             out = new_run_dir(Path(root), name)
             self._current = TrainingJob(cfg, out, train_fn).start()
+            return self._current
+
+    def resume(self, path: Path, train_fn: TrainFn | None = None) -> TrainingJob:
+        """Continue a stopped run in its own folder; RuntimeError if a job is running."""
+        from core.pipeline import resumable
+
+        with self._lock:
+            if self._current is not None and self._current.running:
+                raise RuntimeError(
+                    f"run {self._current.out.name!r} is still training: stop it or wait"
+                )
+            if not resumable(path):
+                raise RunError(f"{path}: no checkpoint to resume from (or already finished)")
+            self._current = TrainingJob(None, Path(path), train_fn, resume=True).start()
             return self._current

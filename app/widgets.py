@@ -9,6 +9,7 @@ import torch
 from app import state
 from core import explore
 from core.data import DataError, Split
+from core.pipeline import resumable
 from core.runs import Run, RunError, RunSummary
 
 TRAIN_PAGE = "views/train.py"
@@ -124,10 +125,13 @@ def run_picker() -> list[RunSummary]:
     """Sidebar: pick any loadable run; broken ones are listed with their error."""
     summaries = state.saved_runs()
     usable = [s for s in summaries if state.selectable(s)]
-    broken = [s for s in summaries if not state.selectable(s)]
+    job = state.job_board().current
+    training = job.out if job is not None and job.running else None
+    pending = [s for s in summaries if not state.selectable(s) and s.error is None
+               and (s.path == training or resumable(s.path))]
+    broken = [s for s in summaries if not state.selectable(s) and s not in pending]
     labels = {str(s.path): _run_label(s) for s in usable}
     by_path = {str(s.path): s for s in usable}
-    job = state.job_board().current
     if job is not None:  # a run that just finished training becomes the selected one
         snap = job.snapshot()
         if snap.status == "done" and str(snap.path) not in st.session_state.announced_jobs:
@@ -144,6 +148,9 @@ def run_picker() -> list[RunSummary]:
                        f"{chosen.setting}")
         else:
             st.caption("No saved run yet.")
+        for s in pending:
+            what = "training…" if s.path == training else "stopped, resume it on the Train page"
+            st.caption(f"{s.name}: {what}")
         if broken:
             with st.expander(f"{len(broken)} run folder(s) cannot be loaded"):
                 for s in broken:

@@ -7,6 +7,7 @@ app and one trained from the CLI with the same seed give the same metrics.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from core.runs import (
     append_history,
     load_run,
     read_config,
+    run_lock,
     save_model,
     write_history,
     write_json,
@@ -88,10 +90,20 @@ def train_run(cfg: RunConfig, out: Path, progress: ProgressFn | None = None,
     split_normals(split.train, cfg.train.holdout, cfg.train.seed)  # enough images to train?
     load_s = time.perf_counter() - t0
     cfg.data.normal_class = split.normal_class  # the run names its class even when defaulted
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
+    with run_lock(out) if dist.is_main else nullcontext():
+        if dist.is_main and not resume:
+            if (out / CONFIG).exists():
+                raise RunError(f"{out}: already holds a run (choose a new folder)")
             write_json(out / CONFIG, cfg.to_dict())
+        if dist.is_main and resume:  # an epoch finished after the checkpoint is redone
+            write_history(out, read_checkpoint(out)[1].history)
+        return _train_locked(cfg, out, split, load_s, progress, should_stop, resume, dist)
+
+
+def _train_locked(cfg: RunConfig, out: Path, split: Split, load_s: float,
+                  progress: ProgressFn | None, should_stop: StopFn | None, resume: bool,
+                  dist: Dist) -> dict:
+    """`train_run` once the run folder is locked by this process."""
 
     def on_progress(p: Progress) -> None:
         if p.row is not None and dist.is_main:
@@ -128,9 +140,7 @@ def resume_run(path: Path, progress: ProgressFn | None = None,
     if (path / WEIGHTS).is_file():
         raise RunError(f"{path}: already finished ({WEIGHTS} exists), nothing to resume")
     cfg = read_config(path)
-    _, state = read_checkpoint(path)  # refuse a damaged checkpoint before loading any data
-    if dist.is_main:  # an epoch finished after the checkpoint was written is redone
-        write_history(path, state.history)
+    read_checkpoint(path)  # refuse a damaged checkpoint before loading any data
     return train_run(cfg, path, progress, should_stop, resume=True, dist=dist)
 
 

@@ -8,10 +8,13 @@ Nothing here unpickles anything.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +82,30 @@ def new_run_dir(root: Path, name: str) -> Path:
         except FileExistsError:
             continue
     raise RunError(f"no free run folder name for {base!r} under {root}")
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def run_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while training writes into it.
+
+    A second process (another CLI, another app) training into the same folder gets a
+    RunError instead of interleaving its files. The operating system drops the lock when the
+    process dies, so a killed training never leaves a stale one behind.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK, "a+b") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunError(f"{path}: another process is training this run") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def save_model(path: Path, cfg: RunConfig, model: AnoMem) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import streamlit as st
 
 from app import charts, jobs, state
 from core.config import PRESETS, SETTINGS, ConfigError, RunConfig, preset
 from core.data import DATASETS, DataError, anomaly_choices, list_classes
+from core.pipeline import resumable
 from core.runs import RunError
+from core.train.checkpoint import read_checkpoint
 
 POLL_SECONDS = 2.0
 
@@ -34,9 +39,10 @@ def progress_panel() -> None:
     if snap.running:
         st.progress(snap.fraction, text=f"**{snap.name}** · {snap.message} · "
                                         f"{snap.seconds:.0f} s")
-        if st.button("Cancel training", key="train_cancel", icon=":material/stop:"):
+        if st.button("Stop training", key="train_cancel", icon=":material/stop:",
+                     help="Stops after the current step and keeps a checkpoint to resume from"):
             job.cancel()
-            st.toast("Cancelling after the current step…")
+            st.toast("Stopping after the current step…")
     elif st.session_state.train_watching == str(snap.path):
         st.session_state.train_watching = None
         st.rerun()  # let the sidebar pick up the finished run
@@ -47,6 +53,9 @@ def progress_panel() -> None:
                    f"{score}). It is selected in the sidebar: open any page to explore it.")
     elif snap.status == "failed":
         st.error(f"Training of **{snap.name}** failed: {snap.error}")
+    elif snap.status == "stopped":
+        st.warning(f"Training of **{snap.name}** was stopped; its checkpoint is kept: resume "
+                   "it under *Stopped runs* below.")
     elif snap.status == "cancelled":
         st.warning(f"Training of **{snap.name}** was cancelled; nothing was saved.")
     if snap.rows:
@@ -55,6 +64,42 @@ def progress_panel() -> None:
         right.plotly_chart(charts.usage_curves(snap.rows), key="train_usage_chart")
     elif snap.running:
         st.caption("Curves appear when the first epoch ends.")
+
+
+def resume(path: Path) -> None:
+    try:
+        job = board.resume(path)
+    except (RuntimeError, RunError, OSError) as err:
+        st.error(f"Cannot resume: {err}")
+        return
+    st.session_state.train_watching = str(job.out)
+    st.rerun()
+
+
+def stopped_runs_panel(running_path: Path | None) -> None:
+    """Runs that stopped before finishing (Stop button, app shut down): resume or delete."""
+    stopped = [s.path for s in state.saved_runs()
+               if resumable(s.path) and s.path != running_path]
+    if not stopped:
+        return
+    with st.expander(f"Stopped runs ({len(stopped)})", expanded=True):
+        st.caption("Each keeps the checkpoint of its last step or epoch; resuming continues "
+                   "with the run's own settings.")
+        for i, path in enumerate(stopped):
+            try:
+                _, ckpt = read_checkpoint(path)
+                where = f"epoch {ckpt.epoch}, step {ckpt.step}, {ckpt.elapsed_s:.0f} s trained"
+            except RunError as err:
+                st.error(str(err))
+                continue
+            left, mid, right = st.columns([4, 1, 1])
+            left.write(f"**{path.name}** · {where}")
+            if mid.button("Resume", key=f"train_resume_{i}", icon=":material/play_arrow:",
+                          disabled=running):
+                resume(path)
+            if right.button("Delete", key=f"train_delete_{i}", icon=":material/delete:"):
+                shutil.rmtree(path, ignore_errors=True)
+                st.rerun()
 
 
 st.title("Train")
@@ -75,6 +120,7 @@ if not has_runs and not running:
 
 if job is not None:
     st.fragment(progress_panel, run_every=POLL_SECONDS if running else None)()
+stopped_runs_panel(job.out if running else None)
 
 with st.expander("Configure a run", expanded=has_runs and not running):
     dataset = st.selectbox("Data set", list(DATASETS), key="train_dataset",

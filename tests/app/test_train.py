@@ -99,3 +99,41 @@ def test_data_errors_are_shown_and_block_training(empty_runs: Path, tmp_path: Pa
     errors = [e.value for e in at.error]
     assert len(errors) == 1 and str(missing) in errors[0] and "not a folder" in errors[0]
     assert at.button(key="train_start").disabled
+
+
+def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path):
+    at = open_page()
+    _fill(at, max_train=200, name="stop me")
+    at.number_input(key="train_epochs_quick").set_value(3)
+    at.button(key="train_start").click().run()
+    at.button(key="train_cancel").click().run()
+    _wait_until_done(at)
+    assert not at.error, [e.value for e in at.error]
+    assert "was stopped" in at.warning[0].value
+    folder = empty_runs / "stop-me"
+    assert (folder / "checkpoint.safetensors").is_file()
+    assert not (folder / "model.safetensors").exists()
+    assert "stop-me" in texts(at) and "step" in texts(at)  # listed under Stopped runs
+
+    at.button(key="train_resume_0").click().run()
+    assert not at.exception
+    deadline = time.monotonic() + 90  # the page still shows the stop warning until then
+    while time.monotonic() < deadline and not (folder / "metrics.json").exists():
+        time.sleep(0.5)
+    _wait_until_done(at)
+    assert any("stop-me" in s.value and "finished" in s.value for s in at.success)
+    runs = list_runs(empty_runs)
+    assert [(r.name, r.complete) for r in runs] == [("stop-me", True)]
+    assert not (folder / "checkpoint.safetensors").exists()
+
+
+def test_a_stopped_run_can_be_deleted(empty_runs: Path):
+    at = open_page()
+    _fill(at, max_train=200, name="drop me")
+    at.number_input(key="train_epochs_quick").set_value(3)
+    at.button(key="train_start").click().run()
+    at.button(key="train_cancel").click().run()
+    _wait_until_done(at)
+    at.button(key="train_delete_0").click().run()
+    assert not at.exception
+    assert not (empty_runs / "drop-me").exists()

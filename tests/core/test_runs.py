@@ -279,3 +279,15 @@ def test_list_runs_reports_a_metrics_file_that_is_not_an_object(tmp_path: Path,
 
 def test_list_runs_of_a_missing_root_is_empty(tmp_path: Path) -> None:
     assert list_runs(tmp_path / "nowhere") == []
+
+
+def test_run_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> None:
+    from core.runs import run_lock
+
+    folder = tmp_path / "run"
+    with run_lock(folder):
+        with pytest.raises(RunError, match="another process is training this run"):
+            with run_lock(folder):
+                pass
+    with run_lock(folder):  # released on exit
+        pass
