@@ -8,12 +8,16 @@ guess about the architecture. Presets are plain functions returning these datacl
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_VERSION = 1
 SETTINGS = ("one-class", "unbalanced")
 PRESETS = ("quick", "paper")
+MAX_BLOCKS = 64  # per ResNet stage (ResNet-152 has 36): a stored config cannot ask for more
 
 
 class ConfigError(ValueError):
@@ -50,8 +54,9 @@ class ModelConfig:
             raise ConfigError(f"image_size={self.image_size}: expected 8..1024 pixels")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"in_channels={self.in_channels}: expected 1 or 3")
-        if len(self.blocks) != 4 or min(self.blocks) < 1:
-            raise ConfigError(f"blocks={self.blocks}: expected four positive block counts")
+        if len(self.blocks) != 4 or min(self.blocks) < 1 or max(self.blocks) > MAX_BLOCKS:
+            raise ConfigError(f"blocks={self.blocks}: expected four block counts in "
+                              f"1..{MAX_BLOCKS}")
         if not 0.05 <= self.width <= 4:
             raise ConfigError(f"width={self.width}: expected a multiplier in 0.05..4")
         valid = {f"layer{i}" for i in range(1, 5)}
@@ -222,11 +227,16 @@ class RunConfig:
         if not isinstance(raw, dict):
             raise ConfigError("config: expected a JSON object")
         version = raw.get("version")
-        if version != CONFIG_VERSION:
+        if not _fits(version, int) or version != CONFIG_VERSION:
             raise ConfigError(
                 f"config version {version!r}: this anomem reads version {CONFIG_VERSION} "
                 "(retrain the run with this version)"
             )
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"config: unknown {', '.join(map(_key, unknown))}")
+        if not isinstance(raw.get("preset", "quick"), str):
+            raise ConfigError(f"config: preset={_short(raw['preset'])}: expected a string")
         sections = {}
         for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
             if not isinstance(raw.get(name), dict):
@@ -237,7 +247,7 @@ class RunConfig:
                 model=ModelConfig(**sections["model"]),
                 train=TrainConfig(**sections["train"]),
                 data=DataConfig(**sections["data"]),
-                preset=str(raw.get("preset", "quick")),
+                preset=raw.get("preset", "quick"),
                 version=version,
             )
         except (TypeError, ValueError) as err:
@@ -251,9 +261,64 @@ def _checked_fields(kind: type, raw: dict, section: str) -> dict:
     missing, unknown = sorted(names - set(raw)), sorted(set(raw) - names)
     if missing or unknown:
         parts = ([f"missing {', '.join(missing)}"] if missing else []) + \
-            ([f"unknown {', '.join(unknown)}"] if unknown else [])
+            ([f"unknown {', '.join(map(_key, unknown))}"] if unknown else [])
         raise ConfigError(f"config section {section!r}: {'; '.join(parts)}")
+    for name, hint in typing.get_type_hints(kind).items():
+        if not _fits(raw[name], hint):
+            raise ConfigError(f"config: {section}.{name}={_short(raw[name])}: expected "
+                              f"{_describe(hint)}")
     return raw
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a JSON value has a field's annotated type (a list stands for a tuple, an int
+    for a float; numbers must be finite). Nested sections are checked on their own."""
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool or hint is str:
+        return isinstance(value, hint)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # an integer beyond the range of a float
+            return False
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, list | tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(
+            _fits(v, a) for v, a in zip(value, args, strict=True))
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        count = "" if args[-1] is Ellipsis else f"{len(args)} "
+        return f"a list of {count}items, each {_describe(args[0])}"
+    names = {bool: "true or false", int: "an integer", float: "a finite number",
+             str: "a string", type(None): "null"}
+    return names.get(hint, str(hint))
+
+
+def _key(name: str) -> str:
+    """A stored key as a message shows it: quoted unless it is a plain identifier."""
+    return name if name.isidentifier() else repr(name)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _require_int(obj: Any, name: str) -> None:

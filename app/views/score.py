@@ -18,7 +18,9 @@ st.caption(
     f"{cfg.image_size}×{cfg.image_size} px and scored against threshold "
     f"{float(run.model.detector.threshold):.3f}."
 )
-files = st.file_uploader("Images", type=sorted(s.lstrip(".") for s in IMAGE_SUFFIXES),
+# No `type=` filter: Streamlit's own check raises for the whole widget on one wrong suffix;
+# explore.validate_upload refuses that file alone, with its name and the accepted types.
+files = st.file_uploader(f"Images ({', '.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES))})",
                          accept_multiple_files=True, key="score_files")
 if not files:
     st.info("Upload one or more images to score them.")

@@ -2,7 +2,8 @@
 
 Each class is a folder of images directly inside ROOT/train or ROOT/test (sub-folders of a
 class folder are not searched). Files are taken in sorted order; files whose suffix is not an
-image suffix, and hidden files, are ignored; an unreadable image is skipped with a warning.
+image suffix, and hidden files, are ignored; an unreadable image is skipped with a warning,
+but a class folder with no readable image is refused.
 A class may appear in only one of the two splits.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from core.data.base import DataError, Pool
-from core.data.imageio import Progress, list_images, load_images, warn_skipped
+from core.data.imageio import Progress, describe_skipped, list_images, load_images, warn_skipped
 
 LAYOUT = "ROOT/train/<class>/*.png|jpg|... and ROOT/test/<class>/*"
 SPLITS = ("train", "test")
@@ -42,8 +43,9 @@ def load_pools(root: Path | None, image_size: int, progress: Progress = None) ->
         for path in by_split[split][name]
     ]
     where = {path: (split, name) for split, name, path in entries}
-    array, kept, skipped = load_images([path for _, _, path in entries], image_size,
-                                       progress=progress)
+    paths = [path for _, _, path in entries]
+    array, kept, skipped = load_images(paths, image_size, progress=progress)
+    _check_readable(root, by_split, paths, kept, skipped)
     warn_skipped(skipped, f"'{root}'")
     images = torch.from_numpy(array)
     n_train = sum(where[path][0] == "train" for path in kept)
@@ -54,6 +56,23 @@ def load_pools(root: Path | None, image_size: int, progress: Progress = None) ->
         Pool(images=images[n_train:], classes=[where[p][1] for p in test],
              names=[str(p) for p in test]),
     )
+
+
+def _check_readable(root: Path, by_split: dict[str, dict[str, list[Path]]], paths: list[Path],
+                    kept: list[Path], skipped: list[str]) -> None:
+    """A class folder none of whose image files can be read is refused, naming them: left to
+    the skipping, the class would silently vanish and a later error would not say why."""
+    readable = set(kept)
+    failed = [path for path in paths if path not in readable]  # in the order of `skipped`
+    reasons = dict(zip(failed, skipped, strict=True))
+    for split, found in by_split.items():
+        for name, files in sorted(found.items()):
+            if all(path in reasons for path in files):
+                raise DataError(
+                    f"class folder '{root / split / name}': none of its {len(files)} image "
+                    "file(s) can be read (expected at least one readable image):\n"
+                    + describe_skipped([reasons[path] for path in files])
+                )
 
 
 def _no_classes(root: Path) -> DataError:

@@ -159,7 +159,8 @@ def _decode(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise DataError(_message(name, f"refused as a decompression bomb ({err})")) from None
     except OSError as err:
-        reason = "truncated file" if "truncated" in str(err) else f"broken image data ({err})"
+        truncated = "truncated" in str(err).lower()  # PIL says both "truncated" and "Truncated"
+        reason = "truncated file" if truncated else f"broken image data ({err})"
         raise DataError(_message(name, reason)) from None
     except Exception as err:  # any decoder failure on untrusted bytes
         reason = f"broken image data ({type(err).__name__}: {err})"
