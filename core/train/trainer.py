@@ -24,6 +24,7 @@ from core.data.base import DataError, ImageSet
 from core.model.anomem import AnoMem
 from core.model.detector import fit_gaussian, fit_ppca
 from core.model.memory import MemoryRead
+from core.train.allocator import keep_freed_memory
 from core.train.augment import augment, shift, to_float
 from core.train.checkpoint import (
     CHECKPOINT,
@@ -98,9 +99,11 @@ def train(cfg: RunConfig, train_set: ImageSet, progress: ProgressFn | None = Non
     """
     tc = cfg.train
     dist = dist or Dist()
+    keep_freed_memory()
     torch.manual_seed(tc.seed)
     device = dist.device(resolve_device(tc.device))
-    model = AnoMem(cfg.model).to(device)
+    # channels_last: about 20% faster convolutions on CPU (oneDNN), the GPU default of choice
+    model = AnoMem(cfg.model).to(device, memory_format=torch.channels_last)
     fit_idx, cal_idx = split_normals(train_set, tc.holdout, tc.seed)
     anomaly_idx = np.flatnonzero(train_set.labels.numpy() == 1)
     budget = None if tc.max_minutes is None else tc.max_minutes * 60
@@ -248,6 +251,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
             batch, is_anom, is_shift = make_batch(normals[perm[i * bs:(i + 1) * bs]],
                                                   anomalies, n_anom, tc.shift_negatives, g)
             views = torch.cat([augment(batch, tc.augment, g), augment(batch, tc.augment, g)])
+            views = views.contiguous(memory_format=torch.channels_last)
             out, attention = step_fn(views, is_anom, is_shift)
 
             state.elapsed_s = elapsed0 + time.perf_counter() - session

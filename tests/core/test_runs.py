@@ -285,9 +285,8 @@ def test_run_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> Non
     from core.runs import run_lock
 
     folder = tmp_path / "run"
-    with run_lock(folder):
-        with pytest.raises(RunError, match="another process is training this run"):
-            with run_lock(folder):
-                pass
+    second = pytest.raises(RunError, match="another process is training this run")
+    with run_lock(folder), second, run_lock(folder):
+        pass
     with run_lock(folder):  # released on exit
         pass

@@ -1,0 +1,116 @@
+"""What a stage-1 step costs, against the bare backbone on the same batches.
+
+All timings run in one process, one after another, on the same images, so their ratios hold
+even on a busy machine where the absolute numbers do not.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from core.config import RunConfig
+from core.model.anomem import AnoMem
+from core.train.allocator import keep_freed_memory
+from core.train.augment import augment, to_float
+from core.train.losses import MemoryContrastLoss
+from core.train.trainer import ContrastStep, make_batch, resolve_device
+
+
+@dataclass
+class SpeedReport:
+    device: str
+    threads: int
+    batch: int  # training images per step
+    backbone_images_per_s: float  # bare backbone, forward + backward of two views
+    anomem_images_per_s: float  # the full stage-1 step, shifted negatives included
+    anomem_no_shift_images_per_s: float  # the same step without shifted negatives
+    step_cost_ratio: float  # backbone / anomem images per s: cost per training image
+    step_cost_ratio_no_shift: float
+    inference_images_per_s: float  # scoring (stage 2's detector included)
+    data_share: float  # share of a training step spent making the batch and its views
+    peak_memory_mb: float  # process peak RSS on CPU, peak allocated on CUDA
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _timed(fn: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds per call of `fn`, after one warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(cfg: RunConfig, images: torch.Tensor, steps: int = 10) -> SpeedReport:
+    """Time `steps` stage-1 steps of `cfg` on uint8 `images` against the bare backbone."""
+    tc = cfg.train
+    keep_freed_memory()
+    device = resolve_device(tc.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    bs = min(tc.batch_size, len(images))
+    g = torch.Generator().manual_seed(tc.seed)
+    batch = images[:bs].to(device)
+    empty = images[:0].to(device)
+
+    model = AnoMem(cfg.model).to(device, memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step = ContrastStep(model, MemoryContrastLoss(tc))
+
+    def prepare(shifts: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        b, is_anom, is_shift = make_batch(batch, empty, 0, shifts, g)
+        views = torch.cat([augment(b, tc.augment, g), augment(b, tc.augment, g)])
+        return views.contiguous(memory_format=torch.channels_last), is_anom, is_shift
+
+    prepared = {s: prepare(s) for s in (tc.shift_negatives, ())}
+
+    def anomem_step(shifts: tuple[str, ...]) -> Callable[[], None]:
+        def run() -> None:
+            out, _ = step(*prepared[shifts])
+            opt.zero_grad(set_to_none=True)
+            out.total.backward()
+            opt.step()
+        return run
+
+    views = prepared[()][0]
+
+    def backbone_step() -> None:
+        maps = model.backbone(views)
+        loss = sum(m.float().mean() for m in maps.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    backbone_s = _timed(backbone_step, steps, device)
+    anomem_s = _timed(anomem_step(tc.shift_negatives), steps, device)
+    plain_s = _timed(anomem_step(()), steps, device)
+    prep_s = _timed(lambda: prepare(tc.shift_negatives), steps, device)
+
+    model.eval()
+    test = to_float(images[:256].to(device))
+    with torch.no_grad():
+        infer_s = _timed(lambda: model.score(test), max(1, steps // 2), device)
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return SpeedReport(
+        device=str(device), threads=torch.get_num_threads(), batch=bs,
+        backbone_images_per_s=bs / backbone_s, anomem_images_per_s=bs / anomem_s,
+        anomem_no_shift_images_per_s=bs / plain_s,
+        step_cost_ratio=anomem_s / backbone_s, step_cost_ratio_no_shift=plain_s / backbone_s,
+        inference_images_per_s=len(test) / infer_s,
+        data_share=prep_s / (prep_s + anomem_s), peak_memory_mb=peak,
+    )
