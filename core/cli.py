@@ -16,6 +16,7 @@ from pathlib import Path
 from core.config import PRESETS, SETTINGS, ConfigError, DataConfig, RunConfig, preset
 
 EXIT_BAD_INPUT = 2
+SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed")  # core.bench.run's
 UNBOUNDED_EPOCHS = 100_000
 
 
@@ -59,6 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="recompute RUN_DIR/metrics.json")
     e.add_argument("run_dir")
     e.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+    b = sub.add_parser("bench", help="AnoMem, its ablations and its peers side by side "
+                                     "(resumable; writes results.csv and results.md)")
+    b.add_argument("--out", default="benchmarks", help="folder of results and runs")
+    b.add_argument("--minutes", type=float, default=5.0,
+                   help="training budget of each trained method per cell (default 5)")
+    b.add_argument("--suites", default=",".join(SUITES),
+                   help=f"comma-separated, from {', '.join(SUITES)}")
+    b.add_argument("--data-root", help="folder holding cifar10/ and mvtec_ad/bottle/")
+    b.add_argument("--path", action="append", default=[],
+                   help="also a class-folder data set or an MVTec-layout category (repeatable)")
+    b.add_argument("--classes", default="",
+                   help="comma-separated normal classes to run (default: all)")
+    b.add_argument("--unbalanced-class", help="normal class of the unbalanced suite")
+    b.add_argument("--anomaly-class", help="class its labelled anomalies come from")
+    b.add_argument("--ratios", default="0.01,0.05,0.1",
+                   help="labelled anomalies per normal training image")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     s = sub.add_parser("score", help="print one anomaly score per image")
     s.add_argument("run_dir")
@@ -196,6 +216,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from core.bench.run import BenchOptions, bench
+
+    suites = tuple(x.strip() for x in args.suites.split(",") if x.strip())
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        raise CliError(f"--suites: unknown {', '.join(unknown)} (expected {', '.join(SUITES)})")
+    try:
+        ratios = tuple(float(x) for x in args.ratios.split(",") if x.strip())
+    except ValueError:
+        raise CliError(f"--ratios {args.ratios!r}: expected numbers like 0.01,0.05") from None
+    if not ratios or not all(0 < r <= 1 for r in ratios):
+        raise CliError(f"--ratios {args.ratios!r}: expected numbers in (0, 1]")
+    if args.minutes <= 0:
+        raise CliError(f"--minutes {args.minutes}: expected a positive budget")
+    root = Path(args.data_root) if args.data_root else None
+    if root is not None and not root.is_dir():
+        raise CliError(f"--data-root {root}: not a folder")
+    for path in args.path:
+        if not Path(path).is_dir():
+            raise CliError(f"--path {path}: not a folder")
+    opts = BenchOptions(
+        out=Path(args.out), minutes=args.minutes, suites=suites, data_root=root,
+        paths=tuple(Path(p) for p in args.path),
+        classes=tuple(c for c in args.classes.split(",") if c),
+        unbalanced_class=args.unbalanced_class, anomaly_class=args.anomaly_class,
+        ratios=ratios, seed=args.seed, device=args.device)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    bench(opts, say)
+    print(f"results in {opts.out / 'results.csv'} and {opts.out / 'results.md'}")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -236,7 +292,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"datasets": cmd_datasets, "train": cmd_train, "evaluate": cmd_evaluate,
-                "score": cmd_score}
+                "score": cmd_score, "bench": cmd_bench}
     from core.data.base import DataError
     from core.runs import RunError
     from core.train.trainer import TrainingCancelled

@@ -1,0 +1,456 @@
+"""`anomem bench`: AnoMem, its ablations and its peers on the same splits, side by side.
+
+The benchmark is a list of cells (a data set, a normal class, a setting) and, in each, a list of
+methods. Every finished (cell, method) becomes one row of `results.csv`, which is rewritten
+atomically after each row together with `results.md`; a rerun reads the CSV and skips what is
+there, so an interrupted benchmark resumes where it stopped. AnoMem's run folders are kept under
+`runs/`, so its ablations come from the very model that was benchmarked.
+
+Suites:
+- shapes: the built-in data, one cell with object, style and local anomalies;
+- cifar10: one-class, every class normal in turn, the nine others anomalous (class folders
+  DATA/cifar10/{train,test}/<class>/);
+- cifar10-unbalanced: the Deep SAD protocol, labelled anomalies drawn from one anomaly class
+  at each ratio, test on all ten classes;
+- mvtec: MVTec AD bottle (DATA/mvtec_ad/bottle), image and pixel AUROC;
+- speed: a stage-1 step against the bare backbone (see core.bench.speed);
+- any `--path`: a class-folder data set (every class in turn) or one MVTec-layout category.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.bench.ablations import deviation_norm_scores, encoder_knn_scores
+from core.bench.peers import DeepSVDD, Peer, make_peers
+from core.config import DataConfig, RunConfig, preset
+from core.data import DataError, Split, list_classes, load_split
+from core.metrics import image_metrics
+from core.pipeline import resumable, resume_run, train_run
+from core.runs import METRICS, WEIGHTS, load_run, read_json, safe_name, write_atomic, write_json
+from core.train.trainer import Progress
+
+SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed")
+COLUMNS = ("suite", "dataset", "normal_class", "setting", "ratio", "method", "kind", "auroc",
+           "pixel_auroc", "by_type", "train_s", "note")
+UNBOUNDED_EPOCHS = 100_000
+ANOMEM = "AnoMem"
+
+# Published mean AUROC (%), quoted beside ours: GPU-scale training, original CIFAR files.
+PUBLISHED = {
+    "cifar10": [("CSI (Tack et al. 2020)", 94.3), ("Deep SVDD (Ruff et al. 2018)", 64.8)],
+    "cifar100": [("CSI (Tack et al. 2020)", 89.6)],
+    "cifar10-unbalanced": [("Deep SAD (Ruff et al. 2020)", {0.01: 72.6, 0.05: 77.9, 0.1: 79.8})],
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One split of one data set: every method of the benchmark runs on exactly this."""
+
+    suite: str
+    dataset: str
+    root: str | None
+    normal_class: str
+    setting: str = "one-class"
+    ratio: float = 0.0
+    anomaly_classes: tuple[str, ...] = ()
+
+    def data(self, seed: int) -> DataConfig:
+        return DataConfig(dataset=self.dataset, root=self.root, normal_class=self.normal_class,
+                          setting=self.setting, anomaly_ratio=self.ratio or 0.05,
+                          anomaly_classes=self.anomaly_classes, seed=seed)
+
+    @property
+    def label(self) -> str:
+        extra = f" {self.ratio:.0%} labelled" if self.setting == "unbalanced" else ""
+        return f"{self.suite} · {self.normal_class}{extra}"
+
+    @property
+    def slug(self) -> str:
+        ratio = f"-{self.ratio:g}" if self.setting == "unbalanced" else ""
+        return safe_name(f"{self.suite}-{self.normal_class}-{self.setting}{ratio}")
+
+    def key(self, method: str) -> tuple[str, str, str, str, str]:
+        return (self.suite, self.normal_class, self.setting, f"{self.ratio:g}", method)
+
+
+@dataclass
+class BenchOptions:
+    out: Path = Path("benchmarks")
+    minutes: float = 5.0  # training budget of every trained method, per cell
+    suites: tuple[str, ...] = SUITES
+    data_root: Path | None = None
+    paths: tuple[Path, ...] = ()
+    classes: tuple[str, ...] = ()  # restrict the class-folder suites to these normal classes
+    unbalanced_class: str | None = None  # None: the first class
+    anomaly_class: str | None = None  # None: the class after it
+    ratios: tuple[float, ...] = (0.01, 0.05, 0.1)
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class Results:
+    """results.csv as rows keyed by (suite, class, setting, ratio, method)."""
+
+    path: Path
+    rows: dict[tuple, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> Results:
+        res = cls(Path(path))
+        if res.path.is_file():
+            with open(res.path, newline="") as f:
+                for row in csv.DictReader(f):
+                    if set(COLUMNS) <= set(row):
+                        res.rows[_row_key(row)] = row
+        return res
+
+    def has(self, cell: Cell, method: str) -> bool:
+        return cell.key(method) in self.rows
+
+    def add(self, row: dict) -> None:
+        self.rows[_row_key(row)] = {c: _fmt(row.get(c)) for c in COLUMNS}
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows.values())
+        write_atomic(self.path, buf.getvalue())
+
+
+def _row_key(row: dict) -> tuple:
+    ratio = row.get("ratio") or 0.0
+    return (row["suite"], row["normal_class"], row["setting"], f"{float(ratio):g}",
+            row["method"])
+
+
+def _fmt(v: object) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, dict):
+        return json.dumps({k: round(x, 4) for k, x in v.items()}, sort_keys=True)
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+def plan(opts: BenchOptions, say: Callable[[str], None] = print) -> list[Cell]:
+    """The cells of the requested suites whose data is present; says why others are skipped."""
+    cells: list[Cell] = []
+    root = opts.data_root
+    if "shapes" in opts.suites:
+        cells.append(Cell("shapes", "shapes", None, list_classes("shapes")[0]))
+    cifar = _cifar(root)
+    for suite in ("cifar10", "cifar10-unbalanced"):
+        if suite not in opts.suites:
+            continue
+        if cifar is None:
+            say(f"{suite}: skipped (expects class folders DATA/cifar10/{{train,test}}/<class>/ "
+                f"under --data-root, got {root})")
+            continue
+        classes = list_classes(*cifar)
+        if suite == "cifar10":
+            cells += [Cell(suite, *cifar, c) for c in classes
+                      if not opts.classes or c in opts.classes]
+        else:
+            normal = opts.unbalanced_class or classes[0]
+            anomaly = opts.anomaly_class or classes[(classes.index(normal) + 1) % len(classes)]
+            cells += [Cell(suite, *cifar, normal, "unbalanced", r, (anomaly,))
+                      for r in opts.ratios]
+    if "mvtec" in opts.suites:
+        bottle = root / "mvtec_ad" / "bottle" if root else None
+        if bottle is None or not (bottle / "train" / "good").is_dir():
+            say(f"mvtec: skipped (expects DATA/mvtec_ad/bottle/ under --data-root, got {root})")
+        else:
+            cells.append(Cell("mvtec", "mvtec", str(bottle), "good"))
+    for path in opts.paths:
+        cells += _path_cells(Path(path), opts.classes)
+    return cells
+
+
+def _cifar(root: Path | None) -> tuple[str, str] | None:
+    """(dataset, root) of CIFAR-10 under `root`: class folders, or the original files."""
+    if root is None:
+        return None
+    folder = Path(root) / "cifar10"
+    for dataset in ("folder", "cifar10"):
+        try:
+            if list_classes(dataset, folder):
+                return dataset, str(folder)
+        except DataError:
+            continue
+    return None
+
+
+def _path_cells(path: Path, only: tuple[str, ...]) -> list[Cell]:
+    if (path / "train" / "good").is_dir() and (path / "test").is_dir():
+        return [Cell(f"path:{path.name}", "mvtec", str(path), "good")]
+    classes = list_classes("folder", path)  # DataError names the path and the layout
+    return [Cell(f"path:{path.name}", "folder", str(path), c) for c in classes
+            if not only or c in only]
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def anomem_config(cell: Cell, opts: BenchOptions) -> RunConfig:
+    """The quick preset trained for the benchmark's time budget (epochs unbounded)."""
+    cfg = preset("quick", cell.data(opts.seed))
+    cfg.train.epochs = UNBOUNDED_EPOCHS
+    cfg.train.max_minutes = opts.minutes
+    cfg.train.seed, cfg.train.device = opts.seed, opts.device
+    return cfg.checked()
+
+
+def _metrics_row(cell: Cell, method: str, kind: str, labels: np.ndarray, scores: np.ndarray,
+                 types: list[str], train_s: float | None, note: str = "",
+                 pixel: float | None = None) -> dict:
+    m = image_metrics(labels, scores, types)
+    return {"suite": cell.suite, "dataset": cell.dataset, "normal_class": cell.normal_class,
+            "setting": cell.setting, "ratio": cell.ratio, "method": method, "kind": kind,
+            "auroc": m["auroc"], "pixel_auroc": pixel, "by_type": m["auroc_by_type"],
+            "train_s": train_s, "note": note}
+
+
+def run_anomem(cell: Cell, split: Split, opts: BenchOptions,
+               say: Callable[[str], None] = print) -> Iterator[dict]:
+    """Train (or reuse, or resume) AnoMem on the cell; yield its row and its ablations' rows."""
+    out = opts.out / "runs" / cell.slug
+    last = [time.monotonic()]
+
+    def progress(p: Progress) -> None:  # a line every half minute, not a bar per cell
+        if time.monotonic() - last[0] > 30:
+            last[0] = time.monotonic()
+            say(f"    {p.stage} {p.done:.0%}: {p.message}")
+
+    if (out / WEIGHTS).is_file() and (out / METRICS).is_file():
+        metrics = read_json(out / METRICS)
+    elif resumable(out):
+        say(f"    resuming {out}")
+        metrics = resume_run(out, progress)
+    else:
+        if out.exists():
+            shutil.rmtree(out)  # a run that died before its first checkpoint
+        metrics = train_run(anomem_config(cell, opts), out, progress, split=split)
+    test, labels = split.test, split.test.labels.numpy()
+    row = {"suite": cell.suite, "dataset": cell.dataset, "normal_class": cell.normal_class,
+           "setting": cell.setting, "ratio": cell.ratio, "kind": "ours",
+           "train_s": metrics.get("train_seconds")}
+    yield {**row, "method": ANOMEM, "auroc": metrics["auroc"],
+           "pixel_auroc": metrics.get("pixel_auroc"), "by_type": metrics["auroc_by_type"],
+           "note": f"{len(read_history_epochs(out))} epochs"}
+    for scale, value in metrics["auroc_by_scale"].items():
+        yield {**row, "method": f"AnoMem, {scale} only", "kind": "ablation", "auroc": value,
+               "note": "same model, one scale's score"}
+    model = load_run(out).model
+    device = "cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu"
+    normals = split.train.images[split.train.labels == 0]
+    knn = encoder_knn_scores(model, normals, test.images, device=device)
+    yield _metrics_row(cell, "AnoMem, no memory (encoder + kNN)", "ablation", labels, knn,
+                       test.types, None, "same encoder, pooled queries, cosine kNN k=2")
+    dev = deviation_norm_scores(model, test.images, device=device)
+    yield _metrics_row(cell, "AnoMem, no stage 2 (deviation norm)", "ablation", labels, dev,
+                       test.types, None, "same memory, mean |q - r|, no detector")
+
+
+def read_history_epochs(out: Path) -> list[int]:
+    file = out / "history.jsonl"
+    if not file.is_file():
+        return []
+    return [json.loads(line)["epoch"] for line in file.read_text().splitlines() if line]
+
+
+def peers_for(cell: Cell, opts: BenchOptions) -> list[Peer]:
+    """All peers one-class; only Deep SAD (Deep SVDD given the labels) when unbalanced: the
+    shallow peers ignore labels and would repeat their one-class numbers."""
+    device = "cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu"
+    if cell.setting == "unbalanced":
+        return [DeepSVDD(minutes=opts.minutes, seed=opts.seed, device=device)]
+    return make_peers(opts.minutes, opts.seed, device)
+
+
+def run_peer(cell: Cell, split: Split, peer: Peer) -> dict:
+    train = split.train
+    normals = train.images[train.labels == 0]
+    anomalies = train.images[train.labels == 1]
+    start = time.perf_counter()
+    peer.fit(normals, anomalies if len(anomalies) else None)
+    fit_s = time.perf_counter() - start
+    scores = peer.score(split.test.images)
+    return _metrics_row(cell, peer.name, "peer", split.test.labels.numpy(), scores,
+                        split.test.types, fit_s)
+
+
+def run_speed(opts: BenchOptions, say: Callable[[str], None]) -> None:
+    from core.bench.speed import measure
+
+    file = opts.out / "speed.json"
+    if file.is_file():
+        return
+    cifar = _cifar(opts.data_root)
+    data = (DataConfig(dataset=cifar[0], root=cifar[1], max_train=1024, seed=opts.seed)
+            if cifar else DataConfig(seed=opts.seed))
+    split = load_split(data)
+    cfg = preset("quick", data)
+    cfg.train.device = opts.device
+    say(f"speed: timing stage-1 steps on {data.dataset} ({cfg.model.image_size} px)")
+    report = measure(cfg, split.train.images)
+    write_json(file, {**report.as_dict(), "dataset": data.dataset,
+                      "image_size": cfg.model.image_size})
+
+
+def bench(opts: BenchOptions, say: Callable[[str], None] = print) -> Results:
+    """Run every missing (cell, method) of the plan; returns the results so far."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    results = Results.load(opts.out / "results.csv")
+    cells = plan(opts, say)
+    todo = [(c, m) for c in cells for m in [ANOMEM, *(p.name for p in peers_for(c, opts))]
+            if not results.has(c, m)]
+    say(f"{len(cells)} cells, {len(todo)} (cell, method) pairs to run, "
+        f"{opts.minutes:g} min training budget each")
+    if "speed" in opts.suites:
+        run_speed(opts, say)
+    done = 0
+    for cell in cells:
+        methods = [ANOMEM, *peers_for(cell, opts)]
+        if all(results.has(cell, m if isinstance(m, str) else m.name) for m in methods):
+            continue
+        split = load_split(cell.data(opts.seed))
+        for method in methods:
+            name = method if isinstance(method, str) else method.name
+            if results.has(cell, name):
+                continue
+            done += 1
+            say(f"[{done}/{len(todo)}] {cell.label} · {name} …")
+            start = time.perf_counter()
+            rows = list(run_anomem(cell, split, opts, say)) if name == ANOMEM else [
+                run_peer(cell, split, method)]
+            for row in rows:
+                results.add(row)
+            write_atomic(opts.out / "results.md", render_markdown(results, opts))
+            say(f"    AUROC {rows[0]['auroc']:.3f} ({time.perf_counter() - start:.0f} s)")
+    write_atomic(opts.out / "results.md", render_markdown(results, opts))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# the Markdown report
+
+
+def _pct(v: object) -> str:
+    if v in (None, ""):
+        return "–"
+    return f"{100 * float(v):.1f}"
+
+
+def _methods(rows: list[dict]) -> list[str]:
+    order = {"ours": 0, "ablation": 1, "peer": 2}
+    seen: dict[str, int] = {}
+    for r in rows:
+        seen.setdefault(r["method"], order.get(r["kind"], 3))
+    return sorted(seen, key=lambda m: (seen[m], list(seen).index(m)))
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _by_class_table(rows: list[dict], suite: str) -> str:
+    classes = list(dict.fromkeys(r["normal_class"] for r in rows))
+    body = []
+    for m in _methods(rows):
+        vals = {r["normal_class"]: r["auroc"] for r in rows if r["method"] == m}
+        got = [float(vals[c]) for c in classes if vals.get(c)]
+        mean = _pct(np.mean(got)) + ("" if len(got) == len(classes) else f" ({len(got)})")
+        body.append([m, *(_pct(vals.get(c)) for c in classes), mean if got else "–"])
+    for name, value in PUBLISHED.get(suite, []):
+        body.append([f"{name}, published, GPU-scale", *("" for _ in classes), f"{value:.1f}"])
+    return _table(["method", *classes, "mean"], body)
+
+
+def _unbalanced_table(rows: list[dict], one_class: list[dict]) -> str:
+    ratios = sorted({float(r["ratio"]) for r in rows})
+    normal = rows[0]["normal_class"]
+    body = []
+    for m in _methods(rows):
+        vals = {float(r["ratio"]): r["auroc"] for r in rows if r["method"] == m}
+        ref = next((r["auroc"] for r in one_class
+                    if r["normal_class"] == normal and r["method"] == m), None)
+        body.append([m, _pct(ref), *(_pct(vals.get(x)) for x in ratios)])
+    for name, values in PUBLISHED["cifar10-unbalanced"]:
+        body.append([f"{name}, published, GPU-scale (mean over classes)", "",
+                     *(f"{values[x]:.1f}" if x in values else "" for x in ratios)])
+    return _table(["method", "one-class (0%)", *(f"{x:.0%}" for x in ratios)], body)
+
+
+def _types_table(rows: list[dict]) -> str:
+    types = sorted({t for r in rows for t in json.loads(r["by_type"] or "{}")})
+    body = []
+    for m in _methods(rows):
+        r = next(r for r in rows if r["method"] == m)
+        by_type = json.loads(r["by_type"] or "{}")
+        secs = f"{float(r['train_s']):.0f}" if r["train_s"] else ""
+        body.append([m, _pct(r["auroc"]), *(_pct(by_type.get(t)) for t in types),
+                     _pct(r["pixel_auroc"]), secs])
+    return _table(["method", "AUROC", *types, "pixel AUROC", "train s"], body)
+
+
+def render_markdown(results: Results, opts: BenchOptions) -> str:
+    """results.md: one table per suite (AUROC, %), then the speed report."""
+    rows = list(results.rows.values())
+    parts = [f"# Benchmark\n\nAUROC in %, {opts.minutes:g} min training budget per cell on "
+             f"this machine; `–`: not run yet. Ablations reuse the benchmarked model.\n"]
+    suites = list(dict.fromkeys(r["suite"] for r in rows))
+    for suite in suites:
+        mine = [r for r in rows if r["suite"] == suite]
+        if suite == "cifar10":
+            parts.append(f"## CIFAR-10, one-class\n\n{_by_class_table(mine, suite)}\n")
+        elif suite == "cifar10-unbalanced":
+            one = [r for r in rows if r["suite"] == "cifar10"]
+            anomaly = mine[0]["normal_class"]
+            parts.append(f"## CIFAR-10, unbalanced (normal: {anomaly}; labelled anomalies from "
+                         f"one class)\n\n{_unbalanced_table(mine, one)}\n")
+        elif suite.startswith("path:") and len({r["normal_class"] for r in mine}) > 1:
+            parts.append(f"## {suite[5:]}\n\n{_by_class_table(mine, suite)}\n")
+        else:
+            title = {"shapes": "shapes (built-in)", "mvtec": "MVTec AD bottle"}.get(
+                suite, suite.removeprefix("path:"))
+            parts.append(f"## {title}\n\n{_types_table(mine)}\n")
+    speed = opts.out / "speed.json"
+    if speed.is_file():
+        s = json.loads(speed.read_text())
+        parts.append(
+            "## Speed\n\n"
+            f"On {s['device']} ({s['threads']} threads), {s['dataset']} at {s['image_size']} px, "
+            f"batches of {s['batch']} training images:\n\n" + _table(["", "value"], [
+                ["bare backbone, forward + backward of two views",
+                 f"{s['backbone_images_per_s']:.0f} images/s"],
+                ["AnoMem stage-1 step (shifted negatives included)",
+                 f"{s['anomem_images_per_s']:.0f} images/s "
+                 f"({s['step_cost_ratio']:.2f}x the backbone's cost per image)"],
+                ["AnoMem stage-1 step without shifted negatives",
+                 f"{s['anomem_no_shift_images_per_s']:.0f} images/s "
+                 f"({s['step_cost_ratio_no_shift']:.2f}x)"],
+                ["inference (scores and maps)", f"{s['inference_images_per_s']:.0f} images/s"],
+                ["share of a step spent making batches and views", f"{s['data_share']:.1%}"],
+                ["peak memory", f"{s['peak_memory_mb']:.0f} MB"],
+            ]) + "\n")
+    return "\n".join(parts)

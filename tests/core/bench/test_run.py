@@ -1,0 +1,150 @@
+"""core/bench/run.py: the plan, the rows, the report, and resuming without recomputing."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.bench import run as bench_run
+from core.bench.run import ANOMEM, COLUMNS, BenchOptions, Cell, Results, bench, plan
+from core.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shapes_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("bench")
+    lines: list[str] = []
+    bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lines.append)
+    return out, lines
+
+
+def rows(out: Path) -> list[dict]:
+    with open(out / "results.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_every_method_gets_one_row_with_per_type_aurocs(shapes_bench) -> None:
+    out, lines = shapes_bench
+    got = rows(out)
+    methods = [r["method"] for r in got]
+    assert methods[0] == ANOMEM and len(methods) == len(set(methods))
+    assert {"AnoMem, layer2 only", "AnoMem, layer3 only", "AnoMem, layer4 only",
+            "AnoMem, no memory (encoder + kNN)", "AnoMem, no stage 2 (deviation norm)",
+            "kNN (pixels, k=2)", "Deep SVDD"} <= set(methods)
+    assert len(methods) == 10
+    for r in got:
+        assert list(r) == list(COLUMNS)
+        assert 0 <= float(r["auroc"]) <= 1
+    main_row = got[0]
+    assert set(json.loads(main_row["by_type"])) == {"object", "style", "local"}
+    assert 0 < float(main_row["pixel_auroc"]) <= 1 and float(main_row["train_s"]) > 0
+    assert (out / "runs" / "shapes-circle-one-class" / "model.safetensors").is_file()
+    assert any(line.startswith("[1/5] shapes") for line in lines)
+
+
+def test_markdown_report_has_a_table_row_per_method(shapes_bench) -> None:
+    out, _ = shapes_bench
+    md = (out / "results.md").read_text()
+    assert "## shapes (built-in)" in md
+    assert "| method | AUROC | local | object | style | pixel AUROC | train s |" in md
+    for r in rows(out):
+        assert f"| {r['method']} | {100 * float(r['auroc']):.1f} |" in md
+
+
+def test_a_rerun_computes_nothing_again(shapes_bench, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, _ = shapes_bench
+    before = (out / "results.csv").read_bytes()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a finished cell was recomputed")
+
+    monkeypatch.setattr(bench_run, "run_anomem", fail)
+    monkeypatch.setattr(bench_run, "run_peer", fail)
+    lines: list[str] = []
+    bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lines.append)
+    assert (out / "results.csv").read_bytes() == before
+    assert lines[0].startswith("1 cells, 0 (cell, method) pairs to run")
+
+
+def test_a_missing_row_is_rerun_from_the_saved_model(shapes_bench,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A benchmark killed after AnoMem trained reuses the run folder instead of retraining."""
+    out, _ = shapes_bench
+    results = Results.load(out / "results.csv")
+    kept = {k: v for k, v in results.rows.items() if not v["method"].startswith("AnoMem")}
+    expected = {k: v["auroc"] for k, v in results.rows.items()}
+    results.rows = kept
+    results.add(next(iter(kept.values())))  # rewrite the CSV without AnoMem's rows
+    monkeypatch.setattr(bench_run, "train_run", lambda *a, **k: pytest.fail("retrained"))
+    bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lambda line: None)
+    again = Results.load(out / "results.csv").rows
+    assert {k: v["auroc"] for k, v in again.items()} == expected
+
+
+def test_plan_skips_absent_data_and_says_why(tmp_path: Path) -> None:
+    said: list[str] = []
+    cells = plan(BenchOptions(out=tmp_path, data_root=tmp_path), said.append)
+    assert [c.suite for c in cells] == ["shapes"]
+    assert any(line.startswith("cifar10: skipped") for line in said)
+    assert any(line.startswith("mvtec: skipped") and "mvtec_ad/bottle" in line for line in said)
+
+
+def test_plan_of_cifar_and_a_path(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        for c in ("ant", "bee", "cat"):
+            folder = tmp_path / "cifar10" / split / c
+            folder.mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(folder / "0.png")
+    opts = BenchOptions(out=tmp_path, data_root=tmp_path, suites=("cifar10",
+                        "cifar10-unbalanced"), paths=(tmp_path / "cifar10",), classes=("bee",),
+                        ratios=(0.01, 0.1))
+    cells = plan(opts, lambda line: None)
+    assert [(c.suite, c.normal_class, c.setting, c.ratio, c.anomaly_classes) for c in cells] == [
+        ("cifar10", "bee", "one-class", 0.0, ()),
+        ("cifar10-unbalanced", "ant", "unbalanced", 0.01, ("bee",)),
+        ("cifar10-unbalanced", "ant", "unbalanced", 0.1, ("bee",)),
+        ("path:cifar10", "bee", "one-class", 0.0, ()),
+    ]
+    assert [p.name for p in bench_run.peers_for(cells[1], opts)] == ["Deep SVDD"]
+
+
+def test_unbalanced_report_puts_the_one_class_number_beside_the_ratios(tmp_path: Path) -> None:
+    res = Results(tmp_path / "r.csv")
+    one = Cell("cifar10", "folder", "x", "airplane")
+    for ratio, value in ((0.01, 0.7), (0.1, 0.8)):
+        cell = Cell("cifar10-unbalanced", "folder", "x", "airplane", "unbalanced", ratio,
+                    ("automobile",))
+        res.add({**bench_run._metrics_row(cell, ANOMEM, "ours", np.array([0, 1]),
+                                          np.array([0.0, 1.0]), ["normal", "a"], 1.0),
+                 "auroc": value})
+    res.add({**bench_run._metrics_row(one, ANOMEM, "ours", np.array([0, 1]),
+                                      np.array([0.0, 1.0]), ["normal", "a"], 1.0),
+             "auroc": 0.65})
+    md = bench_run.render_markdown(res, BenchOptions(out=tmp_path))
+    assert "| method | one-class (0%) | 1% | 10% |" in md
+    assert "| AnoMem | 65.0 | 70.0 | 80.0 |" in md
+    assert ("Deep SAD (Ruff et al. 2020), published, GPU-scale (mean over classes) |  | 72.6 "
+            "| 79.8 |") in md
+    assert "| AnoMem | 65.0 |" in md.split("## CIFAR-10, one-class")[1]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--suites", "shapes,nope"], "--suites: unknown nope"),
+    (["--ratios", "0.1,x"], "--ratios '0.1,x': expected numbers"),
+    (["--ratios", "2"], "expected numbers in (0, 1]"),
+    (["--minutes", "0"], "--minutes 0.0: expected a positive budget"),
+    (["--data-root", "/no/such/folder"], "--data-root /no/such/folder: not a folder"),
+])
+def test_bench_cli_refuses_bad_options(args: list[str], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--out", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "b").exists()
