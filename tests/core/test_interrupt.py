@@ -94,3 +94,17 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path: Path) -> None:
     empty = resume(tmp_path / "empty")
     assert empty.returncode == 2 and "config.json: missing" in empty.stderr
     assert "Traceback" not in empty.stderr
+
+
+def test_two_trainings_never_share_a_run_folder(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    first = start(*TRAIN, "--epochs", "100", "--out", str(out))  # still training meanwhile
+    wait_for_epochs(out, 1, first)
+    second = subprocess.run([sys.executable, "-m", "core.cli", *TRAIN, "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "already holds a run" in second.stderr
+    resumed = resume(out)  # the folder is locked while the first process trains in it
+    assert resumed.returncode == 2 and "another process is training this run" in resumed.stderr
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    assert first.returncode == 130
