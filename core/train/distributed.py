@@ -74,11 +74,15 @@ class Dist:
 
     def any(self, flag: bool, device: torch.device | None = None) -> bool:
         """True on every rank when `flag` is true on at least one (a stop everyone agrees on)."""
+        return self.any_of(flag, device=device)[0]
+
+    def any_of(self, *flags: bool, device: torch.device | None = None) -> tuple[bool, ...]:
+        """`any` of several flags in one collective call."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([float(flag)], device=device or _default_device())
+            return tuple(bool(f) for f in flags)
+        t = torch.tensor([float(f) for f in flags], device=device or _default_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return tuple(bool(v) for v in t.tolist())
 
     def all_equal(self, x: torch.Tensor) -> bool:
         """Whether `x` is bit-identical on every rank (replicas must not drift apart)."""

@@ -279,8 +279,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
             out_of_time = budget_s is not None and state.elapsed_s > budget_s
             stop = bool(should_stop and should_stop())
             if dist.enabled:  # all ranks stop at the same step, or none does
-                stop = dist.any(stop, device)
-                out_of_time = dist.any(out_of_time, device)
+                stop, out_of_time = dist.any_of(stop, out_of_time, device=device)
             if stop or out_of_time:
                 break
         state.counts = {s: c.cpu() for s, c in counts.items()}
