@@ -79,6 +79,7 @@ class JobState:
     metrics: dict | None = None
     error: str | None = None
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # data warnings (skipped images)
 
     @property
     def running(self) -> bool:
@@ -108,6 +109,7 @@ class TrainingJob:
         self._rows: list[dict[str, Any]] = []
         self._metrics: dict | None = None
         self._error: str | None = None
+        self._notes: list[str] = []
         self._started, self._ended = time.monotonic(), None
         self._thread = threading.Thread(target=self._run, name=f"train-{self.out.name}",
                                         daemon=True)
@@ -137,6 +139,7 @@ class TrainingJob:
                 name=self.out.name, path=self.out, status=self._status, stage=self._stage,
                 fraction=self._fraction, message=self._message, rows=list(self._rows),
                 metrics=self._metrics, error=self._error, seconds=end - self._started,
+                notes=list(self._notes),
             )
 
     def _on_progress(self, p: Progress) -> None:
@@ -156,7 +159,20 @@ class TrainingJob:
             if status == "done":
                 self._fraction = 1.0
 
+    def _note(self, message: str) -> None:
+        with self._lock:
+            self._notes.append(message)
+
     def _run(self) -> None:
+        notes = _ThreadNotes(threading.get_ident(), self._note)
+        data_log = logging.getLogger("core.data")
+        data_log.addHandler(notes)
+        try:
+            self._train()
+        finally:
+            data_log.removeHandler(notes)
+
+    def _train(self) -> None:
         try:
             if self.resume:
                 metrics = self._train_fn(self.out, progress=self._on_progress,
@@ -187,6 +203,18 @@ class TrainingJob:
         if self.out.is_dir() and not (self.out / WEIGHTS).exists() and not (
                 self.out / CHECKPOINT).exists():
             shutil.rmtree(self.out, ignore_errors=True)
+
+
+class _ThreadNotes(logging.Handler):
+    """Passes on the data warnings logged by one thread (the job's), not by other sessions."""
+
+    def __init__(self, thread: int, sink: Callable[[str], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.thread, self.sink = thread, sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.sink(record.getMessage())
 
 
 class JobBoard:

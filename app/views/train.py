@@ -58,6 +58,8 @@ def progress_panel() -> None:
                    "it under *Stopped runs* below.")
     elif snap.status == "cancelled":
         st.warning(f"Training of **{snap.name}** was cancelled; nothing was saved.")
+    for note in snap.notes:
+        st.warning(note)
     if snap.rows:
         left, right = st.columns(2)
         left.plotly_chart(charts.loss_curves(snap.rows), key="train_loss_chart")

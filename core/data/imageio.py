@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -46,6 +47,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from core.data.base import DataError
+
+# Skipped files are also logged here, so the app can show them to whoever started the job.
+LOG = logging.getLogger("core.data")
+LOG.addHandler(logging.NullHandler())
 
 MAX_PIXELS = 64 * 1024 * 1024  # declared width * height above which a file is refused
 IMAGE_SUFFIXES = frozenset(
@@ -397,8 +402,7 @@ def describe_skipped(skipped: Sequence[str], limit: int = 10) -> str:
 def warn_skipped(skipped: Sequence[str], where: str) -> None:
     """Warn once about every unreadable image left out of a data set."""
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} unreadable image(s) under {where}:\n"
-            f"{describe_skipped(skipped)}",
-            stacklevel=3,
-        )
+        message = (f"skipped {len(skipped)} unreadable image(s) under {where}:\n"
+                   f"{describe_skipped(skipped)}")
+        LOG.warning(message)
+        warnings.warn(message, stacklevel=3)

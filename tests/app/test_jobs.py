@@ -115,3 +115,27 @@ def test_make_config_applies_the_page_values():
         jobs.make_config(epochs=0)
     with pytest.raises(ConfigError):
         jobs.make_config(memory_size=1)
+
+
+@pytest.mark.filterwarnings("ignore:skipped 1 unreadable")
+def test_data_warnings_of_the_job_reach_its_snapshot(tmp_path: Path):
+    """Only the job's own thread's warnings: another session loading data is not its news."""
+    from core.data.imageio import warn_skipped
+
+    warned, other_done = threading.Event(), threading.Event()
+
+    def fake_train(cfg, out, progress, should_stop):
+        warn_skipped(["'broken.png': truncated file"], "'/data'")
+        warned.set()
+        assert other_done.wait(10)
+        return {}
+
+    job = jobs.TrainingJob(jobs.make_config(), tmp_path / "w", fake_train).start()
+    assert warned.wait(10)
+    other = threading.Thread(target=lambda: warn_skipped(["'x.png': other"], "'/y'"))
+    other.start()
+    other.join()
+    other_done.set()
+    assert job.wait(10)
+    notes = job.snapshot().notes
+    assert len(notes) == 1 and "broken.png" in notes[0] and "'/data'" in notes[0]
