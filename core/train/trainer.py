@@ -245,6 +245,8 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
         t0 = time.perf_counter() - state.epoch_s
         perm = state.perm.to(device)
         counts = {s: c.to(device) for s, c in state.counts.items()}
+        # loss sums stay on the device: no host synchronisation per step
+        sums = {k: torch.tensor(v, device=device) for k, v in state.sums.items()}
         stop = out_of_time = False
         while state.index < steps_per_epoch:
             i = state.index
@@ -268,14 +270,14 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
             state.step += 1
             state.index += 1
 
-            with torch.no_grad():
-                normal = ~is_anom & ~is_shift
+            with torch.no_grad():  # which prototype answers each normal position
+                normal = (~is_anom & ~is_shift).float()
                 for s, att in attention.items():
-                    top = att[normal].argmax(1).flatten()
-                    counts[s] += torch.bincount(top, minlength=len(counts[s]))
-            for k, v in out.terms.items():
-                state.sums[k] = state.sums.get(k, 0.0) + float(v.detach())
-            state.sums["loss"] = state.sums.get("loss", 0.0) + float(out.total.detach())
+                    top = att.argmax(1)  # (B, H, W)
+                    counts[s].scatter_add_(0, top.flatten(),
+                                           normal[:, None, None].expand_as(top).flatten())
+            for k, v in (*out.terms.items(), ("loss", out.total)):
+                sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
             out_of_time = budget_s is not None and state.elapsed_s > budget_s
             stop = bool(should_stop and should_stop())
             if dist.enabled:  # all ranks stop at the same step, or none does
@@ -283,6 +285,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
             if stop or out_of_time:
                 break
         state.counts = {s: c.cpu() for s, c in counts.items()}
+        state.sums = {k: float(v) for k, v in sums.items()}
         state.epoch_s = time.perf_counter() - t0
         if stop and state.index < steps_per_epoch:
             checkpoint()  # mid-epoch: resumes at the next batch of this epoch
