@@ -101,13 +101,19 @@ def test_data_errors_are_shown_and_block_training(empty_runs: Path, tmp_path: Pa
     assert at.button(key="train_start").disabled
 
 
-def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path):
+def _start_and_stop(name: str) -> AppTest:
+    """Start a 3-epoch run from the form and press Stop at once."""
     at = open_page()
-    _fill(at, max_train=200, name="stop me")
+    _fill(at, max_train=200, name=name)
     at.number_input(key="train_epochs_quick").set_value(3)
     at.button(key="train_start").click().run()
     at.button(key="train_cancel").click().run()
     _wait_until_done(at)
+    return at
+
+
+def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path):
+    at = _start_and_stop("stop me")
     assert not at.error, [e.value for e in at.error]
     assert "was stopped" in at.warning[0].value
     folder = empty_runs / "stop-me"
@@ -128,12 +134,8 @@ def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path):
 
 
 def test_a_stopped_run_can_be_deleted(empty_runs: Path):
-    at = open_page()
-    _fill(at, max_train=200, name="drop me")
-    at.number_input(key="train_epochs_quick").set_value(3)
-    at.button(key="train_start").click().run()
-    at.button(key="train_cancel").click().run()
-    _wait_until_done(at)
+    at = _start_and_stop("drop me")
+    assert (empty_runs / "drop-me" / "checkpoint.safetensors").is_file()
     at.button(key="train_delete_0").click().run()
     assert not at.exception
     assert not (empty_runs / "drop-me").exists()
