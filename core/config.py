@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2  # 2 added model.local_map; version 1 files are read as "shared"
 SETTINGS = ("one-class", "unbalanced")
 PRESETS = ("quick", "paper")
 MAX_BLOCKS = 64  # per ResNet stage (ResNet-152 has 36): a stored config cannot ask for more
@@ -43,6 +43,9 @@ class ModelConfig:
     layout_rank: int = 256  # principal directions kept by the layout's PPCA Gaussian
     layout_source: str = "query"  # map the layout term reads: "query" or "deviation"
     local_weight: float = 0.0  # share of the local (top-k deviation) term in a scale's score
+    # The local term's Gaussian: "shared" by all positions, or "positional" (one per position,
+    # for aligned images; the presets choose it for MVTec AD)
+    local_map: str = "shared"
 
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, list | tuple) or not all(
@@ -73,6 +76,8 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim}: expected at least 2")
         if self.beta <= 0:
             raise ConfigError(f"beta={self.beta}: expected a positive inverse temperature")
+        if self.local_map not in ("shared", "positional"):
+            raise ConfigError(f"local_map={self.local_map!r}: expected shared or positional")
         if not 1 <= self.layout_grid <= 16:
             raise ConfigError(f"layout_grid={self.layout_grid}: expected 1..16")
         if not 1 <= self.layout_rank <= 4096:
@@ -227,6 +232,10 @@ class RunConfig:
         if not isinstance(raw, dict):
             raise ConfigError("config: expected a JSON object")
         version = raw.get("version")
+        if version == 1 and isinstance(raw.get("model"), dict):  # before local_map existed
+            raw = {**raw, "model": {"local_map": "shared", **raw["model"]},
+                   "version": CONFIG_VERSION}
+            version = CONFIG_VERSION
         if not _fits(version, int) or version != CONFIG_VERSION:
             raise ConfigError(
                 f"config version {version!r}: this anomem reads version {CONFIG_VERSION} "
@@ -349,4 +358,6 @@ def preset(name: str, data: DataConfig | None = None) -> RunConfig:
 
     info = DATASETS.get(data.dataset)
     cfg.model.image_size = data.image_size or (info.image_size if info else 32)
+    if info is not None and info.aligned:
+        cfg.model.local_map = "positional"
     return cfg

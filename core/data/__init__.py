@@ -33,6 +33,7 @@ class DatasetInfo:
     image_size: int  # working resolution when DataConfig.image_size is None
     module: str  # core.data.<module>
     suffix: str = ""  # function-name suffix inside the module
+    aligned: bool = False  # every image shows its object in the same place and pose
 
     @property
     def _module(self) -> ModuleType:
@@ -56,7 +57,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "folder", "class folders ROOT/{train,test}/<class>/*", True, 32, "folder"),
     "mvtec": DatasetInfo(
         "mvtec", "an MVTec AD category ROOT/{train/good,test/<type>,ground_truth/<type>}", True,
-        128, "mvtec"),
+        128, "mvtec", aligned=True),
     "cifar10": DatasetInfo(
         "cifar10", "CIFAR-10 files already on disk (binary or python version)", True, 32,
         "cifar", "10"),

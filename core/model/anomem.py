@@ -41,8 +41,10 @@ class AnoMem(nn.Module):
         self.heads = nn.ModuleDict({s: ProjectionHead(cfg.memory_dim, cfg.head_dim)
                                     for s in cfg.scales})
         grids = {s: min(cfg.layout_grid, self.map_size(s)) for s in cfg.scales}
+        positions = {s: self.map_size(s) ** 2 if cfg.local_map == "positional" else 0
+                     for s in cfg.scales}
         self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank,
-                                        cfg.local_weight, cfg.layout_source)
+                                        cfg.local_weight, cfg.layout_source, positions)
 
     @property
     def scales(self) -> tuple[str, ...]:

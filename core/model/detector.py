@@ -5,7 +5,9 @@ Two terms per scale, each a distance under a Gaussian fitted to normal training 
 - local: the deviation vector at every position (query minus memory read-out) is scored by its
   Mahalanobis distance. This is the per-position distance map that, upsampled, shows *where*
   an image departs from its memory of normality; the mean of its top-k positions is the local
-  image score.
+  image score. The Gaussian is shared by all positions, or, for aligned images (every MVTec
+  AD photo shows its object in the same place), fitted at each position: what is normal at a
+  bottle's rim is not what is normal at its centre.
 - layout: the query map average-pooled to a g x g grid and flattened, scored under a
   probabilistic-PCA Gaussian. It sees *what is where*: an object anomaly is often made of
   parts that are each normal-looking (the straight edges of a square occur on normal images
@@ -71,6 +73,37 @@ def fit_gaussian(x: torch.Tensor, max_rows: int = 50_000, seed: int = 0
     return mean.float(), precision.float()
 
 
+def fit_positional_gaussians(x: torch.Tensor, chunk: int = 64
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Gaussian per position of maps x (N, D, H, W): mean (H*W, D), precision (H*W, D, D).
+
+    Each covariance is shrunk towards a scaled identity by the Ledoit-Wolf formula (the same
+    estimator as `fit_gaussian`, batched over positions), so the shrinkage comes from the
+    training maps alone even with fewer images than dimensions.
+    """
+    if x.ndim != 4 or len(x) < 2:
+        raise ValueError(f"expected at least two maps (N, D, H, W), got {tuple(x.shape)}")
+    n, dim, h, w = x.shape
+    rows = x.detach().double().cpu().permute(2, 3, 0, 1).reshape(h * w, n, dim)
+    means, precisions = [], []
+    eye = torch.eye(dim, dtype=torch.float64)
+    for part in rows.split(chunk):  # (P, N, D)
+        mean = part.mean(1, keepdim=True)
+        xc = part - mean
+        cov = xc.transpose(1, 2) @ xc / n  # (P, D, D), the maximum-likelihood estimate
+        mu = cov.diagonal(dim1=1, dim2=2).mean(1)  # (P,)
+        sq = xc.pow(2)
+        beta = ((sq.transpose(1, 2) @ sq).sum((1, 2)) / n - cov.pow(2).sum((1, 2))) / (n * dim)
+        delta = (cov - mu[:, None, None] * eye).pow(2).sum((1, 2)) / dim
+        shrink = torch.where(delta > 0, torch.minimum(beta, delta) / delta.clamp_min(1e-300),
+                             torch.zeros_like(delta))
+        shrunk = (1 - shrink)[:, None, None] * cov + (shrink * mu)[:, None, None] * eye
+        shrunk = shrunk + eye * 1e-6 * mu.clamp_min(1e-12)[:, None, None]
+        means.append(mean[:, 0])
+        precisions.append(torch.linalg.inv(shrunk))
+    return torch.cat(means).float(), torch.cat(precisions).float()
+
+
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
     """Distance of each row of x (..., D) to the Gaussian; returns (...)."""
     d = x - mean
@@ -117,13 +150,17 @@ def ppca_distance(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor,
 class ScaleDetector(nn.Module):
     """Fitted distances for one scale; all state is buffers."""
 
-    def __init__(self, dim: int, topk_ratio: float, grid: int, rank: int) -> None:
+    def __init__(self, dim: int, topk_ratio: float, grid: int, rank: int,
+                 positions: int = 0) -> None:
         super().__init__()
         self.topk_ratio = topk_ratio
         self.grid = grid
         layout = dim * grid * grid
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("precision", torch.eye(dim))
+        # positions > 0: one local Gaussian per map position (ModelConfig.local_map)
+        self.positional = positions > 0
+        shape = (positions,) if self.positional else ()
+        self.register_buffer("mean", torch.zeros(*shape, dim))
+        self.register_buffer("precision", torch.eye(dim).expand(*shape, dim, dim).clone())
         self.register_buffer("layout_mean", torch.zeros(layout))
         self.register_buffer("layout_basis", torch.zeros(layout, rank))
         self.register_buffer("layout_var", torch.ones(rank))
@@ -135,7 +172,13 @@ class ScaleDetector(nn.Module):
 
     def distance_map(self, deviation: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) -> (B, H, W) Mahalanobis distance of each position."""
-        return mahalanobis(deviation.permute(0, 2, 3, 1), self.mean, self.precision)
+        x = deviation.permute(0, 2, 3, 1)  # (B, H, W, D)
+        if not self.positional:
+            return mahalanobis(x, self.mean, self.precision)
+        b, h, w, dim = x.shape
+        d = x.reshape(b, h * w, dim) - self.mean  # (B, P, D) against (P, D)
+        dist = torch.einsum("bpd,pde,bpe->bp", d, self.precision, d)
+        return dist.clamp_min(0).sqrt().reshape(b, h, w)
 
     def layout(self, maps: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) -> (B, D * g * g): a map on a coarse grid, flattened."""
@@ -158,12 +201,15 @@ class AnomalyDetector(nn.Module):
     """Per-scale detectors, their combination, an optional classifier, the thresholds."""
 
     def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int,
-                 local_weight: float = 0.0, layout_source: str = "query") -> None:
+                 local_weight: float = 0.0, layout_source: str = "query",
+                 positions: dict[str, int] | None = None) -> None:
         super().__init__()
         self.scales = tuple(grids)
         self.layout_source = layout_source
-        self.per_scale = nn.ModuleDict({s: ScaleDetector(dim, topk_ratio, g, rank)
-                                        for s, g in grids.items()})
+        positions = positions or {}
+        self.per_scale = nn.ModuleDict({
+            s: ScaleDetector(dim, topk_ratio, g, rank, positions.get(s, 0))
+            for s, g in grids.items()})
         # Share of each term in a scale's score, then scales weigh equally.
         term = torch.tensor([local_weight, 1.0 - local_weight])
         self.register_buffer("weights", term.repeat(len(self.scales)) / len(self.scales))

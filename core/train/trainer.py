@@ -22,7 +22,7 @@ from torch import nn
 from core.config import ConfigError, RunConfig, TrainConfig
 from core.data.base import DataError, ImageSet
 from core.model.anomem import AnoMem
-from core.model.detector import fit_gaussian, fit_ppca
+from core.model.detector import fit_gaussian, fit_positional_gaussians, fit_ppca
 from core.model.memory import MemoryRead
 from core.train.allocator import keep_freed_memory
 from core.train.augment import augment, shift, to_float
@@ -353,6 +353,10 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     for i, reads in _reads(model, fit, device, dist=dist):
         for s, r in reads.items():
             d = r.deviation
+            if det.per_scale[s].positional:  # every position of every map
+                rows[s].append(d.cpu())
+                layouts[s].append(det.per_scale[s].layout(det.layout_input(r)).cpu())
+                continue
             flat = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])  # (b*h*w, D)
             per_image = d.shape[2] * d.shape[3]
             keep = max(1, min(per_image, GAUSSIAN_ROWS // len(fit))) * len(d)
@@ -365,7 +369,8 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     check_stop()
     for s in model.scales:
         sd = det.per_scale[s]
-        mean, prec = fit_gaussian(dist.gather(torch.cat(rows[s])))
+        fit_local = fit_positional_gaussians if sd.positional else fit_gaussian
+        mean, prec = fit_local(dist.gather(torch.cat(rows[s])))
         sd.mean.copy_(mean)
         sd.precision.copy_(prec)
         lmean, basis, var, noise = fit_ppca(dist.gather(torch.cat(layouts[s])),

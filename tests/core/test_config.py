@@ -250,3 +250,24 @@ def test_presets_do_not_share_state() -> None:
     a.train.augment.jitter = 0.0 if b.train.augment.jitter else 0.5
     assert b == preset("quick")
     assert a != b
+
+
+def test_a_version_1_config_reads_as_a_shared_local_map() -> None:
+    old = RunConfig().to_dict()
+    del old["model"]["local_map"]
+    old["version"] = 1
+    cfg = RunConfig.from_dict(old)
+    assert cfg.model.local_map == "shared" and cfg.version == CONFIG_VERSION
+    old["model"]["local_map"] = "positional"  # a field version 1 never had
+    assert RunConfig.from_dict(old).model.local_map == "positional"
+
+
+def test_presets_fit_one_gaussian_per_position_on_aligned_data_only() -> None:
+    assert preset("quick", DataConfig(dataset="mvtec", root="x")).model.local_map == \
+        "positional"
+    assert preset("paper", DataConfig(dataset="mvtec", root="x")).model.local_map == \
+        "positional"
+    for dataset in ("shapes", "folder", "cifar10"):
+        assert preset("quick", DataConfig(dataset=dataset)).model.local_map == "shared"
+    with pytest.raises(ConfigError, match="local_map='pixel'"):
+        ModelConfig(local_map="pixel")

@@ -14,6 +14,7 @@ from core.model.detector import (
     ScaleDetector,
     Scores,
     fit_gaussian,
+    fit_positional_gaussians,
     fit_ppca,
     mahalanobis,
     ppca_distance,
@@ -449,3 +450,60 @@ def test_layout_term_flags_normal_parts_in_the_wrong_place() -> None:
         assert layout[0] > 3 * layout[1:].max()
         assert local[0] < local[1:].max()  # the local term sees nothing unusual
     assert scores.image.argmax().item() == 0
+
+
+def test_positional_gaussians_match_ledoit_wolf_at_every_position() -> None:
+    from sklearn.covariance import ledoit_wolf
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20, 5, 3, 2, generator=g) * torch.arange(1, 6.0)[None, :, None, None]
+    x[:, :, 0, 0] += 4.0  # positions differ
+    mean, precision = fit_positional_gaussians(x, chunk=4)
+    assert mean.shape == (6, 5) and precision.shape == (6, 5, 5)
+    for p in range(6):
+        rows = x.permute(2, 3, 0, 1).reshape(6, 20, 5)[p].double().numpy()
+        cov, _ = ledoit_wolf(rows)
+        np.testing.assert_allclose(mean[p].numpy(), rows.mean(0), atol=1e-5)
+        np.testing.assert_allclose(precision[p].numpy(), np.linalg.inv(cov), rtol=1e-3,
+                                   atol=1e-4)
+
+
+def test_positional_distance_is_each_positions_own_mahalanobis() -> None:
+    det = ScaleDetector(dim=3, topk_ratio=0.5, grid=1, rank=2, positions=4)
+    g = torch.Generator().manual_seed(1)
+    det.mean.copy_(torch.randn(4, 3, generator=g))
+    a = torch.randn(4, 3, 3, generator=g)
+    det.precision.copy_(a @ a.transpose(1, 2) + torch.eye(3))
+    dev = torch.randn(2, 3, 2, 2, generator=g)
+    got = det.distance_map(dev)
+    x = dev.permute(0, 2, 3, 1).reshape(2, 4, 3)
+    for b in range(2):
+        for p in range(4):
+            ref = mahalanobis(x[b, p], det.mean[p], det.precision[p])
+            assert float(got[b].flatten()[p]) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_positional_term_tells_a_normal_value_in_the_wrong_place() -> None:
+    """A deviation normal at one position but not at another: only per-position Gaussians see it."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(200, 2, 1, 2, generator=g) * 0.1
+    x[:, 0, 0, 0] += 1.0  # position 0 normally holds +1, position 1 holds 0
+    shared = ScaleDetector(dim=2, topk_ratio=0.5, grid=1, rank=1)
+    mean, prec = fit_gaussian(x.permute(0, 2, 3, 1).reshape(-1, 2))
+    shared.mean.copy_(mean)
+    shared.precision.copy_(prec)
+    positional = ScaleDetector(dim=2, topk_ratio=0.5, grid=1, rank=1, positions=2)
+    mean, prec = fit_positional_gaussians(x)
+    positional.mean.copy_(mean)
+    positional.precision.copy_(prec)
+    swapped = torch.tensor([[[[0.0, 1.0]], [[0.0, 0.0]]]])  # +1 at position 1 instead of 0
+    normal = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]]]])
+    assert float(positional.distance_map(swapped).max()) > 5 * float(
+        positional.distance_map(normal).max())
+    assert float(shared.distance_map(swapped).max()) < 2 * float(
+        shared.distance_map(normal).max())
+
+
+def test_fit_positional_gaussians_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="at least two maps"):
+        fit_positional_gaussians(torch.zeros(1, 3, 2, 2))
