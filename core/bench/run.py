@@ -37,7 +37,16 @@ from core.config import DataConfig, RunConfig, preset
 from core.data import DataError, Split, list_classes, load_split
 from core.metrics import image_metrics
 from core.pipeline import resumable, resume_run, train_run
-from core.runs import METRICS, WEIGHTS, load_run, read_json, safe_name, write_atomic, write_json
+from core.runs import (
+    METRICS,
+    WEIGHTS,
+    RunError,
+    load_run,
+    read_json,
+    safe_name,
+    write_atomic,
+    write_json,
+)
 from core.train.trainer import Progress
 
 SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed")
@@ -241,13 +250,18 @@ def run_anomem(cell: Cell, split: Split, opts: BenchOptions,
 
     if (out / WEIGHTS).is_file() and (out / METRICS).is_file():
         metrics = read_json(out / METRICS)
-    elif resumable(out):
-        say(f"    resuming {out}")
-        metrics = resume_run(out, progress)
     else:
-        if out.exists():
-            shutil.rmtree(out)  # a run that died before its first checkpoint
-        metrics = train_run(anomem_config(cell, opts), out, progress, split=split)
+        metrics = None
+        if resumable(out):
+            say(f"    resuming {out}")
+            try:
+                metrics = resume_run(out, progress)
+            except RunError as err:  # damaged, or written by another version
+                say(f"    cannot resume ({err}): training again")
+        if metrics is None:
+            if out.exists():
+                shutil.rmtree(out)  # a run that died before it could be resumed
+            metrics = train_run(anomem_config(cell, opts), out, progress, split=split)
     test, labels = split.test, split.test.labels.numpy()
     row = {"suite": cell.suite, "dataset": cell.dataset, "normal_class": cell.normal_class,
            "setting": cell.setting, "ratio": cell.ratio, "kind": "ours",

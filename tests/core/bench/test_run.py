@@ -148,3 +148,18 @@ def test_bench_cli_refuses_bad_options(args: list[str], message: str, tmp_path: 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "b").exists()
+
+
+def test_a_checkpoint_that_cannot_be_resumed_is_trained_again(tmp_path: Path) -> None:
+    opts = BenchOptions(out=tmp_path, minutes=0.03, suites=("shapes",))
+    cell = plan(opts, lambda line: None)[0]
+    folder = tmp_path / "runs" / cell.slug
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(bench_run.anomem_config(cell, opts).to_dict()))
+    (folder / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    said: list[str] = []
+    from core.data import load_split
+
+    rows = list(bench_run.run_anomem(cell, load_split(cell.data(0)), opts, said.append))
+    assert any("cannot resume" in line and "training again" in line for line in said)
+    assert rows[0]["method"] == ANOMEM and (folder / "model.safetensors").is_file()
