@@ -163,3 +163,9 @@ def test_a_checkpoint_that_cannot_be_resumed_is_trained_again(tmp_path: Path) ->
     rows = list(bench_run.run_anomem(cell, load_split(cell.data(0)), opts, said.append))
     assert any("cannot resume" in line and "training again" in line for line in said)
     assert rows[0]["method"] == ANOMEM and (folder / "model.safetensors").is_file()
+
+
+def test_the_cli_offers_exactly_the_benchmark_suites() -> None:
+    from core import cli
+
+    assert cli.SUITES == bench_run.SUITES  # kept apart so `anomem --help` stays light
