@@ -44,3 +44,17 @@ def make_model_config() -> Callable[..., ModelConfig]:
 @pytest.fixture
 def tiny_cfg(make_model_config: Callable[..., ModelConfig]) -> ModelConfig:
     return make_model_config()
+
+
+@pytest.fixture
+def clean_job_board() -> Iterator[None]:
+    """No app training job left over from another test, and none left behind."""
+    from app import state
+
+    state.job_board.clear()
+    yield
+    board = state.job_board()
+    if board.current is not None:
+        board.current.cancel()
+        board.current.wait(60)
+    state.job_board.clear()

@@ -966,20 +966,6 @@ def app_runs(saved_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     return root
 
 
-@pytest.fixture
-def job_board() -> Iterator[None]:
-    """No training job left over from another test, and none left behind."""
-    from app import state
-
-    state.job_board.clear()
-    yield
-    board = state.job_board()
-    if board.current is not None:
-        board.current.cancel()
-        board.current.wait(60)
-    state.job_board.clear()
-
-
 def test_score_page_names_each_refused_upload_then_scores_a_good_one(app_runs: Path) -> None:
     from tests.app.helpers import open_page
 
@@ -1002,7 +988,7 @@ def test_score_page_names_each_refused_upload_then_scores_a_good_one(app_runs: P
 
 
 def test_train_page_shows_a_class_folder_of_unreadable_images(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, job_board: None) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_job_board: None) -> None:
     from tests.app.helpers import open_page
 
     runs = tmp_path / "runs"

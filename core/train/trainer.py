@@ -181,9 +181,9 @@ def make_batch(normals: torch.Tensor, anomalies: torch.Tensor, n_anom: int,
         batch = torch.cat([batch, anomalies[pick]])
         is_anom = torch.cat([is_anom, torch.ones(n_anom, dtype=torch.bool, device=device)])
     is_shift = torch.zeros_like(is_anom)
-    if shifts:
-        n_normal = int((~is_anom).sum())
-        batch = torch.cat([batch, shift(batch[~is_anom], shifts, g)])
+    if shifts:  # the normals are the first rows: no mask, no host synchronisation
+        n_normal = len(normals)
+        batch = torch.cat([batch, shift(normals, shifts, g)])
         is_shift = torch.cat([is_shift, torch.ones(n_normal, dtype=torch.bool, device=device)])
         is_anom = torch.cat([is_anom, torch.zeros(n_normal, dtype=torch.bool, device=device)])
     return batch, is_anom, is_shift

@@ -33,14 +33,5 @@ def empty_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def fresh_job_board():
+def fresh_job_board(clean_job_board: None) -> None:
     """Each test starts without a training job left over from another test."""
-    from app import state
-
-    state.job_board.clear()
-    yield
-    board = state.job_board()
-    if board.current is not None:
-        board.current.cancel()
-        board.current.wait(60)
-    state.job_board.clear()
