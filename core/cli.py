@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                         "is spent)")
     t.add_argument("--image-size", type=int, help="working resolution (default: the data set's)")
     t.add_argument("--max-train", type=int, help="cap on normal training images")
+    t.add_argument("--shift-fraction", type=float,
+                   help="share of a batch's normals that get a shifted copy (default 1; "
+                        "lower is a cheaper step)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="run folder to create (must not hold a run)")
@@ -116,6 +119,8 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     elif args.max_minutes is not None:
         cfg.train.epochs = UNBOUNDED_EPOCHS  # the time budget decides
     cfg.train.max_minutes = args.max_minutes
+    if args.shift_fraction is not None:
+        cfg.train.shift_fraction = args.shift_fraction
     return cfg.checked()
 
 

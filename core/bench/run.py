@@ -463,6 +463,10 @@ def render_markdown(results: Results, opts: BenchOptions) -> str:
                 ["AnoMem stage-1 step without shifted negatives",
                  f"{s['anomem_no_shift_images_per_s']:.0f} images/s "
                  f"({s['step_cost_ratio_no_shift']:.2f}x)"],
+                *([f"AnoMem stage-1 step, shifted copies of {float(f):.0%} of the normals",
+                   f"{s['backbone_images_per_s'] / r:.0f} images/s ({r:.2f}x)"]
+                  for f, r in s.get("step_cost_ratio_by_shift_fraction", {}).items()
+                  if float(f) < 1),
                 ["inference (scores and maps)", f"{s['inference_images_per_s']:.0f} images/s"],
                 ["share of a step spent making batches and views", f"{s['data_share']:.1%}"],
                 ["peak memory", f"{s['peak_memory_mb']:.0f} MB"],

@@ -20,6 +20,8 @@ from core.train.augment import augment, to_float
 from core.train.losses import MemoryContrastLoss
 from core.train.trainer import ContrastStep, make_batch, resolve_device
 
+FRACTIONS = (0.25, 0.5, 1.0)  # shares of shifted copies timed besides the config's own
+
 
 @dataclass
 class SpeedReport:
@@ -27,10 +29,12 @@ class SpeedReport:
     threads: int
     batch: int  # training images per step
     backbone_images_per_s: float  # bare backbone, forward + backward of two views
-    anomem_images_per_s: float  # the full stage-1 step, shifted negatives included
+    anomem_images_per_s: float  # the config's stage-1 step, shifted negatives included
     anomem_no_shift_images_per_s: float  # the same step without shifted negatives
     step_cost_ratio: float  # backbone / anomem images per s: cost per training image
     step_cost_ratio_no_shift: float
+    # cost ratio when only this share of a batch's normals gets a shifted copy
+    step_cost_ratio_by_shift_fraction: dict[str, float]
     inference_images_per_s: float  # scoring (stage 2's detector included)
     data_share: float  # share of a training step spent making the batch and its views
     peak_memory_mb: float  # process peak RSS on CPU, peak allocated on CUDA
@@ -68,22 +72,27 @@ def measure(cfg: RunConfig, images: torch.Tensor, steps: int = 10) -> SpeedRepor
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     step = ContrastStep(model, MemoryContrastLoss(tc))
 
-    def prepare(shifts: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-        b, is_anom, is_shift = make_batch(batch, empty, 0, shifts, g)
+    shifts = tc.shift_negatives or ("jigsaw",)
+
+    def prepare(fraction: float) -> tuple[torch.Tensor, ...]:
+        """A batch whose normals get shifted copies at this share (0: none)."""
+        b, is_anom, is_shift = make_batch(batch, empty, 0, shifts if fraction else (), g,
+                                          fraction or 1.0)
         views = torch.cat([augment(b, tc.augment, g), augment(b, tc.augment, g)])
         return views.contiguous(memory_format=torch.channels_last), is_anom, is_shift
 
-    prepared = {s: prepare(s) for s in (tc.shift_negatives, ())}
+    own = tc.shift_fraction if tc.shift_negatives else 0.0
+    prepared = {f: prepare(f) for f in sorted({own, 0.0, *FRACTIONS})}
 
-    def anomem_step(shifts: tuple[str, ...]) -> Callable[[], None]:
+    def anomem_step(fraction: float) -> Callable[[], None]:
         def run() -> None:
-            out, _ = step(*prepared[shifts])
+            out, _ = step(*prepared[fraction])
             opt.zero_grad(set_to_none=True)
             out.total.backward()
             opt.step()
         return run
 
-    views = prepared[()][0]
+    views = prepared[0.0][0]
 
     def backbone_step() -> None:
         maps = model.backbone(views)
@@ -93,9 +102,9 @@ def measure(cfg: RunConfig, images: torch.Tensor, steps: int = 10) -> SpeedRepor
         opt.step()
 
     backbone_s = _timed(backbone_step, steps, device)
-    anomem_s = _timed(anomem_step(tc.shift_negatives), steps, device)
-    plain_s = _timed(anomem_step(()), steps, device)
-    prep_s = _timed(lambda: prepare(tc.shift_negatives), steps, device)
+    step_s = {f: _timed(anomem_step(f), steps, device) for f in prepared}
+    anomem_s, plain_s = step_s[own], step_s[0.0]
+    prep_s = _timed(lambda: prepare(own), steps, device)
 
     model.eval()
     test = to_float(images[:256].to(device))
@@ -111,6 +120,8 @@ def measure(cfg: RunConfig, images: torch.Tensor, steps: int = 10) -> SpeedRepor
         backbone_images_per_s=bs / backbone_s, anomem_images_per_s=bs / anomem_s,
         anomem_no_shift_images_per_s=bs / plain_s,
         step_cost_ratio=anomem_s / backbone_s, step_cost_ratio_no_shift=plain_s / backbone_s,
+        step_cost_ratio_by_shift_fraction={f"{f:g}": step_s[f] / backbone_s
+                                           for f in FRACTIONS},
         inference_images_per_s=len(test) / infer_s,
         data_share=prep_s / (prep_s + anomem_s), peak_memory_mb=peak,
     )

@@ -167,10 +167,11 @@ class ContrastStep(nn.Module):
 
 
 def make_batch(normals: torch.Tensor, anomalies: torch.Tensor, n_anom: int,
-               shifts: tuple[str, ...], g: torch.Generator
+               shifts: tuple[str, ...], g: torch.Generator, shift_fraction: float = 1.0
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A stage-1 batch: normals, sampled labelled anomalies, shifted copies of the normals.
 
+    Only the first `shift_fraction` of the normals (in random order already) get a copy.
     Returns uint8 images and their (B,) is_anomaly and is_shifted flags.
     """
     device = normals.device
@@ -182,10 +183,10 @@ def make_batch(normals: torch.Tensor, anomalies: torch.Tensor, n_anom: int,
         is_anom = torch.cat([is_anom, torch.ones(n_anom, dtype=torch.bool, device=device)])
     is_shift = torch.zeros_like(is_anom)
     if shifts:  # the normals are the first rows: no mask, no host synchronisation
-        n_normal = len(normals)
-        batch = torch.cat([batch, shift(normals, shifts, g)])
-        is_shift = torch.cat([is_shift, torch.ones(n_normal, dtype=torch.bool, device=device)])
-        is_anom = torch.cat([is_anom, torch.zeros(n_normal, dtype=torch.bool, device=device)])
+        n_shift = max(1, round(shift_fraction * len(normals)))
+        batch = torch.cat([batch, shift(normals[:n_shift], shifts, g)])
+        is_shift = torch.cat([is_shift, torch.ones(n_shift, dtype=torch.bool, device=device)])
+        is_anom = torch.cat([is_anom, torch.zeros(n_shift, dtype=torch.bool, device=device)])
     return batch, is_anom, is_shift
 
 
@@ -251,7 +252,8 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
         while state.index < steps_per_epoch:
             i = state.index
             batch, is_anom, is_shift = make_batch(normals[perm[i * bs:(i + 1) * bs]],
-                                                  anomalies, n_anom, tc.shift_negatives, g)
+                                                  anomalies, n_anom, tc.shift_negatives, g,
+                                                  tc.shift_fraction)
             views = torch.cat([augment(batch, tc.augment, g), augment(batch, tc.augment, g)])
             views = views.contiguous(memory_format=torch.channels_last)
             out, attention = step_fn(views, is_anom, is_shift)

@@ -94,6 +94,7 @@ def test_out_pointing_at_an_existing_run(saved_run: Path,
     (["--epochs", "0"], "epochs"),
     (["--image-size", "4"], "image_size"),
     (["--anomaly-ratio", "0"], "anomaly_ratio"),
+    (["--shift-fraction", "0"], "shift_fraction"),
 ])
 def test_out_of_range_options(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               args: list[str], needle: str) -> None:

@@ -70,6 +70,8 @@ OUT_OF_RANGE = [
     (TrainConfig, {"stage1_share": 1.5}, "stage1_share"),
     (TrainConfig, {"weight_decay": -0.1}, "weight_decay"),
     (TrainConfig, {"shift_negatives": ("jigsaw", "blur")}, "shift_negatives"),
+    (TrainConfig, {"shift_fraction": 0.0}, "shift_fraction"),
+    (TrainConfig, {"shift_fraction": 1.5}, "shift_fraction"),
     (TrainConfig, {"combine": "mean"}, "combine"),
     (DataConfig, {"setting": "semi-supervised"}, "setting"),
     (DataConfig, {"anomaly_ratio": 0.0}, "anomaly_ratio"),
@@ -260,6 +262,18 @@ def test_a_version_1_config_reads_as_a_shared_local_map() -> None:
     assert cfg.model.local_map == "shared" and cfg.version == CONFIG_VERSION
     old["model"]["local_map"] = "positional"  # a field version 1 never had
     assert RunConfig.from_dict(old).model.local_map == "positional"
+
+
+def test_a_version_2_config_gives_every_normal_a_shifted_copy() -> None:
+    old = RunConfig().to_dict()
+    del old["train"]["shift_fraction"]
+    old["version"] = 2
+    cfg = RunConfig.from_dict(old)
+    assert cfg.train.shift_fraction == 1.0 and cfg.version == CONFIG_VERSION
+    del old["model"]["local_map"]
+    old["version"] = 1  # both fields added since version 1
+    cfg = RunConfig.from_dict(old)
+    assert (cfg.model.local_map, cfg.train.shift_fraction) == ("shared", 1.0)
 
 
 def test_presets_fit_one_gaussian_per_position_on_aligned_data_only() -> None:

@@ -24,4 +24,7 @@ def test_report_is_consistent(make_model_config: Callable[..., ModelConfig]) -> 
     assert r.step_cost_ratio_no_shift == pytest.approx(
         r.backbone_images_per_s / r.anomem_no_shift_images_per_s)
     assert 0 < r.data_share < 1
+    assert set(r.step_cost_ratio_by_shift_fraction) == {"0.25", "0.5", "1"}
+    assert r.step_cost_ratio_by_shift_fraction["1"] == pytest.approx(r.step_cost_ratio)
+    assert all(v > 0 for v in r.step_cost_ratio_by_shift_fraction.values())
     assert set(r.as_dict()) >= {"step_cost_ratio", "data_share", "peak_memory_mb"}

@@ -63,11 +63,12 @@ def test_too_few_normal_images_is_a_data_error(labels: list[int]) -> None:
         split_normals(image_set(labels), holdout=0.15, seed=0)
 
 
-@pytest.mark.parametrize(("shifts", "n_anomalies"), [
-    (("jigsaw",), 0), (("jigsaw", "rotate"), 3), ((), 3)])
-def test_stage1_adds_a_flagged_shifted_copy_of_each_normal(
+@pytest.mark.parametrize(("shifts", "n_anomalies", "fraction", "n_shift"), [
+    (("jigsaw",), 0, 1.0, 8), (("jigsaw", "rotate"), 3, 1.0, 8), ((), 3, 1.0, 0),
+    (("jigsaw",), 3, 0.25, 2), (("rotate",), 0, 0.01, 1)])
+def test_stage1_adds_a_flagged_shifted_copy_of_a_share_of_the_normals(
         make_model_config: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch,
-        shifts: tuple[str, ...], n_anomalies: int) -> None:
+        shifts: tuple[str, ...], n_anomalies: int, fraction: float, n_shift: int) -> None:
     seen: list[tuple[torch.Tensor, torch.Tensor, int]] = []
 
     class Recording(trainer.MemoryContrastLoss):
@@ -81,16 +82,24 @@ def test_stage1_adds_a_flagged_shifted_copy_of_each_normal(
     g = torch.Generator().manual_seed(0)
     normals = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
     anomalies = torch.randint(0, 256, (n_anomalies, 3, 16, 16), dtype=torch.uint8, generator=g)
-    tc = TrainConfig(epochs=1, batch_size=8, shift_negatives=shifts)
+    tc = TrainConfig(epochs=1, batch_size=8, shift_negatives=shifts, shift_fraction=fraction)
     history, _ = train_stage1(model, normals, anomalies, tc, torch.device("cpu"))
     assert len(seen) == 2 and len(history) == 1
     n_anom = 1 if n_anomalies else 0  # batch_size // 8 labelled anomalies per batch
-    n_shift = 8 if shifts else 0  # one shifted copy of every normal image of the batch
     for is_anomaly, is_shifted, size in seen:
         assert size == len(is_anomaly) == len(is_shifted) == 8 + n_anom + n_shift
         assert int(is_anomaly.sum()) == n_anom and int(is_shifted.sum()) == n_shift
         assert not (is_anomaly & is_shifted).any()
         assert not is_shifted[:8 + n_anom].any()  # the copies come after the originals
+
+
+def test_shifted_copies_are_of_the_first_normals_of_the_batch() -> None:
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=g)
+    batch, is_anom, is_shift = trainer.make_batch(normals, normals[:0], 0, ("rotate",), g, 0.5)
+    assert len(batch) == 12 and int(is_shift.sum()) == 4 and not is_anom.any()
+    for copy, original in zip(batch[8:], normals[:4], strict=True):
+        assert any(torch.equal(copy, torch.rot90(original, k, dims=(1, 2))) for k in (1, 2, 3))
 
 
 def test_learned_combination_is_convex_and_favours_the_informative_term(
