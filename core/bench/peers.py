@@ -312,7 +312,8 @@ class DeepSVDD(_PeerBase):
     fix `epochs` (and `minutes=None`) for reproducible scores.
 
     When `fit` gets labelled anomalies, they are shuffled into the batches with Deep SAD's
-    loss eta / (||phi(x) - c||^2 + eps), eta = 1, and the peer is named "Deep SAD".
+    loss eta / (||phi(x) - c||^2 + eps), eta = 1, and the peer is named "Deep SAD"
+    (`labelled=True` gives it that name before `fit`, for a plan that will pass them).
     Seeded and deterministic on the CPU.
     """
 
@@ -321,7 +322,8 @@ class DeepSVDD(_PeerBase):
     eta = 1.0
 
     def __init__(self, minutes: float | None = 1.0, epochs: int | None = None, seed: int = 0,
-                 device: str = "cpu", *, batch: int = 200, lr: float = 1e-4) -> None:
+                 device: str = "cpu", *, batch: int = 200, lr: float = 1e-4,
+                 labelled: bool = False) -> None:
         if minutes is None and epochs is None:
             raise ValueError("DeepSVDD needs a bound on training: minutes, epochs or both")
         if minutes is not None and not minutes > 0:
@@ -333,7 +335,7 @@ class DeepSVDD(_PeerBase):
         self.minutes, self.epochs, self.seed = minutes, epochs, seed
         self.batch, self.lr = batch, lr
         self.device = torch.device(device)
-        self.name = "Deep SVDD"
+        self.name = "Deep SAD" if labelled else "Deep SVDD"  # the name it will fit under
         self.steps = 0  # optimiser steps taken by the last fit
         self.epochs_run = 0.0  # passes over the training set, fractional when time ran out
 

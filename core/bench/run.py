@@ -295,7 +295,7 @@ def peers_for(cell: Cell, opts: BenchOptions) -> list[Peer]:
     shallow peers ignore labels and would repeat their one-class numbers."""
     device = "cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu"
     if cell.setting == "unbalanced":
-        return [DeepSVDD(minutes=opts.minutes, seed=opts.seed, device=device)]
+        return [DeepSVDD(minutes=opts.minutes, seed=opts.seed, device=device, labelled=True)]
     return make_peers(opts.minutes, opts.seed, device)
 
 

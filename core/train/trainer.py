@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.config import ConfigError, RunConfig, TrainConfig
@@ -465,25 +466,52 @@ def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tenso
                     device: torch.device, dist: Dist) -> None:
     """Unbalanced setting: a class-balanced logistic head on scale scores and pooled deviations.
 
-    Trained on held-out normals against the labelled anomalies; its logit is added to the
-    one-class score, so the labels sharpen the detector without replacing it.
+    Trained on held-out normals against the labelled anomalies, with the one-class score as
+    its offset: the image score is that score plus the head's logit, so the head is fitted to
+    what the one-class score misses, and the labels sharpen the detector without replacing it.
     """
-    from sklearn.linear_model import LogisticRegression
-
     det = model.detector
-    feats = []
+    feats, offsets = [], []
     for images in (normals, anomalies):
-        parts = []
+        parts, base = [], []
         for _, reads in _reads(model, images, device, dist=dist):
             z, _ = det.features(reads)
             parts.append(det.classifier_input(z, reads).cpu())
+            base.append((z @ det.weights).cpu())
         feats.append(dist.gather(torch.cat(parts)))
-    x = torch.cat(feats).double().numpy()
-    y = np.r_[np.zeros(len(feats[0])), np.ones(len(feats[1]))]
-    clf = LogisticRegression(C=0.5, class_weight="balanced", max_iter=2000)
-    clf.fit(x, y)
-    det.clf_weight.copy_(torch.from_numpy(clf.coef_[0]).float())
-    det.clf_bias.copy_(torch.tensor(float(clf.intercept_[0])))
+        offsets.append(dist.gather(torch.cat(base)))
+    y = torch.cat([torch.zeros(len(feats[0])), torch.ones(len(feats[1]))])
+    weight, bias = fit_offset_logistic(torch.cat(feats), torch.cat(offsets), y)
+    det.clf_weight.copy_(weight.float())
+    det.clf_bias.copy_(torch.tensor(bias))
+
+
+def fit_offset_logistic(x: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, c: float = 0.5
+                        ) -> tuple[torch.Tensor, float]:
+    """Class-balanced, L2-regularised logistic regression of y on x, on top of a fixed offset.
+
+    Minimises sum_i w_i * BCE(offset_i + x_i . coef + bias, y_i) + |coef|^2 / (2c), with
+    w_i = n / (2 n_class(i)): scikit-learn's `LogisticRegression(C=c, class_weight="balanced")`
+    objective when the offset is zero. Returns (coef, bias).
+    """
+    x, offset, y = x.double(), offset.double(), y.double()
+    n1 = y.sum().clamp(1, len(y) - 1)
+    balance = torch.where(y > 0.5, len(y) / (2 * n1), len(y) / (2 * (len(y) - n1)))
+    coef = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([coef, bias], max_iter=1000, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logit = offset + x @ coef + bias
+        loss = (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * balance).sum()
+        loss = loss + coef.pow(2).sum() / (2 * c)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return coef.detach(), float(bias.detach())
 
 
 @dataclass

@@ -119,3 +119,28 @@ def test_learned_combination_is_convex_and_favours_the_informative_term(
     w = model.detector.weights
     assert bool((w >= 0).all()) and float(w.sum()) == pytest.approx(1.0, abs=1e-5)
     assert int(w.argmax()) == 2 and float(w[2]) > 0.6
+
+
+def test_offset_logistic_is_scikit_learns_balanced_logistic_without_an_offset() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
+    y = (x[:, 0] - 0.5 * x[:, 3] + 0.8 * torch.randn(300, generator=g, dtype=torch.float64)
+         > 1.2).double()  # unbalanced classes
+    coef, bias = trainer.fit_offset_logistic(x, torch.zeros(300), y, c=0.5)
+    ref = LogisticRegression(C=0.5, class_weight="balanced", tol=1e-10, max_iter=10_000)
+    ref.fit(x.numpy(), y.numpy())
+    np.testing.assert_allclose(coef.numpy(), ref.coef_[0], atol=1e-4)
+    assert bias == pytest.approx(float(ref.intercept_[0]), abs=1e-4)
+
+
+def test_offset_logistic_fits_only_what_the_offset_misses() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    y = (torch.rand(4000, generator=g, dtype=torch.float64)
+         < torch.sigmoid(2 * x[:, 0] + x[:, 1])).double()
+    alone, _ = trainer.fit_offset_logistic(x, torch.zeros(4000), y, c=10.0)
+    given, _ = trainer.fit_offset_logistic(x, 2 * x[:, 0], y, c=10.0)
+    assert alone[0] == pytest.approx(2.0, abs=0.25) and alone[1] == pytest.approx(1.0, abs=0.2)
+    assert given[0] == pytest.approx(0.0, abs=0.2) and given[1] == pytest.approx(1.0, abs=0.2)
