@@ -34,7 +34,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,8 +55,6 @@ class Scores(NamedTuple):
 def fit_gaussian(x: torch.Tensor, max_rows: int = 50_000, seed: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean (D,) and shrunk precision (D, D) of the rows of x (M, D), fitted in float64."""
-    from sklearn.covariance import ledoit_wolf
-
     if x.ndim != 2 or len(x) < 2:
         raise ValueError(
             f"fit_gaussian needs at least two rows of shape (M, D), got {tuple(x.shape)}"
@@ -66,42 +63,46 @@ def fit_gaussian(x: torch.Tensor, max_rows: int = 50_000, seed: int = 0
     if len(rows) > max_rows:
         g = torch.Generator().manual_seed(seed)
         rows = rows[torch.randperm(len(rows), generator=g)[:max_rows]]
-    mean = rows.mean(0)
-    cov, _ = ledoit_wolf(rows.numpy(), assume_centered=False)
-    cov = cov + np.eye(len(cov)) * 1e-6 * max(float(np.trace(cov)) / len(cov), 1e-12)
-    precision = torch.from_numpy(np.linalg.inv(cov))
-    return mean.float(), precision.float()
+    mean, precision = _ledoit_wolf(rows[None])
+    return mean[0].float(), precision[0].float()
 
 
 def fit_positional_gaussians(x: torch.Tensor, chunk: int = 64
                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Gaussian per position of maps x (N, D, H, W): mean (H*W, D), precision (H*W, D, D).
 
-    Each covariance is shrunk towards a scaled identity by the Ledoit-Wolf formula (the same
-    estimator as `fit_gaussian`, batched over positions), so the shrinkage comes from the
-    training maps alone even with fewer images than dimensions.
+    The same estimator as `fit_gaussian`, batched over positions, so the shrinkage comes from
+    the training maps alone even with fewer images than dimensions.
     """
     if x.ndim != 4 or len(x) < 2:
         raise ValueError(f"expected at least two maps (N, D, H, W), got {tuple(x.shape)}")
     n, dim, h, w = x.shape
     rows = x.detach().double().cpu().permute(2, 3, 0, 1).reshape(h * w, n, dim)
-    means, precisions = [], []
+    fitted = [_ledoit_wolf(part) for part in rows.split(chunk)]
+    return (torch.cat([m for m, _ in fitted]).float(),
+            torch.cat([p for _, p in fitted]).float())
+
+
+def _ledoit_wolf(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means (P, D) and precisions (P, D, D) of P sets of rows (P, N, D), in float64.
+
+    Each covariance is shrunk towards a scaled identity by the Ledoit-Wolf formula (as
+    scikit-learn's `ledoit_wolf`), plus a 1e-6 relative ridge so it always inverts.
+    """
+    n, dim = rows.shape[1:]
     eye = torch.eye(dim, dtype=torch.float64)
-    for part in rows.split(chunk):  # (P, N, D)
-        mean = part.mean(1, keepdim=True)
-        xc = part - mean
-        cov = xc.transpose(1, 2) @ xc / n  # (P, D, D), the maximum-likelihood estimate
-        mu = cov.diagonal(dim1=1, dim2=2).mean(1)  # (P,)
-        sq = xc.pow(2)
-        beta = ((sq.transpose(1, 2) @ sq).sum((1, 2)) / n - cov.pow(2).sum((1, 2))) / (n * dim)
-        delta = (cov - mu[:, None, None] * eye).pow(2).sum((1, 2)) / dim
-        shrink = torch.where(delta > 0, torch.minimum(beta, delta) / delta.clamp_min(1e-300),
-                             torch.zeros_like(delta))
-        shrunk = (1 - shrink)[:, None, None] * cov + (shrink * mu)[:, None, None] * eye
-        shrunk = shrunk + eye * 1e-6 * mu.clamp_min(1e-12)[:, None, None]
-        means.append(mean[:, 0])
-        precisions.append(torch.linalg.inv(shrunk))
-    return torch.cat(means).float(), torch.cat(precisions).float()
+    mean = rows.mean(1, keepdim=True)
+    xc = rows - mean
+    cov = xc.transpose(1, 2) @ xc / n  # (P, D, D), the maximum-likelihood estimate
+    mu = cov.diagonal(dim1=1, dim2=2).mean(1)  # (P,)
+    sq = xc.pow(2)
+    beta = ((sq.transpose(1, 2) @ sq).sum((1, 2)) / n - cov.pow(2).sum((1, 2))) / (n * dim)
+    delta = (cov - mu[:, None, None] * eye).pow(2).sum((1, 2)) / dim
+    shrink = torch.where(delta > 0, torch.minimum(beta, delta) / delta.clamp_min(1e-300),
+                         torch.zeros_like(delta))
+    shrunk = (1 - shrink)[:, None, None] * cov + (shrink * mu)[:, None, None] * eye
+    shrunk = shrunk + eye * 1e-6 * mu.clamp_min(1e-12)[:, None, None]
+    return mean[:, 0], torch.linalg.inv(shrunk)
 
 
 def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
