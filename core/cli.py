@@ -16,7 +16,9 @@ from pathlib import Path
 from core.config import PRESETS, SETTINGS, ConfigError, DataConfig, RunConfig, preset
 
 EXIT_BAD_INPUT = 2
-SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed")  # core.bench.run's
+# core.bench.run's, kept apart so that `anomem --help` stays light
+SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed", "general")
+DEFAULT_SUITES = tuple(s for s in SUITES if s != "general")
 UNBOUNDED_EPOCHS = 100_000
 
 
@@ -69,9 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="benchmarks", help="folder of results and runs")
     b.add_argument("--minutes", type=float, default=5.0,
                    help="training budget of each trained method per cell (default 5)")
-    b.add_argument("--suites", default=",".join(SUITES),
-                   help=f"comma-separated, from {', '.join(SUITES)}")
-    b.add_argument("--data-root", help="folder holding cifar10/ and mvtec_ad/bottle/")
+    b.add_argument("--suites", default=",".join(DEFAULT_SUITES),
+                   help=f"comma-separated, from {', '.join(SUITES)} (default: all but general)")
+    b.add_argument("--data-root", help="folder holding cifar10/, mvtec_ad/bottle/, "
+                   "fashion_mnist/ and kolektorsdd/")
     b.add_argument("--path", action="append", default=[],
                    help="also a class-folder data set or an MVTec-layout category (repeatable)")
     b.add_argument("--classes", default="",
@@ -80,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--anomaly-class", help="class its labelled anomalies come from")
     b.add_argument("--ratios", default="0.01,0.05,0.1",
                    help="labelled anomalies per normal training image")
+    b.add_argument("--per-set", type=int, default=3,
+                   help="general suite: normal classes per class-folder data set (default 3)")
+    b.add_argument("--no-deep-peer", action="store_true",
+                   help="leave out Deep SVDD / Deep SAD (each takes the whole budget per cell)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
@@ -247,7 +254,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         paths=tuple(Path(p) for p in args.path),
         classes=tuple(c for c in args.classes.split(",") if c),
         unbalanced_class=args.unbalanced_class, anomaly_class=args.anomaly_class,
-        ratios=ratios, seed=args.seed, device=args.device)
+        ratios=ratios, per_set=args.per_set, deep_peer=not args.no_deep_peer, seed=args.seed,
+        device=args.device)
+    if args.per_set < 1:
+        raise CliError(f"--per-set {args.per_set}: expected at least 1 class")
 
     def say(line: str) -> None:
         print(line, flush=True)

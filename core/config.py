@@ -14,9 +14,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 3
-# The field each version added, and the value that reproduces a run stored before it.
-ADDED_IN = {2: ("model", "local_map", "shared"), 3: ("train", "shift_fraction", 1.0)}
+CONFIG_VERSION = 4
+# The fields each version added, and the values that reproduce a run stored before it.
+ADDED_IN = {
+    2: [("model", "local_map", "shared")],
+    3: [("train", "shift_fraction", 1.0)],
+    4: [("model", "pixel_memory", 0), ("model", "pixel_size", 32)],
+}
+# Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
+SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
+COMBINE = ("checked", "learned", "fixed")
 SETTINGS = ("one-class", "unbalanced")
 PRESETS = ("quick", "paper")
 MAX_BLOCKS = 64  # per ResNet stage (ResNet-152 has 36): a stored config cannot ask for more
@@ -48,6 +55,10 @@ class ModelConfig:
     # The local term's Gaussian: "shared" by all positions, or "positional" (one per position,
     # for aligned images; the presets choose it for MVTec AD)
     local_map: str = "shared"
+    # The pixel scale: up to this many normal training images kept as pixel_size thumbnails, an
+    # image's term being its cosine distance to the nearest of them (0: no pixel scale)
+    pixel_memory: int = 4096
+    pixel_size: int = 32
 
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, list | tuple) or not all(
@@ -70,7 +81,7 @@ class ModelConfig:
                 f"scales={self.scales}: expected a non-empty subset of {sorted(valid)}"
             )
         for name in ("image_size", "in_channels", "memory_size", "memory_dim", "head_dim",
-                     "layout_grid", "layout_rank"):
+                     "layout_grid", "layout_rank", "pixel_memory", "pixel_size"):
             _require_int(self, name)
         if self.memory_size < 2 or self.memory_dim < 2:
             raise ConfigError("memory_size and memory_dim must be at least 2")
@@ -90,6 +101,11 @@ class ModelConfig:
             raise ConfigError(f"local_weight={self.local_weight}: expected 0..1")
         if not 0 < self.topk_ratio <= 1:
             raise ConfigError(f"topk_ratio={self.topk_ratio}: expected 0 < ratio <= 1")
+        if self.pixel_memory != 0 and not 2 <= self.pixel_memory <= 100_000:
+            raise ConfigError(f"pixel_memory={self.pixel_memory}: expected 0 (none) or "
+                              "2..100000 stored images")
+        if not 4 <= self.pixel_size <= 128:
+            raise ConfigError(f"pixel_size={self.pixel_size}: expected 4..128 pixels")
 
 
 @dataclass
@@ -136,15 +152,18 @@ class TrainConfig:
     w_usage: float = 0.1  # keeps every prototype read
     w_anomaly: float = 1.0  # pushes labelled anomalies away from their read-out
     anomaly_margin: float = 0.0
-    # Distribution-shifted copies of each batch (CSI) as extra contrastive negatives: "jigsaw"
-    # (quadrants swapped) and/or "rotate" (90/180/270 degrees); empty to turn off.
+    # Distribution-shifted copies of each batch (CSI) as extra contrastive negatives, any of
+    # SHIFTS (core/train/shifts.py); empty to turn off. The presets add the local defects
+    # (cutpaste, scar) on aligned data.
     shift_negatives: tuple[str, ...] = ("jigsaw",)
     # Share of a batch's normals that get a shifted copy: below 1 a step costs less, at the
     # price of fewer pseudo-anomalies per step (see `anomem bench --suites speed`).
     shift_fraction: float = 1.0
-    # How stage 2 weighs scales and terms: "learned" (against shifted copies of held-out
-    # normals, see trainer._fit_combination) or "fixed" (ModelConfig.local_weight, scales equal).
-    combine: str = "learned"
+    # How stage 2 weighs scales and terms: "fixed" (ModelConfig.local_weight within a scale,
+    # scales and the pixel term equal), "learned" (against pseudo-anomalies of held-out normals)
+    # or "checked": learned only where weights fitted without a kind of pseudo-anomaly beat the
+    # fixed ones on that kind (see core/train/stage2.py).
+    combine: str = "checked"
     max_minutes: float | None = None  # wall-clock budget for both stages
     stage1_share: float = 0.85  # share of the budget given to stage 1
     holdout: float = 0.15  # share of normal training images kept for calibration
@@ -162,9 +181,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "seed"):
             _require_int(self, name)
         self.shift_negatives = tuple(self.shift_negatives)
-        if not set(self.shift_negatives) <= {"jigsaw", "rotate"}:
+        if not set(self.shift_negatives) <= set(SHIFTS):
             raise ConfigError(
-                f"shift_negatives={self.shift_negatives}: expected jigsaw and/or rotate"
+                f"shift_negatives={self.shift_negatives}: expected some of {', '.join(SHIFTS)}"
             )
         if not 0 < self.shift_fraction <= 1:
             raise ConfigError(f"shift_fraction={self.shift_fraction}: expected 0 < share <= 1")
@@ -174,8 +193,8 @@ class TrainConfig:
             raise ConfigError("lr and temperature must be positive")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay}: expected >= 0")
-        if self.combine not in ("learned", "fixed"):
-            raise ConfigError(f"combine={self.combine!r}: expected learned or fixed")
+        if self.combine not in COMBINE:
+            raise ConfigError(f"combine={self.combine!r}: expected one of {', '.join(COMBINE)}")
         if not 0 < self.stage1_share <= 1:
             raise ConfigError(f"stage1_share={self.stage1_share}: expected 0 < share <= 1")
         if self.max_minutes is not None and self.max_minutes <= 0:
@@ -273,9 +292,9 @@ def _upgraded(raw: dict) -> dict:
     if type(version) is not int or not 1 <= version < CONFIG_VERSION:
         return raw
     for added in range(version + 1, CONFIG_VERSION + 1):
-        section, name, value = ADDED_IN[added]
-        if isinstance(raw.get(section), dict):
-            raw = {**raw, section: {name: value, **raw[section]}}
+        for section, name, value in ADDED_IN[added]:
+            if isinstance(raw.get(section), dict):
+                raw = {**raw, section: {name: value, **raw[section]}}
     return {**raw, "version": CONFIG_VERSION}
 
 
@@ -374,6 +393,8 @@ def preset(name: str, data: DataConfig | None = None) -> RunConfig:
 
     info = DATASETS.get(data.dataset)
     cfg.model.image_size = data.image_size or (info.image_size if info else 32)
+    cfg.model.pixel_size = min(32, cfg.model.image_size)
     if info is not None and info.aligned:
         cfg.model.local_map = "positional"
+        cfg.train.shift_negatives = ("jigsaw", "cutpaste", "scar")
     return cfg

@@ -127,9 +127,22 @@ def _train_locked(cfg: RunConfig, out: Path, split: Split, load_s: float,
         "normal_class": split.normal_class,
         "setting": cfg.data.setting,
         "processes": dist.world,
+        "stage1": stage1_summary(result.history),
+        "stage2": result.stage2,
     })
     write_json(out / METRICS, metrics)
     return metrics
+
+
+def stage1_summary(history: list[dict]) -> dict:
+    """How far stage 1 went: epochs, steps planned, and each loss term first and last."""
+    rows = [r for r in history if r.get("stage", 1) == 1]
+    if not rows:
+        return {}
+    terms = [k for k in rows[0] if k == "loss" or k in rows[-1] and k in (
+        "memory_contrast", "view_contrast", "align", "variance", "usage", "anomaly")]
+    return {"epochs": len(rows), "planned_steps": rows[-1].get("planned_steps"),
+            "first": {k: rows[0][k] for k in terms}, "last": {k: rows[-1][k] for k in terms}}
 
 
 def resume_run(path: Path, progress: ProgressFn | None = None,

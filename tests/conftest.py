@@ -10,7 +10,7 @@ import torch
 from core.config import ModelConfig
 
 TINY_MODEL = dict(image_size=32, width=0.125, memory_size=8, memory_dim=8, head_dim=8,
-                  scales=("layer2", "layer3", "layer4"))
+                  scales=("layer2", "layer3", "layer4"), pixel_memory=64, pixel_size=8)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -14,6 +14,10 @@ Suites:
   at each ratio, test on all ten classes;
 - mvtec: MVTec AD bottle (DATA/mvtec_ad/bottle), image and pixel AUROC;
 - speed: a stage-1 step against the bare backbone (see core.bench.speed);
+- general: every data set at hand, to judge a design choice on all of them at once: the
+  built-in shapes and digits, and under DATA Fashion-MNIST, KolektorSDD, MVTec AD bottle and
+  CIFAR-10 (a few evenly spaced normal classes each, `--per-set`), one-class, then unbalanced
+  on each class-folder set (its first class normal, labelled anomalies from two other classes);
 - any `--path`: a class-folder data set (every class in turn) or one MVTec-layout category.
 """
 
@@ -36,6 +40,7 @@ from core.bench.peers import DeepSVDD, Peer, make_peers
 from core.config import DataConfig, RunConfig, preset
 from core.data import DataError, Split, list_classes, load_split
 from core.metrics import image_metrics
+from core.model.anomem import AnoMem
 from core.pipeline import resumable, resume_run, train_run
 from core.runs import (
     METRICS,
@@ -47,11 +52,16 @@ from core.runs import (
     write_atomic,
     write_json,
 )
-from core.train.trainer import Progress
+from core.train.trainer import Progress, score_images
 
-SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed")
-COLUMNS = ("suite", "dataset", "normal_class", "setting", "ratio", "method", "kind", "auroc",
-           "pixel_auroc", "by_type", "train_s", "note")
+SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed", "general")
+DEFAULT_SUITES = tuple(s for s in SUITES if s != "general")  # general: ask for it by name
+COLUMNS = ("suite", "dataset", "normal_class", "setting", "ratio", "anomaly_classes", "method",
+           "kind", "auroc", "pixel_auroc", "by_type", "train_s", "note")
+# The general suite's data sets: (name in tables, data set, folder under DATA or None)
+GENERAL = (("shapes", "shapes", None), ("digits", "digits", None),
+           ("fashion_mnist", "folder", "fashion_mnist"), ("kolektorsdd", "mvtec", "kolektorsdd"),
+           ("mvtec_bottle", "mvtec", "mvtec_ad/bottle"), ("cifar10", "folder", "cifar10"))
 UNBOUNDED_EPOCHS = 100_000
 ANOMEM = "AnoMem"
 
@@ -83,28 +93,35 @@ class Cell:
     @property
     def label(self) -> str:
         extra = f" {self.ratio:.0%} labelled" if self.setting == "unbalanced" else ""
+        if self.anomaly_classes and self.suite.startswith("general"):
+            extra += f" from {', '.join(self.anomaly_classes)}"
         return f"{self.suite} · {self.normal_class}{extra}"
 
     @property
     def slug(self) -> str:
         ratio = f"-{self.ratio:g}" if self.setting == "unbalanced" else ""
-        return safe_name(f"{self.suite}-{self.normal_class}-{self.setting}{ratio}")
+        extra = "-" + "+".join(self.anomaly_classes) if self.suite.startswith("general") and \
+            self.anomaly_classes else ""
+        return safe_name(f"{self.suite}-{self.normal_class}-{self.setting}{ratio}{extra}")
 
-    def key(self, method: str) -> tuple[str, str, str, str, str]:
-        return (self.suite, self.normal_class, self.setting, f"{self.ratio:g}", method)
+    def key(self, method: str) -> tuple[str, ...]:
+        return _key(self.suite, self.normal_class, self.setting, self.ratio,
+                    ",".join(self.anomaly_classes), method)
 
 
 @dataclass
 class BenchOptions:
     out: Path = Path("benchmarks")
     minutes: float = 5.0  # training budget of every trained method, per cell
-    suites: tuple[str, ...] = SUITES
+    suites: tuple[str, ...] = DEFAULT_SUITES
     data_root: Path | None = None
     paths: tuple[Path, ...] = ()
     classes: tuple[str, ...] = ()  # restrict the class-folder suites to these normal classes
     unbalanced_class: str | None = None  # None: the first class
     anomaly_class: str | None = None  # None: the class after it
     ratios: tuple[float, ...] = (0.01, 0.05, 0.1)
+    per_set: int = 3  # general suite: normal classes per class-folder data set
+    deep_peer: bool = True  # run Deep SVDD / Deep SAD (it takes the whole budget per cell)
     seed: int = 0
     device: str = "auto"
 
@@ -122,6 +139,7 @@ class Results:
         if res.path.is_file():
             with open(res.path, newline="") as f:
                 for row in csv.DictReader(f):
+                    row.setdefault("anomaly_classes", "")  # a file from before the column
                     if set(COLUMNS) <= set(row):
                         res.rows[_row_key(row)] = row
         return res
@@ -138,10 +156,17 @@ class Results:
         write_atomic(self.path, buf.getvalue())
 
 
+def _key(suite: str, normal: str, setting: str, ratio: float | str, anomalies: str,
+         method: str) -> tuple[str, ...]:
+    """A row's identity. Only the general suite draws labels from several classes per ratio,
+    so only its rows are told apart by them (older suites' rows have no such column)."""
+    anomalies = anomalies if suite.startswith("general/") else ""
+    return (suite, normal, setting, f"{float(ratio or 0):g}", anomalies, method)
+
+
 def _row_key(row: dict) -> tuple:
-    ratio = row.get("ratio") or 0.0
-    return (row["suite"], row["normal_class"], row["setting"], f"{float(ratio):g}",
-            row["method"])
+    return _key(row["suite"], row["normal_class"], row["setting"], row.get("ratio") or 0.0,
+                row.get("anomaly_classes") or "", row["method"])
 
 
 def _fmt(v: object) -> str:
@@ -151,6 +176,8 @@ def _fmt(v: object) -> str:
         return f"{v:.4f}"
     if isinstance(v, dict):
         return json.dumps({k: round(x, 4) for k, x in v.items()}, sort_keys=True)
+    if isinstance(v, tuple):
+        return ",".join(v)
     return str(v)
 
 
@@ -187,9 +214,50 @@ def plan(opts: BenchOptions, say: Callable[[str], None] = print) -> list[Cell]:
             say(f"mvtec: skipped (expects DATA/mvtec_ad/bottle/ under --data-root, got {root})")
         else:
             cells.append(Cell("mvtec", "mvtec", str(bottle), "good"))
+    if "general" in opts.suites:
+        cells += general_cells(opts, say)
     for path in opts.paths:
         cells += _path_cells(Path(path), opts.classes)
     return cells
+
+
+def spread(items: list[str], n: int) -> list[str]:
+    """n evenly spaced items, the first included: a subset chosen without looking at results."""
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def general_cells(opts: BenchOptions, say: Callable[[str], None] = print) -> list[Cell]:
+    """One-class cells on every data set at hand, then unbalanced cells on the class-folder
+    ones (the first normal class; labelled anomalies from two other classes in turn)."""
+    one_class, unbalanced = [], []
+    for name, dataset, folder in GENERAL:
+        root = None
+        if folder is not None:
+            path = opts.data_root / folder if opts.data_root else None
+            layout = "train/good" if dataset == "mvtec" else "train"
+            if path is None or not (path / layout).is_dir():
+                say(f"general: {name} skipped (expects DATA/{folder}/{layout} under "
+                    f"--data-root, got {opts.data_root})")
+                continue
+            root = str(path)
+        suite = f"general/{name}"
+        classes = list_classes(dataset, root)
+        if dataset == "mvtec":
+            one_class.append(Cell(suite, dataset, root, classes[0]))
+            continue
+        picked = [c for c in classes if c in opts.classes] if opts.classes else \
+            spread(classes, 1 if dataset == "shapes" else opts.per_set)
+        one_class += [Cell(suite, dataset, root, c) for c in picked]
+        if dataset == "shapes":
+            continue
+        normal = picked[0]
+        others = [c for c in classes if c != normal]
+        for anomaly in spread(others, 2):
+            unbalanced += [Cell(suite, dataset, root, normal, "unbalanced", r, (anomaly,))
+                           for r in opts.ratios]
+    return one_class + unbalanced
 
 
 def _cifar(root: Path | None) -> tuple[str, str] | None:
@@ -232,7 +300,8 @@ def _metrics_row(cell: Cell, method: str, kind: str, labels: np.ndarray, scores:
                  pixel: float | None = None) -> dict:
     m = image_metrics(labels, scores, types)
     return {"suite": cell.suite, "dataset": cell.dataset, "normal_class": cell.normal_class,
-            "setting": cell.setting, "ratio": cell.ratio, "method": method, "kind": kind,
+            "setting": cell.setting, "ratio": cell.ratio,
+            "anomaly_classes": cell.anomaly_classes, "method": method, "kind": kind,
             "auroc": m["auroc"], "pixel_auroc": pixel, "by_type": m["auroc_by_type"],
             "train_s": train_s, "note": note}
 
@@ -264,7 +333,8 @@ def run_anomem(cell: Cell, split: Split, opts: BenchOptions,
             metrics = train_run(anomem_config(cell, opts), out, progress, split=split)
     test, labels = split.test, split.test.labels.numpy()
     row = {"suite": cell.suite, "dataset": cell.dataset, "normal_class": cell.normal_class,
-           "setting": cell.setting, "ratio": cell.ratio, "kind": "ours",
+           "setting": cell.setting, "ratio": cell.ratio,
+           "anomaly_classes": cell.anomaly_classes, "kind": "ours",
            "train_s": metrics.get("train_seconds")}
     yield {**row, "method": ANOMEM, "auroc": metrics["auroc"],
            "pixel_auroc": metrics.get("pixel_auroc"), "by_type": metrics["auroc_by_type"],
@@ -281,6 +351,27 @@ def run_anomem(cell: Cell, split: Split, opts: BenchOptions,
     dev = deviation_norm_scores(model, test.images, device=device)
     yield _metrics_row(cell, "AnoMem, no stage 2 (deviation norm)", "ablation", labels, dev,
                        test.types, None, "same memory, mean |q - r|, no detector")
+    yield from _combination_rows(cell, model, metrics, split, device)
+
+
+def _combination_rows(cell: Cell, model: AnoMem, metrics: dict, split: Split, device: str
+                      ) -> Iterator[dict]:
+    """Stage 2's candidate weightings, and each term alone, on the benchmarked model."""
+    weights = (metrics.get("stage2") or {}).get("weights")
+    if not weights:  # a run from before the report
+        return
+    test, labels = split.test, split.test.labels.numpy()
+    scored = score_images(model, test.images, device, with_maps=False)
+    names = model.detector.term_names
+    z = np.stack([scored.terms[n] for n in names], 1)
+    chosen = metrics["stage2"].get("chosen")
+    for rule, w in weights.items():
+        note = "same model, one-class weights" + (" (chosen)" if rule == chosen else "")
+        yield _metrics_row(cell, f"AnoMem, {rule} weights", "ablation", labels,
+                           z @ np.array([w[n] for n in names]), test.types, None, note)
+    for j, name in enumerate(names):
+        yield _metrics_row(cell, f"AnoMem, {name} only", "ablation", labels, z[:, j],
+                           test.types, None, "same model, one standardised term")
 
 
 def read_history_epochs(out: Path) -> list[int]:
@@ -295,8 +386,10 @@ def peers_for(cell: Cell, opts: BenchOptions) -> list[Peer]:
     shallow peers ignore labels and would repeat their one-class numbers."""
     device = "cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu"
     if cell.setting == "unbalanced":
-        return [DeepSVDD(minutes=opts.minutes, seed=opts.seed, device=device, labelled=True)]
-    return make_peers(opts.minutes, opts.seed, device)
+        return [DeepSVDD(minutes=opts.minutes, seed=opts.seed, device=device, labelled=True)
+                ] if opts.deep_peer else []
+    peers = make_peers(opts.minutes, opts.seed, device)
+    return peers if opts.deep_peer else [p for p in peers if not isinstance(p, DeepSVDD)]
 
 
 def run_peer(cell: Cell, split: Split, peer: Peer) -> dict:
@@ -427,12 +520,75 @@ def _types_table(rows: list[dict]) -> str:
     return _table(["method", "AUROC", *types, "pixel AUROC", "train s"], body)
 
 
+GENERAL_COLUMNS = ("AnoMem", "AnoMem, fixed weights", "AnoMem, learned weights",
+                   "AnoMem, pixels/knn only", "kNN (pixels, k=2)", "IForest (16x16 px)",
+                   "OCSVM (16x16 px, nu=0.1)", "Deep SVDD")
+SHALLOW = ("kNN (pixels, k=2)", "IForest (16x16 px)", "OCSVM (16x16 px, nu=0.1)")
+
+
+def general_tables(rows: list[dict]) -> str:
+    """The general suite: one-class means per data set beside the peers; unbalanced pairs."""
+    one = [r for r in rows if r["setting"] == "one-class"]
+    sets = list(dict.fromkeys(r["suite"] for r in one))
+    body, wins, total = [], 0, 0
+    for suite in sets:
+        mine = [r for r in one if r["suite"] == suite]
+        classes = list(dict.fromkeys(r["normal_class"] for r in mine))
+        auroc = {(r["normal_class"], r["method"]): float(r["auroc"]) for r in mine}
+        cells = []
+        for m in GENERAL_COLUMNS:
+            got = [auroc[(c, m)] for c in classes if (c, m) in auroc]
+            cells.append(_pct(np.mean(got)) if got else "–")
+        pairs = [(auroc[(c, ANOMEM)], auroc[(c, SHALLOW[0])]) for c in classes
+                 if (c, ANOMEM) in auroc and (c, SHALLOW[0]) in auroc]
+        beat = sum(a >= k for a, k in pairs)
+        wins, total = wins + beat, total + len(pairs)
+        shallow = [np.mean([auroc[(c, m)] for c in classes if (c, m) in auroc])
+                   for m in SHALLOW if any((c, m) in auroc for c in classes)]
+        ours = [auroc[(c, ANOMEM)] for c in classes if (c, ANOMEM) in auroc]
+        above = "–" if not (ours and shallow) else "yes" if np.mean(ours) > max(shallow) \
+            else "tie" if np.mean(ours) == max(shallow) else "no"
+        body.append([suite.removeprefix("general/"), ", ".join(classes), *cells,
+                     f"{beat}/{len(pairs)}", above])
+    header = ["data set", "normal classes", *GENERAL_COLUMNS, "AnoMem >= kNN",
+              "above best shallow"]
+    text = ("## General suite, one-class\n\nMean AUROC (%) over the normal classes listed; "
+            "`fixed` / `learned` weights and the pixel term alone are ablations of the same "
+            f"model. AnoMem at or above pixel kNN on {wins} of {total} classes.\n\n"
+            + _table(header, body) + "\n")
+    unb = [r for r in rows if r["setting"] == "unbalanced"]
+    if unb:
+        ref = {(r["suite"], r["normal_class"]): float(r["auroc"]) for r in one
+               if r["method"] == ANOMEM}
+        body = []
+        for r in unb:
+            if r["method"] not in (ANOMEM, "Deep SAD"):
+                continue
+            by_type = json.loads(r["by_type"] or "{}")
+            seen = [v for k, v in by_type.items() if k in r["anomaly_classes"].split(",")]
+            unseen = [v for k, v in by_type.items() if k not in r["anomaly_classes"].split(",")]
+            one_class = ref.get((r["suite"], r["normal_class"]))
+            body.append([r["suite"].removeprefix("general/"), r["normal_class"],
+                         r["anomaly_classes"], f"{float(r['ratio']):.0%}", r["method"],
+                         _pct(one_class) if r["method"] == ANOMEM else "",
+                         _pct(r["auroc"]), _pct(np.mean(seen)) if seen else "–",
+                         _pct(np.mean(unseen)) if unseen else "–"])
+        text += ("\n## General suite, unbalanced\n\nAUROC (%); seen: the labelled class, "
+                 "unseen: mean over the anomaly classes no label came from.\n\n" + _table(
+                     ["data set", "normal", "labelled from", "ratio", "method",
+                      "one-class AUROC", "AUROC", "seen", "unseen"], body) + "\n")
+    return text
+
+
 def render_markdown(results: Results, opts: BenchOptions) -> str:
     """results.md: one table per suite (AUROC, %), then the speed report."""
     rows = list(results.rows.values())
     parts = [f"# Benchmark\n\nAUROC in %, {opts.minutes:g} min training budget per cell on "
              f"this machine; `–`: not run yet. Ablations reuse the benchmarked model.\n"]
-    suites = list(dict.fromkeys(r["suite"] for r in rows))
+    general = [r for r in rows if r["suite"].startswith("general/")]
+    if general:
+        parts.append(general_tables(general))
+    suites = list(dict.fromkeys(r["suite"] for r in rows if r not in general))
     for suite in suites:
         mine = [r for r in rows if r["suite"] == suite]
         if suite == "cifar10":

@@ -14,6 +14,7 @@ from core.config import ModelConfig
 from core.model.backbone import build_backbone
 from core.model.detector import AnomalyDetector, Scores
 from core.model.memory import HopfieldMemory, MemoryRead
+from core.model.pixels import PixelMemory
 
 
 class ProjectionHead(nn.Module):
@@ -43,8 +44,12 @@ class AnoMem(nn.Module):
         grids = {s: min(cfg.layout_grid, self.map_size(s)) for s in cfg.scales}
         positions = {s: self.map_size(s) ** 2 if cfg.local_map == "positional" else 0
                      for s in cfg.scales}
+        # The pixel scale: a memory of normal thumbnails, filled by stage 2 (not learnt)
+        self.pixels = (PixelMemory(cfg.in_channels, cfg.pixel_size, cfg.pixel_memory)
+                       if cfg.pixel_memory else None)
         self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank,
-                                        cfg.local_weight, cfg.layout_source, positions)
+                                        cfg.local_weight, cfg.layout_source, positions,
+                                        pixel=self.pixels is not None)
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -63,9 +68,14 @@ class AnoMem(nn.Module):
         features = self.backbone(images)
         return {s: self.memories[s](features[s]) for s in self.scales}
 
+    def pixel_distance(self, images: torch.Tensor) -> torch.Tensor | None:
+        """(B,) the pixel scale's distances of images in [0, 1]; None without a pixel scale."""
+        return None if self.pixels is None else self.pixels.distance(images)
+
     def score(self, images: torch.Tensor) -> Scores:
         """Anomaly scores and maps of a batch; needs a fitted detector (stage 2)."""
-        return self.detector(self.forward(images), images.shape[-2:])
+        return self.detector(self.forward(images), images.shape[-2:],
+                             self.pixel_distance(images))
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

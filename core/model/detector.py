@@ -42,6 +42,7 @@ from core.model.memory import MemoryRead
 
 TERMS = ("local", "layout")  # per scale: top-k deviation distances, coarse-map distance
 N_SCORES = len(TERMS)
+PIXEL_TERM = "pixels/knn"  # the pixel scale's one term (core/model/pixels.py), when present
 
 
 class Scores(NamedTuple):
@@ -199,38 +200,71 @@ class ScaleDetector(nn.Module):
 
 
 class AnomalyDetector(nn.Module):
-    """Per-scale detectors, their combination, an optional classifier, the thresholds."""
+    """Per-scale detectors, their combination, an optional classifier, the thresholds.
+
+    With `pixel`, the pixel scale's distance (core/model/pixels.py) is one more standardised
+    term, the last column of `features`.
+    """
 
     def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int,
                  local_weight: float = 0.0, layout_source: str = "query",
-                 positions: dict[str, int] | None = None) -> None:
+                 positions: dict[str, int] | None = None, pixel: bool = False) -> None:
         super().__init__()
         self.scales = tuple(grids)
         self.layout_source = layout_source
+        self.local_weight = local_weight
+        self.pixel = pixel
         positions = positions or {}
         self.per_scale = nn.ModuleDict({
             s: ScaleDetector(dim, topk_ratio, g, rank, positions.get(s, 0))
             for s, g in grids.items()})
-        # Share of each term in a scale's score, then scales weigh equally.
-        term = torch.tensor([local_weight, 1.0 - local_weight])
-        self.register_buffer("weights", term.repeat(len(self.scales)) / len(self.scales))
+        if pixel:  # the pixel term's normal distance, for its standardisation
+            self.register_buffer("pixel_loc", torch.zeros(()))
+            self.register_buffer("pixel_scale", torch.ones(()))
+        self.register_buffer("weights", self.fixed_weights())
         # Logistic head over [standardised scores, pooled deviations]; zero = one-class.
-        n = N_SCORES * len(self.scales)
+        n = self.n_terms
         self.register_buffer("clf_weight", torch.zeros(n + dim * len(self.scales)))
         self.register_buffer("clf_bias", torch.zeros(()))
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("pixel_threshold", torch.zeros(()))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
-    def features(self, reads: dict[str, MemoryRead]
+    @property
+    def term_names(self) -> list[str]:
+        """Names of the columns of `features`: "layer2/local", ..., then the pixel term."""
+        return [f"{s}/{t}" for s in self.scales for t in TERMS] + (
+            [PIXEL_TERM] if self.pixel else [])
+
+    @property
+    def n_terms(self) -> int:
+        return N_SCORES * len(self.scales) + int(self.pixel)
+
+    def fixed_weights(self) -> torch.Tensor:
+        """`local_weight` within a scale, then every scale (the pixel one too) weighs equally."""
+        units = len(self.scales) + int(self.pixel)
+        term = torch.tensor([self.local_weight, 1.0 - self.local_weight])
+        w = term.repeat(len(self.scales))
+        if self.pixel:
+            w = torch.cat([w, torch.ones(1)])
+        return w / units
+
+    def features(self, reads: dict[str, MemoryRead], pixel: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Standardised scale scores (B, 2S) and raw distance maps {scale: (B, h, w)}."""
+        """Standardised term scores (B, n_terms) and raw distance maps {scale: (B, h, w)}.
+
+        `pixel`: the pixel scale's raw distances (B,), needed when the detector has that term.
+        """
         z, maps = [], {}
         for s in self.scales:
             det = self.per_scale[s]
             dist = det.distance_map(reads[s].deviation)
             z.append(det.standardise(det.raw_scores(self.layout_input(reads[s]), dist)))
             maps[s] = dist
+        if self.pixel:
+            if pixel is None:
+                raise ValueError("this detector has a pixel term: pass the pixel distances")
+            z.append(((pixel - self.pixel_loc) / self.pixel_scale)[:, None])
         return torch.cat(z, dim=1), maps
 
     def layout_input(self, read: MemoryRead) -> torch.Tensor:
@@ -241,14 +275,18 @@ class AnomalyDetector(nn.Module):
         pooled = [F.normalize(reads[s].deviation.mean(dim=(2, 3)), dim=1) for s in self.scales]
         return torch.cat([z, *pooled], dim=1)
 
-    def forward(self, reads: dict[str, MemoryRead], out_size: tuple[int, int]) -> Scores:
-        z, dist_maps = self.features(reads)
+    def forward(self, reads: dict[str, MemoryRead], out_size: tuple[int, int],
+                pixel: torch.Tensor | None = None) -> Scores:
+        z, dist_maps = self.features(reads, pixel)
         image = z @ self.weights
         if bool(self.clf_weight.any()):
-            image = image + self.classifier_input(z, reads) @ self.clf_weight + self.clf_bias
-        n = len(self.scales)
+            # Labels may only add evidence: the head raises what resembles a labelled anomaly
+            # and never lowers an image the one-class score finds strange.
+            image = image + F.softplus(self.classifier_input(z, reads) @ self.clf_weight
+                                       + self.clf_bias)
+        units = len(self.scales) + int(self.pixel)
         per_scale = {s: z[:, N_SCORES * i:N_SCORES * (i + 1)] @ self.weights[
-                         N_SCORES * i:N_SCORES * (i + 1)] * n
+                         N_SCORES * i:N_SCORES * (i + 1)] * units
                      for i, s in enumerate(self.scales)}
         maps = {}
         for s in self.scales:
@@ -258,7 +296,6 @@ class AnomalyDetector(nn.Module):
             F.interpolate(m[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]
             for m in maps.values()
         ])
-        terms = {f"{s}/{t}": z[:, N_SCORES * i + j] for i, s in enumerate(self.scales)
-                 for j, t in enumerate(TERMS)}
+        terms = {name: z[:, j] for j, name in enumerate(self.term_names)}
         return Scores(image=image, per_scale=per_scale, pixel_map=stacked.mean(0), maps=maps,
                       terms=terms)

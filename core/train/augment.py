@@ -67,11 +67,11 @@ def colour_jitter(x: torch.Tensor, strength: float, hue: float,
     gray = grayscale(x)
     x = (x - gray) * factors[:, 2].view(b, 1, 1, 1) + gray
     if hue:
-        x = _rotate_hue(x, 2 * math.pi * hue * rand[:, 3])
+        x = rotate_hue(x, 2 * math.pi * hue * rand[:, 3])
     return x.clamp(0, 1)
 
 
-def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+def rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Rotate chroma in YIQ space by a per-image angle (radians)."""
     to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322],
                            [0.211, -0.523, 0.312]], device=x.device, dtype=x.dtype)
@@ -95,58 +95,3 @@ def augment(images: torch.Tensor, cfg: AugmentConfig,
         pick = (torch.rand(len(x), generator=generator) < cfg.grayscale_p).to(x.device)
         x = torch.where(pick.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
     return x.clamp(0, 1)
-
-
-SHIFTS = ("jigsaw", "rotate")
-
-
-def jigsaw(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Swap the four quadrants of each image by a random non-identity permutation.
-
-    Every local patch stays normal-looking, only their arrangement breaks: a pseudo-anomaly
-    that forces the encoder to represent how parts are laid out (shape), not just what they are.
-    """
-    b, c, h, w = x.shape
-    h2, w2 = h // 2, w // 2
-    x = x[:, :, :2 * h2, :2 * w2]
-    quads = x.reshape(b, c, 2, h2, 2, w2).permute(0, 2, 4, 1, 3, 5).reshape(b, 4, c, h2, w2)
-    perms = torch.stack([torch.randperm(4, generator=generator) for _ in range(b)])
-    identity = (perms == torch.arange(4)).all(1)
-    perms[identity] = torch.tensor([3, 2, 1, 0])  # never the original image
-    perms = perms.to(x.device)
-    quads = quads[torch.arange(b, device=x.device)[:, None], perms]
-    out = quads.reshape(b, 2, 2, c, h2, w2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * h2, 2 * w2)
-    return F.pad(out, (0, w - 2 * w2, 0, h - 2 * h2), mode="replicate") if (h % 2 or w % 2) \
-        else out
-
-
-def rotate90(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Rotate each square image by 90, 180 or 270 degrees (CSI's shifting transformation)."""
-    k = torch.randint(1, 4, (len(x),), generator=generator)
-    out = x.clone()
-    for turns in (1, 2, 3):
-        pick = (k == turns).nonzero().flatten().to(x.device)
-        if len(pick):
-            out[pick] = torch.rot90(x[pick], turns, dims=(2, 3))
-    return out
-
-
-def shift(x: torch.Tensor, kinds: tuple[str, ...], generator: torch.Generator | None = None
-          ) -> torch.Tensor:
-    """A distribution-shifted copy of each image (Tack et al. 2020, CSI): a pseudo-anomaly.
-
-    Each image gets one transformation drawn from `kinds` (a subset of SHIFTS).
-    """
-    unknown = set(kinds) - set(SHIFTS)
-    if unknown or not kinds:
-        raise ValueError(f"shift kinds {kinds}: expected a non-empty subset of {SHIFTS}")
-    funcs = {"jigsaw": jigsaw, "rotate": rotate90}
-    if len(kinds) == 1:
-        return funcs[kinds[0]](x, generator)
-    choice = torch.randint(len(kinds), (len(x),), generator=generator).to(x.device)
-    out = x.clone()
-    for i, kind in enumerate(kinds):
-        pick = (choice == i).nonzero().flatten()
-        if len(pick):
-            out[pick] = funcs[kind](x[pick], generator)
-    return out

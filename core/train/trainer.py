@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from core.config import ConfigError, RunConfig, TrainConfig
 from core.data.base import DataError, ImageSet
 from core.model.anomem import AnoMem
-from core.model.detector import fit_gaussian, fit_positional_gaussians, fit_ppca
-from core.model.memory import MemoryRead
 from core.train.allocator import keep_freed_memory
-from core.train.augment import augment, shift, to_float
+from core.train.augment import augment, to_float
 from core.train.checkpoint import (
     CHECKPOINT,
     Stage1State,
@@ -36,30 +32,12 @@ from core.train.checkpoint import (
 )
 from core.train.distributed import Dist
 from core.train.losses import LossTerms, MemoryContrastLoss
+from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
+from core.train.shifts import shift
+from core.train.stage2 import fit_detector
 
-GAUSSIAN_ROWS = 60_000  # deviation vectors sampled per scale to fit a detector's Gaussian
-
-
-@dataclass
-class Progress:
-    stage: str  # "stage1", "stage2" or "evaluate"
-    done: float  # fraction of the stage in [0, 1]
-    message: str
-    row: dict[str, Any] | None = None  # a finished epoch's history row
-
-
-ProgressFn = Callable[[Progress], None]
-StopFn = Callable[[], bool]
-
-
-class TrainingCancelled(RuntimeError):
-    """`should_stop` asked the trainer to stop; the partial history is attached, and the
-    checkpoint's folder when one was written (the run can be resumed from it)."""
-
-    def __init__(self, history: list[dict], checkpoint_dir: Path | None = None) -> None:
-        super().__init__("training cancelled")
-        self.history = history
-        self.checkpoint_dir = checkpoint_dir
+__all__ = ["Progress", "ProgressFn", "StopFn", "TrainingCancelled", "train", "train_stage1",
+           "score_images"]
 
 
 @dataclass
@@ -67,6 +45,7 @@ class TrainOutput:
     model: AnoMem
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    stage2: dict[str, Any] = field(default_factory=dict)  # how the detector was fitted
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,17 +94,19 @@ def train(cfg: RunConfig, train_set: ImageSet, progress: ProgressFn | None = Non
     )
     stage2_start = time.perf_counter()
     try:
-        fit_detector(model, train_set.images[fit_idx], train_set.images[cal_idx],
-                     train_set.images[anomaly_idx], tc, device, progress, should_stop, dist)
+        report = fit_detector(model, train_set.images[fit_idx], train_set.images[cal_idx],
+                              train_set.images[anomaly_idx], tc, device, progress, should_stop,
+                              dist)
     except TrainingCancelled:  # stage 1's last checkpoint is the resume point
         raise TrainingCancelled(history, run_dir if run_dir and dist.is_main else None
                                 ) from None
-    model = model.cpu().eval()
+    # contiguous like a model loaded from disk: its scores then match the reloaded run's
+    model = model.cpu().to(memory_format=torch.contiguous_format).eval()
     if dist.enabled and not dist.all_equal(_fingerprint(model)):
         raise RuntimeError("model replicas differ across ranks after training")
     # stage 1's seconds include those before an interruption
     return TrainOutput(model=model, history=history,
-                       seconds=stage1_s + time.perf_counter() - stage2_start)
+                       seconds=stage1_s + time.perf_counter() - stage2_start, stage2=report)
 
 
 def _fingerprint(model: AnoMem) -> torch.Tensor:
@@ -191,6 +172,39 @@ def make_batch(normals: torch.Tensor, anomalies: torch.Tensor, n_anom: int,
     return batch, is_anom, is_shift
 
 
+class StepPlan:
+    """Stage 1's learning rate: a linear warm-up, then a cosine over the steps that will fit.
+
+    Without a time budget the run has `total_steps`. With one, the plan is redone at every step
+    from the steady step time (the median of the last 25 steps, the first two left out), as
+    `step + remaining seconds / step time`: a slow start (caches filling, a busy machine)
+    cannot shrink the run, and the cosine still ends as the time does. The warm-up is 10 % of
+    the planned steps, at most 50.
+    """
+
+    WINDOW, SKIP, WARMUP_SHARE, WARMUP_MAX = 25, 2, 0.1, 50
+
+    def __init__(self, base_lr: float, total_steps: int, budget_s: float | None) -> None:
+        self.base_lr, self.total, self.budget_s = base_lr, max(1, total_steps), budget_s
+        self.planned = self.total
+        self._times: list[float] = []
+        self._last: tuple[int, float] | None = None
+
+    def lr(self, step: int, elapsed_s: float) -> float:
+        """The learning rate of `step` (0-based), `elapsed_s` seconds into the stage."""
+        if self._last is not None and step == self._last[0] + 1 and step > self.SKIP:
+            self._times = [*self._times[-(self.WINDOW - 1):], elapsed_s - self._last[1]]
+        self._last = (step, elapsed_s)
+        if self.budget_s and self._times:
+            step_s = max(float(np.median(self._times)), 1e-6)
+            remaining = max(0.0, self.budget_s - elapsed_s)
+            self.planned = max(1, min(self.total, step + int(remaining / step_s)))
+        warmup = min(self.WARMUP_MAX, max(1, int(self.WARMUP_SHARE * self.planned)))
+        scale = min(1.0, (step + 1) / warmup)
+        progress = min(1.0, step / self.planned)
+        return self.base_lr * scale * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
                  tc: TrainConfig, device: torch.device, budget_s: float | None = None,
                  progress: ProgressFn | None = None, should_stop: StopFn | None = None,
@@ -198,8 +212,8 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
                  ) -> tuple[list[dict], float]:
     """Memory-augmented contrastive learning on uint8 images -> (one row per epoch, seconds).
 
-    The learning rate follows a cosine over the larger of the step and the time fractions, so
-    a time budget ends on a low learning rate whatever the machine's speed. With `run_dir`, a
+    The learning rate follows `StepPlan`, so a time budget ends on a low learning rate whatever
+    the machine's speed. With `run_dir`, a
     checkpoint is written after every epoch and when `should_stop` fires (then
     TrainingCancelled is raised); `resume` starts from that checkpoint.
     """
@@ -218,8 +232,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
     steps_per_epoch = max(1, n // bs)
     if dist.enabled:  # every rank must take the same number of steps
         steps_per_epoch = int(dist.gather(torch.tensor([steps_per_epoch])).min())
-    total_steps = steps_per_epoch * tc.epochs
-    warmup = min(50, total_steps // 10)
+    plan = StepPlan(tc.lr, steps_per_epoch * tc.epochs, budget_s)
     g = torch.Generator().manual_seed(tc.seed + 1000 * dist.rank)
     state = Stage1State()
     if resume:
@@ -260,11 +273,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
             out, attention = step_fn(views, is_anom, is_shift)
 
             state.elapsed_s = elapsed0 + time.perf_counter() - session
-            frac = state.step / total_steps
-            if budget_s:
-                frac = max(frac, state.elapsed_s / budget_s)
-            lr = tc.lr * (min(1.0, (state.step + 1) / warmup) if warmup else 1.0)
-            lr *= 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+            lr = plan.lr(state.step, state.elapsed_s)
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
@@ -296,7 +305,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
         done_steps = max(1, state.index)
         row = {"epoch": state.epoch + 1, "stage": 1,
                **{k: v / done_steps for k, v in state.sums.items()}, "lr": lr,
-               "seconds": state.epoch_s,
+               "seconds": state.epoch_s, "planned_steps": plan.planned,
                # training images per second (each also costs its shifted copy and two views)
                "images_per_s": done_steps * (bs + n_anom) * dist.world / state.epoch_s}
         for s, c in state.counts.items():
@@ -315,203 +324,6 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
     dist.broadcast_buffers(model)
     model.eval()
     return state.history, state.elapsed_s
-
-
-@torch.no_grad()
-def _reads(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 256,
-           dist: Dist | None = None) -> Iterator[tuple[int, dict[str, MemoryRead]]]:
-    """Yields (start index, {scale: MemoryRead}) batch by batch, model in eval mode.
-
-    Under torchrun each rank reads only its shard of `images`.
-    """
-    model.eval()
-    if dist is not None:
-        images = dist.shard(images)
-    for i in range(0, len(images), bs):
-        yield i, model(to_float(images[i:i + bs].to(device)))
-
-
-@torch.no_grad()
-def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
-                 anomalies: torch.Tensor, tc: TrainConfig, device: torch.device,
-                 progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                 dist: Dist | None = None) -> None:
-    """Stage 2: fit each scale's Gaussians, standardise on held-out normals, set thresholds.
-
-    Under torchrun each rank passes its shard of the images through the model and the results
-    are gathered, so every rank fits the same detector. Raises TrainingCancelled when
-    `should_stop` fires between phases.
-    """
-    dist = dist or Dist()
-    det = model.detector
-    g = torch.Generator().manual_seed(tc.seed + 1000 * dist.rank)
-
-    def check_stop() -> None:
-        if dist.any(bool(should_stop and should_stop()), device):
-            raise TrainingCancelled([])
-
-    check_stop()
-    rows: dict[str, list] = {s: [] for s in model.scales}
-    layouts: dict[str, list] = {s: [] for s in model.scales}
-    for i, reads in _reads(model, fit, device, dist=dist):
-        for s, r in reads.items():
-            d = r.deviation
-            if det.per_scale[s].positional:  # every position of every map
-                rows[s].append(d.cpu())
-                layouts[s].append(det.per_scale[s].layout(det.layout_input(r)).cpu())
-                continue
-            flat = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])  # (b*h*w, D)
-            per_image = d.shape[2] * d.shape[3]
-            keep = max(1, min(per_image, GAUSSIAN_ROWS // len(fit))) * len(d)
-            pick = torch.randperm(len(flat), generator=g)[:keep].to(flat.device)
-            rows[s].append(flat[pick].cpu())
-            layouts[s].append(det.per_scale[s].layout(det.layout_input(r)).cpu())
-        if progress:
-            progress(Progress("stage2", 0.5 * min(1.0, (i + len(d)) * dist.world / len(fit)),
-                              "fitting the distance detectors"))
-    check_stop()
-    for s in model.scales:
-        sd = det.per_scale[s]
-        fit_local = fit_positional_gaussians if sd.positional else fit_gaussian
-        mean, prec = fit_local(dist.gather(torch.cat(rows[s])))
-        sd.mean.copy_(mean)
-        sd.precision.copy_(prec)
-        lmean, basis, var, noise = fit_ppca(dist.gather(torch.cat(layouts[s])),
-                                            sd.layout_basis.shape[1])
-        sd.layout_mean.copy_(lmean)
-        sd.layout_basis.copy_(basis)
-        sd.layout_var.copy_(var)
-        sd.layout_noise.copy_(noise)
-
-    # Standardise on held-out normals: distances per position and the image-level scores.
-    raw: dict[str, list] = {s: [] for s in model.scales}
-    dist_stats: dict[str, list] = {s: [] for s in model.scales}
-    for _, reads in _reads(model, calibration, device, dist=dist):
-        for s, r in reads.items():
-            sd = det.per_scale[s]
-            dmap = sd.distance_map(r.deviation)
-            raw[s].append(sd.raw_scores(det.layout_input(r), dmap).cpu())
-            dist_stats[s].append(dmap.flatten().cpu())
-    for s in model.scales:
-        sd = det.per_scale[s]
-        r = dist.gather(torch.cat(raw[s]))
-        sd.score_loc.copy_(r.mean(0))
-        sd.score_scale.copy_(r.std(0).clamp_min(1e-6))
-        d = dist.gather(torch.cat(dist_stats[s]))
-        sd.map_loc.copy_(d.mean())
-        sd.map_scale.copy_(d.std().clamp_min(1e-6))
-
-    check_stop()
-    if tc.combine == "learned":
-        _fit_combination(model, calibration, tc, device, g, dist)
-    if len(anomalies):
-        _fit_classifier(model, calibration, anomalies, device, dist)
-    scores, maxima = [], []
-    mine = dist.shard(calibration)
-    for i in range(0, len(mine), 256):
-        out = model.score(to_float(mine[i:i + 256].to(device)))
-        scores.append(out.image.cpu())
-        maxima.append(out.pixel_map.flatten(1).max(1).values.cpu())
-    det.threshold.copy_(torch.quantile(dist.gather(torch.cat(scores)), tc.threshold_quantile))
-    det.pixel_threshold.copy_(torch.quantile(dist.gather(torch.cat(maxima)),
-                                             tc.threshold_quantile))
-    det.fitted.fill_(True)
-    if progress:
-        progress(Progress("stage2", 1.0, "detector fitted"))
-
-
-def _standardised_terms(model: AnoMem, images: torch.Tensor, device: torch.device,
-                        dist: Dist) -> torch.Tensor:
-    """(N, 2S) standardised term scores of uint8 images (every rank's shard, gathered)."""
-    return dist.gather(torch.cat([model.detector.features(reads)[0].cpu()
-                                  for _, reads in _reads(model, images, device, dist=dist)]))
-
-
-def _fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
-                     device: torch.device, g: torch.Generator, dist: Dist) -> None:
-    """One-class: learn how much each scale and term counts, without real anomalies.
-
-    Held-out normals are contrasted with distribution-shifted copies of themselves (the same
-    pseudo-anomalies as stage 1) by a logistic model whose weights live on the simplex, so the
-    image score stays a convex combination of standardised scores. A term that cannot tell a
-    shifted image from a normal one ends up with little weight.
-    """
-    mine = dist.shard(calibration)
-    normal = _standardised_terms(model, mine, device, Dist())
-    shifted = _standardised_terms(model, shift(mine, tc.shift_negatives or ("jigsaw",), g),
-                                  device, Dist())
-    normal, shifted = dist.gather(normal), dist.gather(shifted)
-    x = torch.cat([normal, shifted]).double()
-    y = torch.cat([torch.zeros(len(normal)), torch.ones(len(shifted))]).double()
-    logits_w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([logits_w, log_scale, bias], max_iter=200,
-                            line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        w = torch.softmax(logits_w, 0)
-        out = log_scale.exp() * (x @ w) + bias
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, y)
-        loss = loss + 1e-3 * logits_w.pow(2).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    model.detector.weights.copy_(torch.softmax(logits_w.detach(), 0).float())
-
-
-def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
-                    device: torch.device, dist: Dist) -> None:
-    """Unbalanced setting: a class-balanced logistic head on scale scores and pooled deviations.
-
-    Trained on held-out normals against the labelled anomalies, with the one-class score as
-    its offset: the image score is that score plus the head's logit, so the head is fitted to
-    what the one-class score misses, and the labels sharpen the detector without replacing it.
-    """
-    det = model.detector
-    feats, offsets = [], []
-    for images in (normals, anomalies):
-        parts, base = [], []
-        for _, reads in _reads(model, images, device, dist=dist):
-            z, _ = det.features(reads)
-            parts.append(det.classifier_input(z, reads).cpu())
-            base.append((z @ det.weights).cpu())
-        feats.append(dist.gather(torch.cat(parts)))
-        offsets.append(dist.gather(torch.cat(base)))
-    y = torch.cat([torch.zeros(len(feats[0])), torch.ones(len(feats[1]))])
-    weight, bias = fit_offset_logistic(torch.cat(feats), torch.cat(offsets), y)
-    det.clf_weight.copy_(weight.float())
-    det.clf_bias.copy_(torch.tensor(bias))
-
-
-def fit_offset_logistic(x: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, c: float = 0.5
-                        ) -> tuple[torch.Tensor, float]:
-    """Class-balanced, L2-regularised logistic regression of y on x, on top of a fixed offset.
-
-    Minimises sum_i w_i * BCE(offset_i + x_i . coef + bias, y_i) + |coef|^2 / (2c), with
-    w_i = n / (2 n_class(i)): scikit-learn's `LogisticRegression(C=c, class_weight="balanced")`
-    objective when the offset is zero. Returns (coef, bias).
-    """
-    x, offset, y = x.double(), offset.double(), y.double()
-    n1 = y.sum().clamp(1, len(y) - 1)
-    balance = torch.where(y > 0.5, len(y) / (2 * n1), len(y) / (2 * (len(y) - n1)))
-    coef = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([coef, bias], max_iter=1000, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logit = offset + x @ coef + bias
-        loss = (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * balance).sum()
-        loss = loss + coef.pow(2).sum() / (2 * c)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return coef.detach(), float(bias.detach())
 
 
 @dataclass

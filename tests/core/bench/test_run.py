@@ -37,8 +37,10 @@ def test_every_method_gets_one_row_with_per_type_aurocs(shapes_bench) -> None:
     assert methods[0] == ANOMEM and len(methods) == len(set(methods))
     assert {"AnoMem, layer2 only", "AnoMem, layer3 only", "AnoMem, layer4 only",
             "AnoMem, no memory (encoder + kNN)", "AnoMem, no stage 2 (deviation norm)",
-            "kNN (pixels, k=2)", "Deep SVDD"} <= set(methods)
-    assert len(methods) == 10
+            "kNN (pixels, k=2)", "Deep SVDD", "AnoMem, fixed weights", "AnoMem, learned weights",
+            "AnoMem, pixels/knn only", "AnoMem, layer3/local only"} <= set(methods)
+    # AnoMem, 3 scales, 2 ablations, 2 weightings, 7 terms alone, 4 peers
+    assert len(methods) == 1 + 3 + 2 + 2 + 7 + 4
     for r in got:
         assert list(r) == list(COLUMNS)
         assert 0 <= float(r["auroc"]) <= 1
@@ -174,3 +176,4 @@ def test_the_cli_offers_exactly_the_benchmark_suites() -> None:
     from core import cli
 
     assert cli.SUITES == bench_run.SUITES  # kept apart so `anomem --help` stays light
+    assert cli.DEFAULT_SUITES == bench_run.DEFAULT_SUITES

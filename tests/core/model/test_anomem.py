@@ -62,7 +62,7 @@ def test_score_is_the_detector_on_the_reads_of_forward(tiny_cfg: ModelConfig) ->
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         reads = model(images)
-        expected = model.detector(reads, (32, 32))
+        expected = model.detector(reads, (32, 32), model.pixels.distance(images))
         scores = model.score(images)
     torch.testing.assert_close(scores.image, expected.image)
     torch.testing.assert_close(scores.pixel_map, expected.pixel_map)
@@ -111,7 +111,12 @@ def test_detector_options_come_from_the_model_config(
     assert (ModelConfig().layout_grid, ModelConfig().layout_rank) == (8, 256)
     model = AnoMem(make_model_config(local_weight=0.25, layout_source="deviation"))
     assert model.detector.layout_source == "deviation"
-    n = len(model.scales)
+    n = len(model.scales)  # and the pixel scale, one term weighing as much as a scale
+    torch.testing.assert_close(model.detector.weights,
+                               torch.cat([torch.tensor([0.25, 0.75]).repeat(n), torch.ones(1)])
+                               / (n + 1))
+    model = AnoMem(make_model_config(local_weight=0.25, pixel_memory=0))
+    assert model.pixels is None
     torch.testing.assert_close(model.detector.weights,
                                torch.tensor([0.25, 0.75]).repeat(n) / n)
 

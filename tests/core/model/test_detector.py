@@ -354,7 +354,7 @@ def test_default_image_score_ignores_the_local_term() -> None:
     assert not torch.allclose(a.pixel_map, b.pixel_map)  # the maps still show the deviation
 
 
-def test_classifier_adds_its_logit_to_the_image_score() -> None:
+def test_classifier_adds_the_softplus_of_its_logit_to_the_image_score() -> None:
     det = random_detector()
     reads = make_reads(4)
     base = det(reads, (32, 32)).image
@@ -366,7 +366,8 @@ def test_classifier_adds_its_logit_to_the_image_score() -> None:
     z = torch.from_numpy(np.concatenate([ref[s] for s in SCALES], axis=1)).float()
     pooled = [F.normalize(reads[s].deviation.mean(dim=(2, 3)), dim=1) for s in SCALES]
     logit = torch.cat([z, *pooled], dim=1) @ det.clf_weight + 0.3
-    torch.testing.assert_close(det(reads, (32, 32)).image, base + logit, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(det(reads, (32, 32)).image, base + F.softplus(logit), atol=1e-4,
+                               rtol=1e-4)
 
 
 def test_maps_are_standardised_and_pixel_map_averages_the_scales() -> None:

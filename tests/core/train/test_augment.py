@@ -1,4 +1,4 @@
-"""core/train/augment.py: batched crops, flips and colour jitter; shifted pseudo-anomalies."""
+"""core/train/augment.py: batched crops, flips and colour jitter."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ import torch
 
 from core.config import AugmentConfig
 from core.train.augment import (
-    SHIFTS,
     augment,
     colour_jitter,
     grayscale,
-    jigsaw,
     resized_crop_flip,
-    rotate90,
-    shift,
     to_float,
 )
 
@@ -150,85 +146,3 @@ def test_colour_jitter_changes_brightness_per_image() -> None:
 
 
 # --- distribution shifts (pseudo-anomalies) ------------------------------------------------
-
-def quadrants(x: torch.Tensor) -> list[torch.Tensor]:
-    """(C, H, W) -> [top-left, top-right, bottom-left, bottom-right]."""
-    h, w = x.shape[1] // 2, x.shape[2] // 2
-    return [x[:, :h, :w], x[:, :h, w:2 * w], x[:, h:2 * h, :w], x[:, h:2 * h, w:2 * w]]
-
-
-def quadrant_permutation(before: torch.Tensor, after: torch.Tensor) -> tuple[int, ...]:
-    """Which quadrant of `before` each quadrant of `after` shows; fails if any shows none."""
-    src = quadrants(before)
-    perm = []
-    for q in quadrants(after):
-        [match] = [i for i, s in enumerate(src) if torch.equal(q, s)]
-        perm.append(match)
-    return tuple(perm)
-
-
-def test_jigsaw_permutes_the_quadrants_and_never_keeps_the_image() -> None:
-    x = (images(batch=240, size=8) * 255).round().to(torch.uint8)  # all quadrants differ
-    out = jigsaw(x, gen(0))
-    assert out.shape == x.shape and out.dtype == x.dtype
-    perms = [quadrant_permutation(a, b) for a, b in zip(x, out, strict=True)]
-    assert all(sorted(p) == [0, 1, 2, 3] for p in perms)  # a permutation, nothing lost
-    assert (0, 1, 2, 3) not in perms
-    assert len(set(perms)) == 23  # every other arrangement occurs
-    for a, b in zip(x, out, strict=True):  # the same pixels, moved
-        assert torch.equal(a.flatten().sort().values, b.flatten().sort().values)
-    torch.testing.assert_close(jigsaw(x, gen(0)), out, rtol=0, atol=0)  # seeded
-
-
-@pytest.mark.parametrize(("h", "w"), [(9, 8), (8, 11), (7, 7)])
-def test_jigsaw_of_odd_sides_keeps_the_shape(h: int, w: int) -> None:
-    x = torch.rand(6, 3, h, w, generator=gen(1))
-    out = jigsaw(x, gen(2))
-    assert out.shape == x.shape
-    even = x[:, :, :h // 2 * 2, :w // 2 * 2]
-    for a, b in zip(even, out[:, :, :h // 2 * 2, :w // 2 * 2], strict=True):
-        assert quadrant_permutation(a, b) != (0, 1, 2, 3)
-
-
-def test_rotate90_turns_each_image_by_a_quarter_half_or_three_quarters() -> None:
-    x = images(batch=60, size=6)  # random images: no rotation maps one onto itself
-    out = rotate90(x, gen(3))
-    assert out.shape == x.shape
-    turns = []
-    for a, b in zip(x, out, strict=True):
-        [k] = [k for k in range(4) if torch.equal(torch.rot90(a, k, dims=(1, 2)), b)]
-        turns.append(k)
-    assert 0 not in turns and set(turns) == {1, 2, 3}
-    torch.testing.assert_close(rotate90(x, gen(3)), out, rtol=0, atol=0)
-
-
-def test_rotate90_is_never_the_identity_on_an_asymmetric_image() -> None:
-    x = torch.zeros(40, 1, 5, 5)
-    x[:, :, 0, 1] = 1  # one pixel off every axis of symmetry
-    out = rotate90(x, gen(4))
-    assert all(not torch.equal(a, b) for a, b in zip(x, out, strict=True))
-
-
-def test_shift_with_one_kind_is_that_transformation() -> None:
-    x = images(batch=12)
-    torch.testing.assert_close(shift(x, ("jigsaw",), gen(5)), jigsaw(x, gen(5)), rtol=0, atol=0)
-    torch.testing.assert_close(shift(x, ("rotate",), gen(5)), rotate90(x, gen(5)), rtol=0, atol=0)
-
-
-def test_shift_draws_a_kind_per_image() -> None:
-    x = images(batch=40, size=8)
-    out = shift(x, SHIFTS, gen(6))
-    kinds = []
-    for a, b in zip(x, out, strict=True):
-        if any(torch.equal(torch.rot90(a, k, dims=(1, 2)), b) for k in (1, 2, 3)):
-            kinds.append("rotate")
-        else:
-            assert quadrant_permutation(a, b) != (0, 1, 2, 3)
-            kinds.append("jigsaw")
-    assert 8 <= kinds.count("rotate") <= 32
-
-
-@pytest.mark.parametrize("kinds", [("blur",), ("jigsaw", "cutout"), ()])
-def test_shift_rejects_unknown_kinds(kinds: tuple[str, ...]) -> None:
-    with pytest.raises(ValueError, match="shift kinds"):
-        shift(images(), kinds, gen())

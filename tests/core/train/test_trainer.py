@@ -15,7 +15,6 @@ from core.config import ConfigError, ModelConfig, TrainConfig
 from core.data.base import DataError, ImageSet
 from core.model.anomem import AnoMem
 from core.train import trainer
-from core.train.distributed import Dist
 from core.train.trainer import resolve_device, split_normals, train_stage1
 
 
@@ -100,47 +99,3 @@ def test_shifted_copies_are_of_the_first_normals_of_the_batch() -> None:
     assert len(batch) == 12 and int(is_shift.sum()) == 4 and not is_anom.any()
     for copy, original in zip(batch[8:], normals[:4], strict=True):
         assert any(torch.equal(copy, torch.rot90(original, k, dims=(1, 2))) for k in (1, 2, 3))
-
-
-def test_learned_combination_is_convex_and_favours_the_informative_term(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Held-out normals against shifted copies: only term 2 tells them apart here."""
-    g = torch.Generator().manual_seed(0)
-    normal = torch.randn(200, 4, generator=g)
-    shifted = torch.randn(200, 4, generator=g)
-    shifted[:, 2] += 3.0
-    answers = iter([normal, shifted])  # calibration images first, then their shifted copies
-    monkeypatch.setattr(trainer, "_standardised_terms", lambda *args: next(answers))
-    model = AnoMem(ModelConfig(image_size=16, width=0.125, memory_size=4, memory_dim=4,
-                               head_dim=4, scales=("layer2", "layer3")))
-    calibration = torch.randint(0, 256, (200, 3, 16, 16), dtype=torch.uint8, generator=g)
-    trainer._fit_combination(model, calibration, TrainConfig(), torch.device("cpu"), g,
-                              Dist())
-    w = model.detector.weights
-    assert bool((w >= 0).all()) and float(w.sum()) == pytest.approx(1.0, abs=1e-5)
-    assert int(w.argmax()) == 2 and float(w[2]) > 0.6
-
-
-def test_offset_logistic_is_scikit_learns_balanced_logistic_without_an_offset() -> None:
-    from sklearn.linear_model import LogisticRegression
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
-    y = (x[:, 0] - 0.5 * x[:, 3] + 0.8 * torch.randn(300, generator=g, dtype=torch.float64)
-         > 1.2).double()  # unbalanced classes
-    coef, bias = trainer.fit_offset_logistic(x, torch.zeros(300), y, c=0.5)
-    ref = LogisticRegression(C=0.5, class_weight="balanced", tol=1e-10, max_iter=10_000)
-    ref.fit(x.numpy(), y.numpy())
-    np.testing.assert_allclose(coef.numpy(), ref.coef_[0], atol=1e-4)
-    assert bias == pytest.approx(float(ref.intercept_[0]), abs=1e-4)
-
-
-def test_offset_logistic_fits_only_what_the_offset_misses() -> None:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4000, 2, generator=g, dtype=torch.float64)
-    y = (torch.rand(4000, generator=g, dtype=torch.float64)
-         < torch.sigmoid(2 * x[:, 0] + x[:, 1])).double()
-    alone, _ = trainer.fit_offset_logistic(x, torch.zeros(4000), y, c=10.0)
-    given, _ = trainer.fit_offset_logistic(x, 2 * x[:, 0], y, c=10.0)
-    assert alone[0] == pytest.approx(2.0, abs=0.25) and alone[1] == pytest.approx(1.0, abs=0.2)
-    assert given[0] == pytest.approx(0.0, abs=0.2) and given[1] == pytest.approx(1.0, abs=0.2)

@@ -1,0 +1,58 @@
+"""The pixel scale: a memory of normal images themselves, as small thumbnails.
+
+The learnt memories read feature maps; this one reads the image. Its prototypes are not learnt:
+they are up to `ModelConfig.pixel_memory` normal training images, area-resized to
+`pixel_size` pixels a side and scaled to unit norm. Read like a Hopfield memory at infinite
+inverse temperature (each query retrieves its nearest prototypes), it gives every image one
+term: the mean cosine distance to its k nearest stored normals. That is cosine kNN on pixels,
+the simplest detector there is, kept as one more scale so that the detector always has a term
+at least as good as pixels, and stage 2 decides how much it counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PixelMemory(nn.Module):
+    """Normal thumbnails (a float16 buffer) and their nearest-neighbour distance."""
+
+    def __init__(self, channels: int, size: int, capacity: int, k: int = 2) -> None:
+        super().__init__()
+        self.size, self.k = size, k
+        self.register_buffer("bank", torch.zeros(capacity, channels * size * size,
+                                                 dtype=torch.float16))
+        self.register_buffer("count", torch.zeros((), dtype=torch.int64))
+
+    def thumbnails(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, C * size * size) unit rows."""
+        x = images.float()
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.adaptive_avg_pool2d(x, self.size) if min(x.shape[-2:]) >= self.size else \
+                F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False)
+        return F.normalize(x.flatten(1), dim=1)
+
+    @torch.no_grad()
+    def store(self, images: torch.Tensor, generator: torch.Generator | None = None,
+              batch: int = 512) -> None:
+        """Keep normal images (N, C, H, W) in [0, 1] or uint8; a random subset if N > capacity."""
+        capacity = len(self.bank)
+        pick = torch.randperm(len(images), generator=generator)[:capacity].sort().values
+        rows = []
+        for i in range(0, len(pick), batch):
+            x = images[pick[i:i + batch]].to(self.bank.device)
+            rows.append(self.thumbnails(x.float() / 255 if x.dtype == torch.uint8 else x))
+        self.bank.zero_()
+        self.bank[:len(pick)] = torch.cat(rows).half()
+        self.count.fill_(len(pick))
+
+    def distance(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B,) mean cosine distance to the k nearest stored normals."""
+        n = int(self.count)
+        if n == 0:
+            return torch.zeros(len(images), device=images.device)
+        sims = self.thumbnails(images) @ self.bank[:n].float().T  # (B, D) @ (D, n) -> (B, n)
+        return 1 - sims.topk(min(self.k, n), dim=1).values.mean(1)

@@ -1,0 +1,313 @@
+"""Stage 2: fit the anomaly distance detector on the trained encoder and memories.
+
+In order:
+1. the pixel memory stores normal thumbnails (core/model/pixels.py);
+2. each scale's Gaussians are fitted to the `fit` images' deviations and layouts;
+3. every term is standardised on held-out `calibration` normals (images stage 1 never saw);
+4. the terms are weighed (`TrainConfig.combine`): fixed weights, or weights learnt against
+   pseudo-anomalies of the calibration normals (core/train/shifts.py), kept only when they
+   survive a check on kinds of pseudo-anomaly they were not fitted on;
+5. with labelled anomalies, a head that may only raise scores (unbalanced setting);
+6. the thresholds: a quantile of the calibration scores.
+
+`fit_detector` returns a report of step 4 for metrics.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
+
+from core.config import SHIFTS, TrainConfig
+from core.model.anomem import AnoMem
+from core.model.detector import fit_gaussian, fit_positional_gaussians, fit_ppca
+from core.model.memory import MemoryRead
+from core.train.augment import to_float
+from core.train.distributed import Dist
+from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
+from core.train.shifts import shift
+
+GAUSSIAN_ROWS = 60_000  # deviation vectors sampled per scale to fit a detector's Gaussian
+MIN_PSEUDO = 256  # pseudo-anomalies per kind for the combination: small sets are repeated
+CHECK_TOLERANCE = 0.02  # learnt weights may lose at most this AUROC on any held-out kind
+
+
+@torch.no_grad()
+def reads_of(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 256,
+             dist: Dist | None = None
+             ) -> Iterator[tuple[int, dict[str, MemoryRead], torch.Tensor | None]]:
+    """Yields (start index, {scale: MemoryRead}, pixel distances or None) batch by batch.
+
+    Under torchrun each rank reads only its shard of `images`.
+    """
+    model.eval()
+    if dist is not None:
+        images = dist.shard(images)
+    for i in range(0, len(images), bs):
+        x = to_float(images[i:i + bs].to(device))
+        yield i, model(x), model.pixel_distance(x)
+
+
+@torch.no_grad()
+def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
+                 anomalies: torch.Tensor, tc: TrainConfig, device: torch.device,
+                 progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+                 dist: Dist | None = None) -> dict[str, Any]:
+    """Stage 2 on uint8 images; returns how the terms were weighed (for metrics.json).
+
+    Under torchrun each rank passes its shard of the images through the model and the results
+    are gathered, so every rank fits the same detector. Raises TrainingCancelled when
+    `should_stop` fires between phases.
+    """
+    dist = dist or Dist()
+    det = model.detector
+    g = torch.Generator().manual_seed(tc.seed + 1000 * dist.rank)
+
+    def check_stop() -> None:
+        if dist.any(bool(should_stop and should_stop()), device):
+            raise TrainingCancelled([])
+
+    check_stop()
+    if model.pixels is not None:  # every rank stores the same images: one seed for all
+        model.pixels.store(fit.to(device), torch.Generator().manual_seed(tc.seed))
+    _fit_gaussians(model, fit, device, g, dist, progress)
+    check_stop()
+    _standardise(model, calibration, device, dist)
+    check_stop()
+    report = fit_combination(model, calibration, tc, device, g, dist)
+    if len(anomalies):
+        _fit_classifier(model, calibration, anomalies, device, dist)
+    scores, maxima = [], []
+    mine = dist.shard(calibration)
+    for i in range(0, len(mine), 256):
+        out = model.score(to_float(mine[i:i + 256].to(device)))
+        scores.append(out.image.cpu())
+        maxima.append(out.pixel_map.flatten(1).max(1).values.cpu())
+    det.threshold.copy_(torch.quantile(dist.gather(torch.cat(scores)), tc.threshold_quantile))
+    det.pixel_threshold.copy_(torch.quantile(dist.gather(torch.cat(maxima)),
+                                             tc.threshold_quantile))
+    det.fitted.fill_(True)
+    if progress:
+        progress(Progress("stage2", 1.0, "detector fitted"))
+    return report
+
+
+def _fit_gaussians(model: AnoMem, fit: torch.Tensor, device: torch.device, g: torch.Generator,
+                   dist: Dist, progress: ProgressFn | None) -> None:
+    """Each scale's local Gaussian (shared or per position) and its layout PPCA."""
+    det = model.detector
+    rows: dict[str, list] = {s: [] for s in model.scales}
+    layouts: dict[str, list] = {s: [] for s in model.scales}
+    for i, reads, _ in reads_of(model, fit, device, dist=dist):
+        for s, r in reads.items():
+            d = r.deviation
+            layouts[s].append(det.per_scale[s].layout(det.layout_input(r)).cpu())
+            if det.per_scale[s].positional:  # every position of every map
+                rows[s].append(d.cpu())
+                continue
+            flat = d.permute(0, 2, 3, 1).reshape(-1, d.shape[1])  # (b*h*w, D)
+            per_image = d.shape[2] * d.shape[3]
+            keep = max(1, min(per_image, GAUSSIAN_ROWS // len(fit))) * len(d)
+            pick = torch.randperm(len(flat), generator=g)[:keep].to(flat.device)
+            rows[s].append(flat[pick].cpu())
+        if progress:
+            progress(Progress("stage2", 0.5 * min(1.0, (i + len(d)) * dist.world / len(fit)),
+                              "fitting the distance detectors"))
+    for s in model.scales:
+        sd = det.per_scale[s]
+        fit_local = fit_positional_gaussians if sd.positional else fit_gaussian
+        mean, prec = fit_local(dist.gather(torch.cat(rows[s])))
+        sd.mean.copy_(mean)
+        sd.precision.copy_(prec)
+        lmean, basis, var, noise = fit_ppca(dist.gather(torch.cat(layouts[s])),
+                                            sd.layout_basis.shape[1])
+        sd.layout_mean.copy_(lmean)
+        sd.layout_basis.copy_(basis)
+        sd.layout_var.copy_(var)
+        sd.layout_noise.copy_(noise)
+
+
+def _standardise(model: AnoMem, calibration: torch.Tensor, device: torch.device,
+                 dist: Dist) -> None:
+    """Location and scale of every term and distance map on held-out normals."""
+    det = model.detector
+    raw: dict[str, list] = {s: [] for s in model.scales}
+    dist_stats: dict[str, list] = {s: [] for s in model.scales}
+    pixel: list[torch.Tensor] = []
+    for _, reads, px in reads_of(model, calibration, device, dist=dist):
+        for s, r in reads.items():
+            sd = det.per_scale[s]
+            dmap = sd.distance_map(r.deviation)
+            raw[s].append(sd.raw_scores(det.layout_input(r), dmap).cpu())
+            dist_stats[s].append(dmap.flatten().cpu())
+        if px is not None:
+            pixel.append(px.cpu())
+    for s in model.scales:
+        sd = det.per_scale[s]
+        r = dist.gather(torch.cat(raw[s]))
+        sd.score_loc.copy_(r.mean(0))
+        sd.score_scale.copy_(r.std(0).clamp_min(1e-6))
+        d = dist.gather(torch.cat(dist_stats[s]))
+        sd.map_loc.copy_(d.mean())
+        sd.map_scale.copy_(d.std().clamp_min(1e-6))
+    if det.pixel:
+        p = dist.gather(torch.cat(pixel))
+        det.pixel_loc.copy_(p.mean())
+        det.pixel_scale.copy_(p.std().clamp_min(1e-6))
+
+
+def standardised_terms(model: AnoMem, images: torch.Tensor, device: torch.device,
+                       dist: Dist | None = None) -> torch.Tensor:
+    """(N, n_terms) standardised term scores of uint8 images (every rank's shard, gathered)."""
+    dist = dist or Dist()
+    parts = [model.detector.features(reads, px)[0].cpu()
+             for _, reads, px in reads_of(model, images, device, dist=dist)]
+    return dist.gather(torch.cat(parts))
+
+
+def _auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
+    y = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    return float(roc_auc_score(y, torch.cat([normal, anomalous]).double().numpy()))
+
+
+def fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
+                    device: torch.device, g: torch.Generator, dist: Dist) -> dict[str, Any]:
+    """Weigh the terms; returns the pseudo-anomaly evidence and the choice made.
+
+    Held-out normals are contrasted with pseudo-anomalies made from them, one set per kind of
+    SHIFTS. "learned" fits simplex weights against all kinds. "checked" also fits, for each
+    kind, weights without that kind and scores them on it: the learnt weights are kept only
+    if, on the kinds they never saw, they beat the fixed weights on average and lose by no
+    more than CHECK_TOLERANCE on any one. Real anomalies are none of these kinds; a weighting
+    that holds only on the kinds it was fitted to is not trusted.
+    """
+    det = model.detector
+    fixed = det.fixed_weights()
+    names = det.term_names
+    report: dict[str, Any] = {"combine": tc.combine,
+                              "weights": {"fixed": dict(zip(names, fixed.tolist(), strict=True))}}
+    if tc.combine == "fixed":
+        det.weights.copy_(fixed)
+        report["chosen"] = "fixed"
+        return report
+    mine = dist.shard(calibration)
+    repeats = max(1, min(8, -(-MIN_PSEUDO // max(1, len(calibration)))))
+    normal = standardised_terms(model, mine, device).double()
+    normal = dist.gather(normal)
+    pseudo = {}
+    for kind in SHIFTS:
+        copies = torch.cat([shift(mine, (kind,), g) for _ in range(repeats)])
+        pseudo[kind] = dist.gather(standardised_terms(model, copies, device).double())
+    learned = _simplex_logistic(normal, torch.cat(list(pseudo.values())))
+    report["weights"]["learned"] = dict(zip(names, learned.tolist(), strict=True))
+    report["pseudo_auroc"] = {
+        kind: {**{n: _auroc(normal[:, j], x[:, j]) for j, n in enumerate(names)},
+               "fixed": _auroc(normal @ fixed.double(), x @ fixed.double()),
+               "learned": _auroc(normal @ learned, x @ learned)}
+        for kind, x in pseudo.items()}
+    chosen = "learned"
+    if tc.combine == "checked":
+        check = {}
+        for kind, x in pseudo.items():
+            w = _simplex_logistic(normal, torch.cat([v for k, v in pseudo.items() if k != kind]))
+            check[kind] = {"learned": _auroc(normal @ w, x @ w),
+                           "fixed": report["pseudo_auroc"][kind]["fixed"]}
+        gains = [c["learned"] - c["fixed"] for c in check.values()]
+        report["check"] = check
+        confirmed = float(np.mean(gains)) > 0 and min(gains) >= -CHECK_TOLERANCE
+        chosen = "learned" if confirmed else "fixed"
+    det.weights.copy_((learned if chosen == "learned" else fixed.double()).float())
+    report["chosen"] = chosen
+    return report
+
+
+def _simplex_logistic(normal: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
+    """Weights on the simplex of a logistic model telling anomalous rows from normal ones.
+
+    The image score stays a convex combination of standardised terms; a term that cannot tell
+    the two apart ends up with little weight. Fitted with L-BFGS on a softmax parametrisation
+    (scikit-learn has no simplex-constrained logistic regression).
+    """
+    x = torch.cat([normal, anomalous]).double()
+    y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).double()
+    balance = torch.where(y > 0.5, len(y) / (2 * len(anomalous)), len(y) / (2 * len(normal)))
+    logits_w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits_w, log_scale, bias], max_iter=200,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        w = torch.softmax(logits_w, 0)
+        out = log_scale.exp() * (x @ w) + bias
+        loss = (F.binary_cross_entropy_with_logits(out, y, reduction="none") * balance).mean()
+        loss = loss + 1e-3 * logits_w.pow(2).mean()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return torch.softmax(logits_w.detach(), 0)
+
+
+def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
+                    device: torch.device, dist: Dist) -> None:
+    """Unbalanced setting: a class-balanced logistic head on term scores and pooled deviations.
+
+    The image score is the one-class score plus softplus of the head's logit: the head can
+    raise what resembles a labelled anomaly but never lower an image the one-class detector
+    finds strange, so anomaly classes the labels never showed keep their one-class evidence.
+    Fitted on held-out normals against the labelled anomalies with the one-class score as its
+    offset, so it learns what that score misses.
+    """
+    det = model.detector
+    feats, offsets = [], []
+    for images in (normals, anomalies):
+        parts, base = [], []
+        for _, reads, px in reads_of(model, images, device, dist=dist):
+            z, _ = det.features(reads, px)
+            parts.append(det.classifier_input(z, reads).cpu())
+            base.append((z @ det.weights).cpu())
+        feats.append(dist.gather(torch.cat(parts)))
+        offsets.append(dist.gather(torch.cat(base)))
+    y = torch.cat([torch.zeros(len(feats[0])), torch.ones(len(feats[1]))])
+    weight, bias = fit_offset_logistic(torch.cat(feats), torch.cat(offsets), y, positive=True)
+    det.clf_weight.copy_(weight.float())
+    det.clf_bias.copy_(torch.tensor(bias))
+
+
+def fit_offset_logistic(x: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, c: float = 0.5,
+                        positive: bool = False) -> tuple[torch.Tensor, float]:
+    """Class-balanced, L2-regularised logistic regression of y on x, on top of a fixed offset.
+
+    Minimises sum_i w_i * BCE(offset_i + h(x_i . coef + bias), y_i) + |coef|^2 / (2c), with
+    w_i = n / (2 n_class(i)) and h the identity, or softplus when `positive` (the head may only
+    add). With h the identity and a zero offset this is scikit-learn's
+    `LogisticRegression(C=c, class_weight="balanced")`, which has no offset. Returns (coef, bias).
+    """
+    x, offset, y = x.double(), offset.double(), y.double()
+    n1 = y.sum().clamp(1, len(y) - 1)
+    balance = torch.where(y > 0.5, len(y) / (2 * n1), len(y) / (2 * (len(y) - n1)))
+    coef = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([coef, bias], max_iter=1000, tolerance_grad=1e-9,
+                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    link = F.softplus if positive else (lambda v: v)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        logit = offset + link(x @ coef + bias)
+        loss = (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * balance).sum()
+        loss = loss + coef.pow(2).sum() / (2 * c)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return coef.detach(), float(bias.detach())
