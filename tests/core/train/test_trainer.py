@@ -5,6 +5,7 @@ Whole runs (both stages, metrics) are covered end to end in tests/core/test_pipe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -99,3 +100,28 @@ def test_shifted_copies_are_of_the_first_normals_of_the_batch() -> None:
     assert len(batch) == 12 and int(is_shift.sum()) == 4 and not is_anom.any()
     for copy, original in zip(batch[8:], normals[:4], strict=True):
         assert any(torch.equal(copy, torch.rot90(original, k, dims=(1, 2))) for k in (1, 2, 3))
+
+
+def test_step_plan_without_a_budget_is_warmup_then_cosine_over_the_epochs() -> None:
+    plan = trainer.StepPlan(1.0, total_steps=200, budget_s=None)
+    lrs = [plan.lr(step, elapsed_s=100.0 * step) for step in range(200)]  # time plays no part
+    assert lrs[0] == pytest.approx(1 / 20 * 1.0)  # warm-up: 10 % of the steps
+    assert lrs[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 19 / 200)))
+    assert lrs[100] == pytest.approx(0.5, abs=1e-6) and lrs[-1] < 1e-3
+    assert plan.planned == 200
+
+
+def test_a_slow_start_does_not_shrink_a_timed_run() -> None:
+    """Three 10 s steps, then 1 s steps, 100 s budget: about 70 more steps fit after the slow
+    start, and the cosine is planned over them, not over the 10 that the first steps suggest."""
+    plan = trainer.StepPlan(1.0, total_steps=100_000, budget_s=100.0)
+    elapsed, lrs = 0.0, []
+    for step in range(200):
+        if elapsed > 100:
+            break
+        lrs.append(plan.lr(step, elapsed))
+        elapsed += 10.0 if step < 3 else 1.0
+    assert len(lrs) == 74  # three slow steps, then one a second up to 100 s
+    assert plan.planned == pytest.approx(73, abs=2)
+    assert max(lrs) > 0.95  # the warm-up completes: the run reaches its peak learning rate
+    assert lrs[-1] < 0.01  # and ends on a low one as the time runs out
