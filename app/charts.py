@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from core import explore
 from core.data.base import NORMAL
 
-NOT_LOSSES = {"epoch", "stage", "lr", "seconds", "images_per_s"}
+NOT_LOSSES = {"epoch", "stage", "lr", "seconds", "images_per_s", "planned_steps"}
 NORMAL_COLOURS = {NORMAL: "#4c78a8", explore.EDGE_CASE: "#9ecae9"}
 ANOMALY_COLOURS = ("#e45756", "#f58518", "#54a24b", "#b279a2", "#eeca3b", "#9d755d", "#ff9da6",
                    "#72b7b2", "#79706e", "#d37295")  # no blue: blues are the normal samples
@@ -120,3 +120,26 @@ def scale_profile(profile: pd.DataFrame) -> go.Figure:
     fig.update_layout(barmode="group")
     fig.update_yaxes(title="mean standardised score")
     return _layout(fig, "Which scale sees each type")
+
+
+def roc_by_type(curves: list[explore.TypeRoc], threshold: float) -> go.Figure:
+    """Each anomaly type's ROC curve on one plot, the threshold's point marked on each."""
+    fig = go.Figure()
+    colours = group_colours([c.kind for c in curves])
+    for c in curves:
+        label = f"{c.kind} (AUROC {c.auroc:.3f})" if c.auroc is not None else c.kind
+        fig.add_trace(go.Scatter(x=c.fpr, y=c.tpr, mode="lines", name=label,
+                                 line=dict(color=colours[c.kind], width=2)))
+        fig.add_trace(go.Scatter(x=[c.at_threshold[0]], y=[c.at_threshold[1]], mode="markers",
+                                 marker=dict(color=colours[c.kind], size=11, symbol="diamond",
+                                             line=dict(color="black", width=1)),
+                                 showlegend=False,
+                                 hovertemplate=f"{c.kind} at threshold {threshold:.3f}<br>"
+                                               "false positives %{x:.1%}<br>"
+                                               "detected %{y:.1%}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", showlegend=False,
+                             line=dict(color="#bbbbbb", dash="dot", width=1), hoverinfo="skip"))
+    fig.update_xaxes(title="false-positive rate (normal images)", range=[0, 1],
+                     tickformat=".0%")
+    fig.update_yaxes(title="detection rate", range=[0, 1.02], tickformat=".0%")
+    return _layout(fig, "ROC of each anomaly type (◆: the threshold)", height=380)

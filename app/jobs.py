@@ -15,13 +15,22 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError, DataConfig, RunConfig, preset
 from core.data.base import DataError
-from core.runs import WEIGHTS, RunError, new_run_dir
+from core.runs import (
+    BROKEN,
+    STOPPED,
+    WEIGHTS,
+    RunError,
+    files_state,
+    new_run_dir,
+    run_lock,
+)
 from core.train.checkpoint import CHECKPOINT
 from core.train.trainer import Progress, TrainingCancelled
 
@@ -96,12 +105,15 @@ class TrainingJob:
     """
 
     def __init__(self, cfg: RunConfig | None, out: Path, train_fn: TrainFn | None = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, held: ExitStack | None = None) -> None:
         from core.pipeline import resume_run, train_run
 
         if train_fn is None:
             train_fn = resume_run if resume else train_run
         self.cfg, self.out, self._train_fn, self.resume = cfg, Path(out), train_fn, resume
+        # The run's lock, taken when its folder was created and released when the job ends,
+        # so no other process can write into the folder while the data loads or delete it.
+        self._held = held or ExitStack()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._status, self._stage, self._fraction = "running", "data", 0.0
@@ -168,7 +180,8 @@ class TrainingJob:
         data_log = logging.getLogger("core.data")
         data_log.addHandler(notes)
         try:
-            self._train()
+            with self._held:
+                self._train()
         finally:
             data_log.removeHandler(notes)
 
@@ -197,12 +210,21 @@ class TrainingJob:
             self._finish("done", "training finished", metrics=metrics)
 
     def _discard(self) -> None:
-        """Delete the folder unless it holds weights or a checkpoint to resume from."""
-        if self.resume:
+        """Delete the folder unless it holds weights or a checkpoint to resume from.
+
+        The job still holds the run's lock here; `delete_run` takes it again and re-checks, so
+        a folder another process holds is never touched.
+        """
+        if self.resume or not self.out.is_dir():
             return  # an existing run: never delete what was there before this job
-        if self.out.is_dir() and not (self.out / WEIGHTS).exists() and not (
-                self.out / CHECKPOINT).exists():
-            shutil.rmtree(self.out, ignore_errors=True)
+        if (self.out / WEIGHTS).exists() or (self.out / CHECKPOINT).exists():
+            return
+        try:
+            with run_lock(self.out, create=False):  # the job's own: depth 2 in this process
+                if files_state(self.out) == BROKEN:
+                    shutil.rmtree(self.out, ignore_errors=True)
+        except RunError as err:
+            LOG.warning("run folder %s left in place: %s", self.out, err)
 
 
 class _ThreadNotes(logging.Handler):
@@ -237,19 +259,23 @@ class JobBoard:
                     f"run {self._current.out.name!r} is still training: cancel it or wait"
                 )
             out = new_run_dir(Path(root), name)
-            self._current = TrainingJob(cfg, out, train_fn).start()
+            held = ExitStack()
+            held.enter_context(run_lock(out))  # before any other process can find the folder
+            self._current = TrainingJob(cfg, out, train_fn, held=held).start()
             return self._current
 
     def resume(self, path: Path, train_fn: TrainFn | None = None) -> TrainingJob:
         """Continue a stopped run in its own folder; RuntimeError if a job is running."""
-        from core.pipeline import resumable
-
         with self._lock:
             if self._current is not None and self._current.running:
                 raise RuntimeError(
                     f"run {self._current.out.name!r} is still training: stop it or wait"
                 )
-            if not resumable(path):
+            held = ExitStack()
+            held.enter_context(run_lock(path, create=False))  # refused if another process has it
+            if files_state(path) != STOPPED:  # checked under the lock, which is now ours
+                held.close()
                 raise RunError(f"{path}: no checkpoint to resume from (or already finished)")
-            self._current = TrainingJob(None, Path(path), train_fn, resume=True).start()
+            self._current = TrainingJob(None, Path(path), train_fn, resume=True,
+                                        held=held).start()
             return self._current

@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 import torch
 
@@ -54,8 +55,13 @@ def selectable(summary: RunSummary) -> bool:
 
 def stamp(path: Path) -> float:
     """Changes whenever the run's weights or metrics are rewritten."""
-    parts = [path / WEIGHTS, path / METRICS]
-    return sum(p.stat().st_mtime_ns for p in parts if p.exists()) / 1e9
+    total = 0
+    for part in (path / WEIGHTS, path / METRICS):
+        try:
+            total += part.stat().st_mtime_ns
+        except OSError:  # absent, or deleted by another process meanwhile
+            continue
+    return total / 1e9
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the run…")
@@ -99,6 +105,18 @@ def _scored_test_set(path: str, stamp_: float) -> ScoredSet:
 def scored_test_set(run: Run) -> ScoredSet:
     """Image and per-scale scores of the run's test set, in test-set order."""
     return _scored_test_set(*run_key(run))
+
+
+@st.cache_data(max_entries=8, show_spinner="Drawing deviation maps…")
+def _combined_maps(path: str, stamp_: float, index: tuple[int, ...]) -> dict[int, np.ndarray]:
+    run = _load_run(path, stamp_)
+    images = split_of(run).test.images[torch.as_tensor(index, dtype=torch.long)]
+    return dict(zip(index, explore.combined_maps(run.model, images), strict=True))
+
+
+def combined_maps_of(run: Run, index: tuple[int, ...]) -> dict[int, np.ndarray]:
+    """Combined deviation maps of the test images at `index`, by index."""
+    return _combined_maps(*run_key(run), tuple(int(i) for i in index))
 
 
 def gallery_images(run: Run) -> torch.Tensor:

@@ -9,8 +9,7 @@ import torch
 from app import state
 from core import explore
 from core.data import DataError, Split
-from core.pipeline import resumable
-from core.runs import Run, RunError, RunSummary
+from core.runs import STOPPED, TRAINING, Run, RunError, RunSummary
 
 TRAIN_PAGE = "views/train.py"
 THUMB = 96  # displayed size of a sample thumbnail, pixels
@@ -126,9 +125,8 @@ def run_picker() -> list[RunSummary]:
     summaries = state.saved_runs()
     usable = [s for s in summaries if state.selectable(s)]
     job = state.job_board().current
-    training = job.out if job is not None and job.running else None
     pending = [s for s in summaries if not state.selectable(s) and s.error is None
-               and (s.path == training or resumable(s.path))]
+               and s.state in (TRAINING, STOPPED)]
     broken = [s for s in summaries if not state.selectable(s) and s not in pending]
     labels = {str(s.path): _run_label(s) for s in usable}
     by_path = {str(s.path): s for s in usable}
@@ -149,7 +147,7 @@ def run_picker() -> list[RunSummary]:
         else:
             st.caption("No saved run yet.")
         for s in pending:
-            what = "training…" if s.path == training else "stopped, resume it on the Train page"
+            what = "training…" if s.state == TRAINING else "stopped, resume it on the Train page"
             st.caption(f"{s.name}: {what}")
         if broken:
             with st.expander(f"{len(broken)} run folder(s) cannot be loaded"):

@@ -525,6 +525,49 @@ def type_stats(scores: np.ndarray, labels: np.ndarray, types: list[str], thresho
     return TypeStats(table, fpr, int(normal.sum()))
 
 
+@dataclass
+class TypeRoc:
+    """One anomaly type against the normal images: its ROC curve and where a threshold sits."""
+
+    kind: str
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auroc: float | None
+    at_threshold: tuple[float, float]  # (false-positive rate, detection rate) at the threshold
+
+
+def roc_by_type(scores: np.ndarray, labels: np.ndarray, types: list[str], threshold: float
+                ) -> list[TypeRoc]:
+    """Per anomaly type, its ROC curve against every normal test image, and the point the
+    threshold picks on it (the same false-positive rate on every curve)."""
+    from sklearn.metrics import roc_curve
+
+    scores, labels, kinds = np.asarray(scores), np.asarray(labels), np.asarray(types)
+    normal = labels == 0
+    out = []
+    if not normal.any():
+        return out
+    fpr_at = float((scores[normal] > threshold).mean())
+    for kind in type_order(types):
+        keep = normal | (kinds == kind)
+        if kind == NORMAL or not (kinds == kind).any():
+            continue
+        fpr, tpr, _ = roc_curve(labels[keep], scores[keep])
+        tpr_at = float((scores[kinds == kind] > threshold).mean())
+        out.append(TypeRoc(kind, fpr, tpr, auroc(labels[keep], scores[keep]), (fpr_at, tpr_at)))
+    return out
+
+
+def combined_maps(model: AnoMem, images: torch.Tensor, batch: int = 64) -> np.ndarray:
+    """(N, H, W) combined deviation maps of uint8 images: what the overlays show."""
+    model.eval()
+    maps = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            maps.append(model.score(to_float(images[i:i + batch])).pixel_map.cpu().numpy())
+    return np.concatenate(maps) if maps else np.zeros((0, *images.shape[-2:]))
+
+
 def type_order(types: list[str]) -> list[str]:
     """Normal first, then the anomaly types alphabetically."""
     present = set(types)

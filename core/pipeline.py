@@ -19,12 +19,14 @@ from core.model.anomem import AnoMem
 from core.runs import (
     CONFIG,
     METRICS,
+    STOPPED,
     WEIGHTS,
     RunError,
     append_history,
     load_run,
     read_config,
     run_lock,
+    run_state,
     save_model,
     write_history,
     write_json,
@@ -158,14 +160,21 @@ def resume_run(path: Path, progress: ProgressFn | None = None,
 
 
 def resumable(path: Path) -> bool:
-    """Whether `path` holds a stopped run that `resume_run` can continue."""
-    path = Path(path)
-    return (path / CHECKPOINT).is_file() and (path / CONFIG).is_file() and not (
-        path / WEIGHTS).is_file()
+    """Whether `path` holds a stopped run that `resume_run` can continue: it has a checkpoint,
+    no weights, and no process (this one included) is training it."""
+    return run_state(path) == STOPPED
 
 
 def evaluate_run(path: Path, device: str = "cpu", progress: ProgressFn | None = None) -> dict:
-    """Recompute a saved run's metrics.json from its weights and its data set."""
+    """Recompute a saved run's metrics.json from its weights and its data set.
+
+    Holds the run's lock while it reads and writes: a run another process trains is refused.
+    """
+    with run_lock(path, create=False):
+        return _evaluate_locked(Path(path), device, progress)
+
+
+def _evaluate_locked(path: Path, device: str, progress: ProgressFn | None) -> dict:
     run = load_run(path, device)
     split = load_split(run.config.data)
     metrics, _ = evaluate(run.model, split, device, progress)

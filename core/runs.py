@@ -12,7 +12,9 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,27 +87,110 @@ def new_run_dir(root: Path, name: str) -> Path:
 
 
 LOCK = ".lock"
+CHECKPOINT = "checkpoint.safetensors"  # stage 1's resume point (core/train/checkpoint.py)
+# A run folder's state: its lock is held (by any process), it can be resumed, it is complete,
+# or none of these (a folder that died before its first checkpoint, or a damaged one).
+TRAINING, STOPPED, FINISHED, BROKEN = "training", "stopped", "finished", "broken"
+
+# Locks this process holds: resolved path -> [open lock file, depth]. A holder may take the
+# same lock again (the app holds a new run's lock from its creation, then `train_run` takes it),
+# and `lock_depth` tells a second holder in this process apart from the first.
+_HELD: dict[Path, list] = {}
+_HELD_GUARD = threading.Lock()
 
 
 @contextmanager
-def run_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run folder while training writes into it.
+def run_lock(path: Path, create: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder while writing into it or deleting it.
 
-    A second process (another CLI, another app) training into the same folder gets a
-    RunError instead of interleaving its files. The operating system drops the lock when the
-    process dies, so a killed training never leaves a stale one behind.
+    Another process (a CLI, another app, the benchmark) gets a RunError instead of interleaving
+    its files; this process may take the lock again (see `lock_depth`). The operating system
+    drops the lock when the process dies, so a killed training never leaves a stale one
+    behind. With `create=False` a missing folder is a RunError rather than created.
     """
     path = Path(path)
+    if not create and not path.is_dir():
+        raise RunError(f"{path}: no longer exists")
     path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK, "a+b") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    key = path.resolve()
+    with _HELD_GUARD:
+        entry = _HELD.get(key)
+        if entry is None:
+            f = open(path / LOCK, "a+b")  # noqa: SIM115  (held past this block)
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                raise RunError(f"{path}: another process is training this run") from None
+            entry = _HELD[key] = [f, 0]
+        entry[1] += 1
+    try:
+        yield
+    finally:
+        with _HELD_GUARD:
+            entry[1] -= 1
+            if entry[1] == 0:
+                fcntl.flock(entry[0].fileno(), fcntl.LOCK_UN)
+                entry[0].close()
+                del _HELD[key]
+
+
+def lock_depth(path: Path) -> int:
+    """How many holders in this process have the run's lock (0: none here)."""
+    with _HELD_GUARD:
+        entry = _HELD.get(Path(path).resolve())
+        return entry[1] if entry else 0
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a process, this one included, holds the run's lock: it is being written."""
+    path = Path(path)
+    if lock_depth(path):
+        return True
+    try:
+        f = open(path / LOCK, "rb")  # noqa: SIM115
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    with f:
+        try:  # a shared probe: it cannot take the lock from anyone, only see it is held
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunError(f"{path}: another process is training this run") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            return True
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def files_state(path: Path) -> str:
+    """FINISHED, STOPPED or BROKEN from the files alone (whether the run is locked aside)."""
+    path = Path(path)
+    if (path / WEIGHTS).is_file() and (path / METRICS).is_file():
+        return FINISHED
+    if (path / CHECKPOINT).is_file() and (path / CONFIG).is_file() and not (
+            path / WEIGHTS).is_file():
+        return STOPPED
+    return BROKEN
+
+
+def run_state(path: Path) -> str:
+    """TRAINING while any process holds the run's lock, else what its files say."""
+    return TRAINING if is_locked(path) else files_state(path)
+
+
+def delete_run(path: Path, allowed: tuple[str, ...] = (STOPPED, BROKEN)) -> None:
+    """Delete a run folder, holding its lock, if its state is one of `allowed`.
+
+    Raises RunError, touching nothing, when another process (or another holder in this one)
+    is writing the run, when it has vanished, or when its state is not allowed.
+    """
+    path = Path(path)
+    with run_lock(path, create=False):
+        if lock_depth(path) > 1:
+            raise RunError(f"{path.name}: is training in this app; stop it first")
+        state = files_state(path)
+        if state not in allowed:
+            raise RunError(f"{path.name}: is {state}; only {' or '.join(allowed)} runs are "
+                           "deleted here")
+        shutil.rmtree(path)
 
 
 def save_model(path: Path, cfg: RunConfig, model: AnoMem) -> None:
@@ -257,16 +342,27 @@ class RunSummary:
     auroc: float | None
     complete: bool  # has weights and metrics
     error: str | None = None
+    state: str = BROKEN  # TRAINING, STOPPED, FINISHED or BROKEN (see `run_state`)
 
 
 def list_runs(root: Path = DEFAULT_RUNS_DIR) -> list[RunSummary]:
-    """Every folder under `root` that looks like a run, newest first; broken ones say why."""
+    """Every folder under `root` that looks like a run, newest first; broken ones say why.
+
+    A folder deleted while it is being listed (by another process) is left out.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
+    stamped = []
+    for p in root.iterdir():
+        try:
+            if p.is_dir() and (p / CONFIG).exists():
+                stamped.append((p.stat().st_mtime, p))
+        except OSError:  # vanished between listing and stat
+            continue
     out = []
-    folders = [p for p in root.iterdir() if p.is_dir() and (p / CONFIG).exists()]
-    for p in sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True):
+    for _, p in sorted(stamped, key=lambda x: x[0], reverse=True):
+        state = run_state(p)
         try:
             cfg = read_config(p)
             metrics = read_json(p / METRICS) if (p / METRICS).is_file() else None
@@ -274,7 +370,12 @@ def list_runs(root: Path = DEFAULT_RUNS_DIR) -> list[RunSummary]:
                 raise RunError(f"{p / METRICS}: expected a JSON object")
             out.append(RunSummary(
                 p.name, p, cfg.data.dataset, cfg.data.normal_class or "", cfg.data.setting,
-                (metrics or {}).get("auroc"), (p / WEIGHTS).is_file() and metrics is not None))
+                (metrics or {}).get("auroc"), (p / WEIGHTS).is_file() and metrics is not None,
+                state=state))
         except RunError as err:
-            out.append(RunSummary(p.name, p, "?", "?", "?", None, False, str(err)))
+            if not p.is_dir():
+                continue
+            out.append(RunSummary(p.name, p, "?", "?", "?", None, False, str(err), state=state))
+        except OSError:  # its files vanished while being read
+            continue
     return out

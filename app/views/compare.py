@@ -56,14 +56,25 @@ left.plotly_chart(charts.score_distributions(scores, test.types, threshold), key
 profile = explore.mean_scale_profile(scored.per_scale, test.types)
 right.plotly_chart(charts.scale_profile(profile), key="cmp_profile")
 
-st.subheader("Examples")
-st.caption(f"{EXAMPLES} images per type, spread from the lowest to the highest score; "
-           "▲ marks those above the threshold.")
+st.plotly_chart(charts.roc_by_type(explore.roc_by_type(scores, labels, test.types, threshold),
+                                   threshold), key="cmp_roc")
+
+st.subheader("Side by side")
+st.caption(f"Up to {EXAMPLES} images per type, spread from the lowest to the highest score, "
+           "each beside its combined deviation map; ▲ marks those above the threshold.")
+widgets.colour_legend(run)
 types_arr = np.asarray(test.types)
 order = explore.type_order(test.types)
-for tab, t in zip(st.tabs(order), order, strict=True):
-    with tab:
-        picks = explore.spread_examples(scores, np.flatnonzero(types_arr == t), EXAMPLES)
-        st.image([widgets.thumb(test.images[i]) for i in picks],
-                 caption=[f"{'▲' if scores[i] > threshold else '·'} {scores[i]:.2f}"
-                          for i in picks])
+picks = {t: explore.spread_examples(scores, np.flatnonzero(types_arr == t), EXAMPLES)
+         for t in order}
+maps = state.combined_maps_of(run, tuple(i for t in order for i in picks[t]))
+vmin, vmax = explore.heat_range(model)
+for col, t in zip(st.columns(len(order)), order, strict=True):
+    with col:
+        st.markdown(f"**{t}**")
+        for i in picks[t]:
+            tiles = [widgets.thumb(test.images[i], widgets.THUMB),
+                     widgets.thumb(explore.overlay(test.images[i], maps[i], vmin, vmax, 0.5),
+                                   widgets.THUMB)]
+            st.image(tiles, caption=[f"{'▲' if scores[i] > threshold else '·'} {scores[i]:.2f}",
+                                     "map"])

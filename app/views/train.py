@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import streamlit as st
@@ -10,8 +9,7 @@ import streamlit as st
 from app import charts, jobs, state
 from core.config import PRESETS, SETTINGS, ConfigError, RunConfig, preset
 from core.data import DATASETS, DataError, anomaly_choices, list_classes
-from core.pipeline import resumable
-from core.runs import RunError
+from core.runs import STOPPED, TRAINING, RunError, delete_run, read_history
 from core.train.checkpoint import read_checkpoint
 
 POLL_SECONDS = 2.0
@@ -78,30 +76,54 @@ def resume(path: Path) -> None:
     st.rerun()
 
 
-def stopped_runs_panel(running_path: Path | None) -> None:
-    """Runs that stopped before finishing (Stop button, app shut down): resume or delete."""
-    stopped = [s.path for s in state.saved_runs()
-               if resumable(s.path) and s.path != running_path]
+def unfinished_runs_panel(own: Path | None) -> None:
+    """Runs that have not finished: those another process is training (their progress, no
+    buttons) and stopped ones (resume or delete). Buttons are keyed by the run's folder, so
+    a list that reorders while runs train never moves a click onto another run."""
+    summaries = state.saved_runs()
+    elsewhere = [s for s in summaries if s.state == TRAINING and s.path != own]
+    stopped = [s for s in summaries if s.state == STOPPED]
+    if elsewhere:
+        with st.expander(f"Training in another process ({len(elsewhere)})", expanded=True):
+            st.caption("A CLI or another app holds these runs; they open here once finished.")
+            for s in elsewhere:
+                st.write(f"**{s.name}** · {history_line(s.path)}")
     if not stopped:
         return
     with st.expander(f"Stopped runs ({len(stopped)})", expanded=True):
         st.caption("Each keeps the checkpoint of its last step or epoch; resuming continues "
                    "with the run's own settings.")
-        for i, path in enumerate(stopped):
+        for s in stopped:
             try:
-                _, ckpt = read_checkpoint(path)
+                _, ckpt = read_checkpoint(s.path)
                 where = f"epoch {ckpt.epoch}, step {ckpt.step}, {ckpt.elapsed_s:.0f} s trained"
             except RunError as err:
                 st.error(str(err))
                 continue
             left, mid, right = st.columns([4, 1, 1])
-            left.write(f"**{path.name}** · {where}")
-            if mid.button("Resume", key=f"train_resume_{i}", icon=":material/play_arrow:",
+            left.write(f"**{s.name}** · {where}")
+            if mid.button("Resume", key=f"train_resume_{s.path}", icon=":material/play_arrow:",
                           disabled=running):
-                resume(path)
-            if right.button("Delete", key=f"train_delete_{i}", icon=":material/delete:"):
-                shutil.rmtree(path, ignore_errors=True)
-                st.rerun()
+                resume(s.path)
+            if right.button("Delete", key=f"train_delete_{s.path}", icon=":material/delete:"):
+                try:  # takes the run's lock and checks again: never a run someone is training
+                    delete_run(s.path)
+                except RunError as err:
+                    st.error(f"Not deleted: {err}")
+                else:
+                    st.rerun()
+
+
+def history_line(path: Path) -> str:
+    """Epochs done and the last loss, from the run's history.jsonl."""
+    try:
+        rows = read_history(path)
+    except (RunError, OSError):
+        return "progress unreadable"
+    if not rows:
+        return "loading data or in its first epoch"
+    loss = rows[-1].get("loss")
+    return f"{len(rows)} epochs" + (f", loss {loss:.3f}" if isinstance(loss, float) else "")
 
 
 st.title("Train")
@@ -122,7 +144,7 @@ if not has_runs and not running:
 
 if job is not None:
     st.fragment(progress_panel, run_every=POLL_SECONDS if running else None)()
-stopped_runs_panel(job.out if running else None)
+unfinished_runs_panel(job.out if running else None)
 
 with st.expander("Configure a run", expanded=has_runs and not running):
     dataset = st.selectbox("Data set", list(DATASETS), key="train_dataset",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -41,13 +40,17 @@ from core.config import DataConfig, RunConfig, preset
 from core.data import DataError, Split, list_classes, load_split
 from core.metrics import image_metrics
 from core.model.anomem import AnoMem
-from core.pipeline import resumable, resume_run, train_run
+from core.pipeline import resume_run, train_run
 from core.runs import (
+    FINISHED,
     METRICS,
-    WEIGHTS,
+    STOPPED,
+    TRAINING,
     RunError,
+    delete_run,
     load_run,
     read_json,
+    run_state,
     safe_name,
     write_atomic,
     write_json,
@@ -317,19 +320,22 @@ def run_anomem(cell: Cell, split: Split, opts: BenchOptions,
             last[0] = time.monotonic()
             say(f"    {p.stage} {p.done:.0%}: {p.message}")
 
-    if (out / WEIGHTS).is_file() and (out / METRICS).is_file():
+    state = run_state(out) if out.exists() else None
+    if state == TRAINING:
+        raise RunError(f"{out}: another process is training this run")
+    if state == FINISHED:
         metrics = read_json(out / METRICS)
     else:
         metrics = None
-        if resumable(out):
+        if state == STOPPED:
             say(f"    resuming {out}")
             try:
                 metrics = resume_run(out, progress)
-            except RunError as err:  # damaged, or written by another version
+            except RunError as err:  # damaged, written by another version, or taken meanwhile
                 say(f"    cannot resume ({err}): training again")
         if metrics is None:
-            if out.exists():
-                shutil.rmtree(out)  # a run that died before it could be resumed
+            if out.exists():  # a run that died before it could be resumed; refused, with its
+                delete_run(out)  # folder untouched, if another process took it meanwhile
             metrics = train_run(anomem_config(cell, opts), out, progress, split=split)
     test, labels = split.test, split.test.labels.numpy()
     row = {"suite": cell.suite, "dataset": cell.dataset, "normal_class": cell.normal_class,
@@ -446,8 +452,12 @@ def bench(opts: BenchOptions, say: Callable[[str], None] = print) -> Results:
             done += 1
             say(f"[{done}/{len(todo)}] {cell.label} · {name} …")
             start = time.perf_counter()
-            rows = list(run_anomem(cell, split, opts, say)) if name == ANOMEM else [
-                run_peer(cell, split, method)]
+            try:
+                rows = list(run_anomem(cell, split, opts, say)) if name == ANOMEM else [
+                    run_peer(cell, split, method)]
+            except RunError as err:  # a run folder another process holds: left as it is
+                say(f"    skipped: {err}")
+                continue
             for row in rows:
                 results.add(row)
             write_atomic(opts.out / "results.md", render_markdown(results, opts))

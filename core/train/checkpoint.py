@@ -21,9 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from core.runs import RunError, save_tensors
+from core.runs import CHECKPOINT, RunError, save_tensors
 
-CHECKPOINT = "checkpoint.safetensors"
 FORMAT = "anomem-checkpoint"
 FORMAT_VERSION = "1"
 

@@ -38,9 +38,28 @@ def test_one_row_per_anomaly_type_and_a_live_threshold(runs_dir: Path, tiny_run:
     assert float(metrics["False-positive rate"].rstrip("%")) > 99
     assert (at.dataframe[0].value["detection_rate"] >= 99).all()  # percent
 
-    assert len(at.get("plotly_chart")) == 2
-    assert [t.label for t in at.tabs] == ["normal", "local", "object", "style"]
-    assert [len(img.captions) for img in images(at)] == [8, 8, 8, 8]
+    assert len(at.get("plotly_chart")) == 3  # distributions, scale profile, ROC by type
+    assert not at.tabs  # the types stand side by side, one column each
+    headings = [m.value for m in at.markdown if m.value.startswith("**")]
+    assert headings == ["**normal**", "**local**", "**object**", "**style**"]
+    pairs = [img for img in images(at) if len(img.captions) == 2]  # image and its map
+    assert len(pairs) == 4 * 8 and all(img.captions[1] == "map" for img in pairs)
+
+
+def test_roc_of_each_type_marks_the_threshold() -> None:
+    from core import explore
+
+    scores = np.array([0.1, 0.2, 0.3, 0.4, 0.9, 0.8, 0.35, 0.5])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    types = ["normal"] * 4 + ["object", "object", "local", "local"]
+    curves = explore.roc_by_type(scores, labels, types, threshold=0.32)
+    assert [c.kind for c in curves] == ["local", "object"]
+    local, obj = curves
+    assert obj.auroc == 1.0 and local.auroc == pytest.approx(7 / 8)
+    # one normal of four is above 0.32; both objects and both local images are detected
+    assert obj.at_threshold == (0.25, 1.0) and local.at_threshold == (0.25, 1.0)
+    assert explore.roc_by_type(scores, labels, types, threshold=0.45)[0].at_threshold == \
+        (0.0, 0.5)
 
 
 def _model_threshold(run: Path) -> float:

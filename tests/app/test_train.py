@@ -121,7 +121,7 @@ def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path):
     assert not (folder / "model.safetensors").exists()
     assert "stop-me" in texts(at) and "step" in texts(at)  # listed under Stopped runs
 
-    at.button(key="train_resume_0").click().run()
+    at.button(key=f"train_resume_{folder}").click().run()
     assert not at.exception
     deadline = time.monotonic() + 90  # the page still shows the stop warning until then
     while time.monotonic() < deadline and not (folder / "metrics.json").exists():
@@ -136,6 +136,6 @@ def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path):
 def test_a_stopped_run_can_be_deleted(empty_runs: Path):
     at = _start_and_stop("drop me")
     assert (empty_runs / "drop-me" / "checkpoint.safetensors").is_file()
-    at.button(key="train_delete_0").click().run()
+    at.button(key=f"train_delete_{empty_runs / 'drop-me'}").click().run()
     assert not at.exception
     assert not (empty_runs / "drop-me").exists()
