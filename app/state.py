@@ -21,7 +21,7 @@ from core import explore
 from core.config import DataConfig
 from core.data import Split, load_split
 from core.runs import METRICS, WEIGHTS, Run, RunSummary, list_runs, load_run
-from core.train.trainer import ScoredSet, score_images
+from core.train.scoring import ScoredSet, score_images
 
 RUN_KEY = "run_path"  # session key of the sidebar's run picker
 MAX_GALLERY_IMAGES = 2000  # normal training images searched for prototype patches

@@ -8,7 +8,7 @@ import torch
 
 from app import state
 from core import explore
-from core.data import DataError, Split
+from core.data import DataError, Split, imageio
 from core.runs import STOPPED, TRAINING, Run, RunError, RunSummary
 
 TRAIN_PAGE = "views/train.py"
@@ -99,7 +99,7 @@ def show_upload(run: Run, name: str, data: bytes) -> bool:
     """Validate, score and explain one uploaded file; False (with an error) when refused."""
     cfg = run.config.model
     try:
-        array = explore.validate_upload(data, name, size=cfg.image_size,
+        array = imageio.validate_upload(data, name, size=cfg.image_size,
                                         channels=cfg.in_channels)
     except DataError as err:
         st.error(str(err))

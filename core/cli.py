@@ -275,7 +275,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from core.data.imageio import read_image
     from core.explore import overlay
     from core.runs import load_run
-    from core.train.trainer import score_images
+    from core.train.scoring import score_images
 
     run = load_run(Path(args.run_dir))
     size, channels = run.config.model.image_size, run.config.model.in_channels

@@ -33,13 +33,12 @@ from core.runs import (
 )
 from core.train.checkpoint import CHECKPOINT, read_checkpoint
 from core.train.distributed import Dist
+from core.train.scoring import ScoredSet, score_images
 from core.train.trainer import (
     Progress,
     ProgressFn,
-    ScoredSet,
     StopFn,
     resolve_device,
-    score_images,
     split_normals,
     train,
 )

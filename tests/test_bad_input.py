@@ -44,8 +44,15 @@ from core.config import DataConfig, ModelConfig, RunConfig
 from core.data import load_split
 from core.data.base import DataError
 from core.data.cifar import RestrictedUnpickler, allowed_globals
-from core.data.imageio import MAX_PIXELS, decode_bytes, read_image, read_mask
-from core.explore import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, validate_upload
+from core.data.imageio import (
+    MAX_PIXELS,
+    MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_PIXELS,
+    decode_bytes,
+    read_image,
+    read_mask,
+    validate_upload,
+)
 from core.model.anomem import AnoMem
 from core.runs import CONFIG, WEIGHTS, RunError, list_runs, load_model, load_run, read_config
 from core.runs import save_model as save_run_model

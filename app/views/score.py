@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app import widgets
-from core import explore
+from core.data import imageio
 from core.data.imageio import IMAGE_SUFFIXES
 
 st.title("Score images")
@@ -13,13 +13,13 @@ run = widgets.require_run()
 cfg = run.config.model
 
 st.caption(
-    f"Each file is checked (image type, at most {explore.MAX_UPLOAD_BYTES // 2**20} MB and "
-    f"{explore.MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels), resized to the run's "
+    f"Each file is checked (image type, at most {imageio.MAX_UPLOAD_BYTES // 2**20} MB and "
+    f"{imageio.MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels), resized to the run's "
     f"{cfg.image_size}×{cfg.image_size} px and scored against threshold "
     f"{float(run.model.detector.threshold):.3f}."
 )
 # No `type=` filter: Streamlit's own check raises for the whole widget on one wrong suffix;
-# explore.validate_upload refuses that file alone, with its name and the accepted types.
+# imageio.validate_upload refuses that file alone, with its name and the accepted types.
 files = st.file_uploader(f"Images ({', '.join(sorted(s.lstrip('.') for s in IMAGE_SUFFIXES))})",
                          accept_multiple_files=True, key="score_files")
 if not files:

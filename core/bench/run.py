@@ -55,7 +55,8 @@ from core.runs import (
     write_atomic,
     write_json,
 )
-from core.train.trainer import Progress, score_images
+from core.train.scoring import score_images
+from core.train.trainer import Progress
 
 SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed", "general")
 DEFAULT_SUITES = tuple(s for s in SUITES if s != "general")  # general: ask for it by name

@@ -18,7 +18,8 @@ from core.model.anomem import AnoMem
 from core.train.allocator import keep_freed_memory
 from core.train.augment import augment, to_float
 from core.train.losses import MemoryContrastLoss
-from core.train.trainer import ContrastStep, make_batch, resolve_device
+from core.train.stage1 import ContrastStep, make_batch
+from core.train.trainer import resolve_device
 
 FRACTIONS = (0.25, 0.5, 1.0)  # shares of shifted copies timed besides the config's own
 

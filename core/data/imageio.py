@@ -406,3 +406,30 @@ def warn_skipped(skipped: Sequence[str], where: str) -> None:
                    f"{describe_skipped(skipped)}")
         LOG.warning(message)
         warnings.warn(message, stacklevel=3)
+
+
+# Caps on what a user may upload to the app (its Score page)
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_PIXELS = 40_000_000
+
+
+def validate_upload(data: bytes, name: str, max_bytes: int = MAX_UPLOAD_BYTES,
+                    max_pixels: int = MAX_UPLOAD_PIXELS, size: int | None = None,
+                    channels: int = 3) -> np.ndarray:
+    """Check an uploaded file (type, bytes, pixels) and decode it to uint8 (size, size, C).
+
+    Raises DataError with a message naming the file; `size` and `channels` should be the
+    run's `config.model.image_size` and `in_channels`.
+    """
+    suffix = Path(name).suffix.lower()
+    if suffix not in IMAGE_SUFFIXES:
+        raise DataError(
+            f"cannot read image {name!r}: file type {suffix or '(none)'!r} is not supported "
+            f"(expected one of {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    if len(data) > max_bytes:
+        raise DataError(
+            f"cannot read image {name!r}: {len(data) / 1e6:.1f} MB is over the limit of "
+            f"{max_bytes / 1e6:.1f} MB"
+        )
+    return decode_bytes(data, name, size, channels, max_pixels)

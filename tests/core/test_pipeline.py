@@ -12,7 +12,7 @@ from core.config import DataConfig, preset
 from core.data import load_split
 from core.pipeline import evaluate_run, train_run
 from core.runs import CONFIG, HISTORY, METRICS, WEIGHTS, load_run
-from core.train.trainer import score_images
+from core.train.scoring import score_images
 
 pytestmark = pytest.mark.slow
 

@@ -29,6 +29,7 @@ from core.data.imageio import (
     read_mask,
     resize_batch,
 )
+from core.explore import hwc_to_chw
 
 
 def save(img: Image.Image, path: Path, **kwargs: object) -> Path:
@@ -440,3 +441,35 @@ def test_resize_batch() -> None:
     ramp = torch.arange(8, dtype=torch.uint8).mul(30).expand(1, 1, 8, 8)
     out = resize_batch(ramp, 16)[0, 0, 0]
     assert (out[1:] >= out[:-1]).all() and out[0] <= 15 and out[-1] >= 195
+
+
+def _png(size: tuple[int, int] = (20, 10)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_validate_upload_accepts_an_image_at_the_run_size():
+    out = imageio.validate_upload(_png(), "leaf.png", size=16, channels=3)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert tuple(out[8, 8]) == (10, 200, 30)
+    grey = imageio.validate_upload(_png(), "leaf.PNG", size=8, channels=1)
+    assert grey.shape == (8, 8, 1)
+    assert hwc_to_chw(out).shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    ("data", "name", "kwargs", "match"),
+    [
+        (b"%PDF-1.4", "notes.pdf", {}, "file type"),
+        (_png(), "big.png", {"max_bytes": 10}, "over the limit"),
+        (b"\x89PNG\r\n\x1a\n garbage", "broken.png", {}, "broken.png"),
+        (_png((300, 300)), "huge.png", {"max_pixels": 1000}, "pixels"),
+        (b"", "empty.jpg", {}, "empty"),
+    ],
+)
+def test_validate_upload_refuses_with_the_file_name(data, name, kwargs, match):
+    with pytest.raises(DataError, match=match) as err:
+        imageio.validate_upload(data, name, size=16, **kwargs)
+    assert name in str(err.value)
+

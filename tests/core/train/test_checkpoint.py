@@ -12,7 +12,8 @@ from core.config import ModelConfig, TrainConfig
 from core.model.anomem import AnoMem
 from core.runs import RunError
 from core.train.checkpoint import CHECKPOINT, read_checkpoint
-from core.train.trainer import TrainingCancelled, train_stage1
+from core.train.stage1 import train_stage1
+from core.train.trainer import TrainingCancelled
 
 CPU = torch.device("cpu")
 

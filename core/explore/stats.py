@@ -1,0 +1,112 @@
+"""Scores by sample and by anomaly type: edge cases, per-type tables and ROC curves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from core.data.base import NORMAL
+from core.metrics import auroc
+
+
+def edge_cases(scores: np.ndarray, labels: np.ndarray, threshold: float, k: int = 8
+               ) -> dict[str, list[int]]:
+    """Indices worth a look: the highest-scoring normals, the lowest-scoring anomalies, and
+    the samples of either kind closest to the threshold (each list in that order)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    normal, anomaly = np.flatnonzero(~labels), np.flatnonzero(labels)
+    return {
+        "normal_highest": normal[np.argsort(-scores[normal], kind="stable")][:k].tolist(),
+        "anomaly_lowest": anomaly[np.argsort(scores[anomaly], kind="stable")][:k].tolist(),
+        "near_threshold": np.argsort(np.abs(scores - threshold), kind="stable")[:k].tolist(),
+    }
+
+
+class TypeStats(NamedTuple):
+    table: pd.DataFrame  # type, n, auroc, detection_rate: one row per anomaly type
+    false_positive_rate: float | None  # share of normals above the threshold
+    n_normal: int
+
+
+def type_stats(scores: np.ndarray, labels: np.ndarray, types: list[str], threshold: float
+               ) -> TypeStats:
+    """Per anomaly type: AUROC against the normal samples and detection rate at `threshold`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(int)
+    types_arr = np.asarray(types)
+    normal = types_arr == NORMAL
+    flagged = scores > threshold
+    rows = []
+    for t in sorted(set(types) - {NORMAL}):
+        of_type = types_arr == t
+        keep = normal | of_type
+        rows.append({
+            "type": t,
+            "n": int(of_type.sum()),
+            "auroc": auroc(labels[keep], scores[keep]) if normal.any() else None,
+            "detection_rate": float(flagged[of_type].mean()),
+        })
+    table = pd.DataFrame(rows, columns=["type", "n", "auroc", "detection_rate"])
+    fpr = float(flagged[normal].mean()) if normal.any() else None
+    return TypeStats(table, fpr, int(normal.sum()))
+
+
+@dataclass
+class TypeRoc:
+    """One anomaly type against the normal images: its ROC curve and where a threshold sits."""
+
+    kind: str
+    fpr: np.ndarray
+    tpr: np.ndarray
+    auroc: float | None
+    at_threshold: tuple[float, float]  # (false-positive rate, detection rate) at the threshold
+
+
+def roc_by_type(scores: np.ndarray, labels: np.ndarray, types: list[str], threshold: float
+                ) -> list[TypeRoc]:
+    """Per anomaly type, its ROC curve against every normal test image, and the point the
+    threshold picks on it (the same false-positive rate on every curve)."""
+    from sklearn.metrics import roc_curve
+
+    scores, labels, kinds = np.asarray(scores), np.asarray(labels), np.asarray(types)
+    normal = labels == 0
+    out = []
+    if not normal.any():
+        return out
+    fpr_at = float((scores[normal] > threshold).mean())
+    for kind in type_order(types):
+        keep = normal | (kinds == kind)
+        if kind == NORMAL or not (kinds == kind).any():
+            continue
+        fpr, tpr, _ = roc_curve(labels[keep], scores[keep])
+        tpr_at = float((scores[kinds == kind] > threshold).mean())
+        out.append(TypeRoc(kind, fpr, tpr, auroc(labels[keep], scores[keep]), (fpr_at, tpr_at)))
+    return out
+
+
+def type_order(types: list[str]) -> list[str]:
+    """Normal first, then the anomaly types alphabetically."""
+    present = set(types)
+    return ([NORMAL] if NORMAL in present else []) + sorted(present - {NORMAL})
+
+
+def mean_scale_profile(per_scale: dict[str, np.ndarray], types: list[str]) -> pd.DataFrame:
+    """Mean standardised score of every scale (columns) for every type (rows, normal first)."""
+    types_arr = np.asarray(types)
+    order = type_order(types)
+    data = {s: [float(np.mean(np.asarray(v)[types_arr == t])) for t in order]
+            for s, v in per_scale.items()}
+    return pd.DataFrame(data, index=pd.Index(order, name="type"))
+
+
+def spread_examples(scores: np.ndarray, index: np.ndarray, k: int) -> list[int]:
+    """k of `index`, evenly spread from the lowest to the highest score: a fair sample."""
+    index = np.asarray(index)
+    if len(index) <= k:
+        return index[np.argsort(np.asarray(scores)[index], kind="stable")].tolist()
+    ordered = index[np.argsort(np.asarray(scores)[index], kind="stable")]
+    return ordered[np.unique(np.linspace(0, len(ordered) - 1, k).round().astype(int))].tolist()

@@ -1,0 +1,54 @@
+"""core/explore/stats.py: edge cases, per-type statistics, spread examples."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from core import explore as ex
+
+
+def test_edge_cases_ordering():
+    scores = np.array([0.1, 2.0, 0.5, 3.0, -1.0, 1.05, 0.8])
+    labels = np.array([0, 0, 0, 1, 1, 1, 0])
+    out = ex.edge_cases(scores, labels, threshold=1.0, k=2)
+    assert out["normal_highest"] == [1, 6]
+    assert out["anomaly_lowest"] == [4, 5]
+    assert out["near_threshold"] == [5, 6]
+
+
+def test_type_stats_against_sklearn():
+    rng = np.random.default_rng(0)
+    types = ["normal"] * 40 + ["style"] * 20 + ["local"] * 15
+    labels = np.array([0 if t == "normal" else 1 for t in types])
+    scores = rng.normal(size=75) + labels * np.where(np.array(types) == "style", 2.0, 0.5)
+    stats = ex.type_stats(scores, labels, types, threshold=0.8)
+    assert list(stats.table["type"]) == ["local", "style"]
+    normal = np.array(types) == "normal"
+    for _, row in stats.table.iterrows():
+        keep = normal | (np.array(types) == row["type"])
+        assert row["auroc"] == pytest.approx(roc_auc_score(labels[keep], scores[keep]))
+        of_type = np.array(types) == row["type"]
+        assert row["n"] == of_type.sum()
+        assert row["detection_rate"] == pytest.approx((scores[of_type] > 0.8).mean())
+    assert stats.false_positive_rate == pytest.approx((scores[normal] > 0.8).mean())
+    assert stats.n_normal == 40
+
+
+def test_mean_scale_profile_puts_normal_first():
+    types = ["style", "normal", "local", "normal"]
+    per_scale = {"layer2": np.array([1.0, 0.0, 3.0, 2.0]), "layer3": np.array([5, 1, 1, 1.0])}
+    df = ex.mean_scale_profile(per_scale, types)
+    assert list(df.index) == ["normal", "local", "style"]
+    assert df.loc["normal", "layer2"] == pytest.approx(1.0)
+    assert df.loc["style", "layer3"] == pytest.approx(5.0)
+
+
+def test_spread_examples_and_sample_groups():
+    scores = np.arange(10.0)[::-1]
+    assert ex.spread_examples(scores, np.arange(10), 3) == [9, 5, 0]
+    assert ex.spread_examples(scores, np.array([2, 5]), 3) == [5, 2]
+    groups = ex.sample_groups(["normal", "normal", "style"], torch.tensor([False, True, False]))
+    assert groups == ["normal", ex.EDGE_CASE, "style"]
