@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,15 +25,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from core.config import ConfigError, RunConfig
+from core.files import atomic_path, write_atomic
 from core.model.anomem import AnoMem
 
 WEIGHTS, CONFIG, METRICS, HISTORY = "model.safetensors", "config.json", "metrics.json", \
     "history.jsonl"
 DEFAULT_RUNS_DIR = Path(os.environ.get("ANOMEM_RUNS", "runs"))
 _NAME = re.compile(r"[^A-Za-z0-9._-]+")
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK  # what a plain open() would have given
 # What json.loads raises on a malformed file: a syntax error, bytes that are not UTF-8, an
 # integer of more digits than Python converts (ValueError), nesting deeper than the stack.
 _BAD_JSON = (ValueError, RecursionError)
@@ -42,23 +39,6 @@ _BAD_JSON = (ValueError, RecursionError)
 
 class RunError(ValueError):
     """A run folder or one of its files is missing, malformed or from another version."""
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write `data` to `path` through a temporary file and an atomic rename."""
-    path = Path(path)
-    raw = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -202,19 +182,9 @@ def save_model(path: Path, cfg: RunConfig, model: AnoMem) -> None:
 
 
 def save_tensors(path: Path, tensors: dict, metadata: dict[str, str]) -> None:
-    """Write a safetensors file through a temporary file, fsync and an atomic rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a safetensors file atomically (core/files.py)."""
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
 
 
 def append_history(path: Path, row: dict) -> None:

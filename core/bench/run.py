@@ -38,6 +38,7 @@ from core.bench.ablations import deviation_norm_scores, encoder_knn_scores
 from core.bench.peers import DeepSVDD, Peer, make_peers
 from core.config import DataConfig, RunConfig, preset
 from core.data import DataError, Split, list_classes, load_split
+from core.files import write_atomic
 from core.metrics import image_metrics
 from core.model.anomem import AnoMem
 from core.pipeline import resume_run, train_run
@@ -52,7 +53,6 @@ from core.runs import (
     read_json,
     run_state,
     safe_name,
-    write_atomic,
     write_json,
 )
 from core.train.scoring import score_images

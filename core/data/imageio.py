@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from core.data.base import DataError
+from core.files import atomic_path, write_atomic
 
 # Skipped files are also logged here, so the app can show them to whoever started the job.
 LOG = logging.getLogger("core.data")
@@ -373,22 +373,11 @@ def _write_cache(
     meta = {"version": CACHE_VERSION, "key": key, "left_out": left_out, "skipped": skipped}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(cache_dir / f"{key}.npy", lambda f: np.save(f, array, allow_pickle=False))
-        _atomic_write(cache_dir / f"{key}.json", lambda f: f.write(json.dumps(meta).encode()))
+        with atomic_path(cache_dir / f"{key}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        write_atomic(cache_dir / f"{key}.json", json.dumps(meta))
     except OSError as err:
         warnings.warn(f"image cache not written to '{cache_dir}': {err}", stacklevel=3)
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write to a temporary file in the same folder, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def describe_skipped(skipped: Sequence[str], limit: int = 10) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -281,12 +283,50 @@ def test_list_runs_of_a_missing_root_is_empty(tmp_path: Path) -> None:
     assert list_runs(tmp_path / "nowhere") == []
 
 
-def test_run_lock_refuses_a_second_writer_and_is_released(tmp_path: Path) -> None:
-    from core.runs import run_lock
+def _lock_from_another_process(folder: Path) -> str:
+    code = ("import sys\nfrom core.runs import RunError, run_lock\ntry:\n"
+            "    with run_lock(sys.argv[1]):\n        print('taken')\n"
+            "except RunError as err:\n    print('refused:', err)")
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[2]).stdout
+
+
+def test_run_lock_refuses_another_process_and_is_released(tmp_path: Path) -> None:
+    from core.runs import is_locked, lock_depth, run_lock
 
     folder = tmp_path / "run"
-    second = pytest.raises(RunError, match="another process is training this run")
-    with run_lock(folder), second, run_lock(folder):
-        pass
-    with run_lock(folder):  # released on exit
-        pass
+    with run_lock(folder):
+        out = _lock_from_another_process(folder)
+        assert out.startswith("refused:") and "another process is training this run" in out
+        with run_lock(folder):  # this process may take it again (the app, then train_run)
+            assert lock_depth(folder) == 2 and is_locked(folder)
+        assert lock_depth(folder) == 1 and is_locked(folder)
+    assert lock_depth(folder) == 0 and not is_locked(folder)
+    assert _lock_from_another_process(folder).startswith("taken")  # released on exit
+
+
+def test_run_states_and_delete_run(tmp_path: Path) -> None:
+    from core.runs import CHECKPOINT, delete_run, run_lock, run_state
+
+    stopped, finished, broken = (tmp_path / n for n in ("stopped", "finished", "broken"))
+    for folder in (stopped, finished, broken):
+        folder.mkdir()
+        (folder / CONFIG).write_text("{}")
+    (stopped / CHECKPOINT).write_bytes(b"x")
+    (finished / WEIGHTS).write_bytes(b"x")
+    (finished / METRICS).write_text("{}")
+    assert [run_state(f) for f in (stopped, finished, broken)] == [
+        "stopped", "finished", "broken"]
+    with run_lock(stopped):
+        assert run_state(stopped) == "training"
+        with pytest.raises(RunError, match="training in this app"):
+            delete_run(stopped)  # another holder in this process: refused
+    assert stopped.is_dir()
+    with pytest.raises(RunError, match="is finished"):
+        delete_run(finished)
+    delete_run(stopped)
+    delete_run(broken)
+    assert not stopped.exists() and not broken.exists() and finished.is_dir()
+    with pytest.raises(RunError, match="no longer exists"):
+        delete_run(broken)
+    assert not broken.exists()  # a missing folder is not created again
