@@ -40,6 +40,15 @@ def test_edge_cases_overlays_and_matched_prototype(runs_dir: Path, tiny_run: Pat
     assert _scores(lowest.options) == sorted(_scores(lowest.options))
     at.segmented_control(key="dev_case").set_value("near_threshold").run()
     assert not at.exception
+    near = _sample_box(at)
+    threshold = float(load_run(tiny_run).model.detector.threshold)
+    gaps = [abs(s - threshold) for s in _scores(near.options)]
+    assert len(gaps) == 12 and gaps == sorted(gaps)  # nearest the threshold first
+    # and no test image outside the list is nearer than the farthest in it (scores printed
+    # with 3 decimals: compare at that precision)
+    all_scores = _all_test_scores(tiny_run)
+    outside = sorted(abs(all_scores - threshold))[12:]
+    assert not outside or min(outside) >= max(gaps) - 1e-3
 
     at.selectbox(key="dev_pos_scale").set_value(scales[-1]).run()
     _slider(at, "Row").set_value(0).run()
@@ -50,3 +59,12 @@ def test_edge_cases_overlays_and_matched_prototype(runs_dir: Path, tiny_run: Pat
     proto = text.split("reads **prototype #")[1].split("*")[0]
     captions = [c for img in images(at) for c in img.captions]
     assert any(c.startswith(f"prototype #{proto}: its top training patches") for c in captions)
+
+
+def _all_test_scores(run_dir: Path):
+    from core.data import load_split
+    from core.train.scoring import score_images
+
+    run = load_run(run_dir)
+    return score_images(run.model, load_split(run.config.data).test.images,
+                        with_maps=False).image

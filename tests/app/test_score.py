@@ -7,6 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from core import explore
+from core.data.imageio import validate_upload
 from core.runs import load_run
 from tests.app.helpers import open_page
 
@@ -29,10 +31,14 @@ def test_uploads_are_scored_and_broken_files_named(runs_dir: Path, tiny_run: Pat
     assert len(errors) == 1 and "'broken.png'" in errors[0]
     assert [s.value for s in at.subheader] == ["good.png"]
     metrics = {m.label: m.value for m in at.metric}
-    assert float(metrics["Anomaly score"]) == float(metrics["Anomaly score"])  # a number
-    assert metrics["Verdict"] in {"normal", "anomalous"}
+    run = load_run(tiny_run)
+    array = validate_upload(_png(), "good.png", size=run.config.model.image_size)
+    report = explore.inspect_image(run.model, explore.hwc_to_chw(array))
+    assert metrics["Anomaly score"] == f"{report.score:.3f}"  # the score of that very image
+    expected = "anomalous" if report.score > float(run.model.detector.threshold) else "normal"
+    assert metrics["Verdict"] == expected
     captions = [c for img in at.main.image for c in img.captions if c]  # legend has none
-    scales = load_run(tiny_run).model.scales
+    scales = run.model.scales
     assert captions[0] == "image"
     assert [c.split(" · ")[0] for c in captions[1:len(scales) + 2]] == [*scales, "combined"]
     nearest = [c for c in captions if c.startswith("prototype #")]

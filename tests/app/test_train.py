@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from app import state
+from core import pipeline
 from core.runs import list_runs
 from tests.app.helpers import open_page, texts
 
@@ -33,13 +35,23 @@ def _wait_until_done(at: AppTest, timeout: float = 90) -> None:
     raise AssertionError("training did not end in time")
 
 
-def test_form_trains_a_run_that_becomes_selectable(empty_runs: Path):
+def test_form_trains_a_run_that_becomes_selectable(empty_runs: Path,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    gate = threading.Event()  # training waits for it: the page is seen while the job runs
+    train_run = pipeline.train_run
+
+    def gated(*args, **kwargs):
+        assert gate.wait(120)
+        return train_run(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_run", gated)
     at = open_page()
     _fill(at, max_train=200, name="form run")
     at.button(key="train_start").click().run()
     assert not at.exception
-    assert at.get("progress") or at.success  # the job is running (or already done)
-    assert at.button(key="train_start").disabled or at.success
+    assert at.get("progress") and at.button(key="train_start").disabled
+    assert not at.success
+    gate.set()
     _wait_until_done(at)
     assert not at.error, [e.value for e in at.error]
     assert "form-run" in at.success[0].value and "AUROC" in at.success[0].value

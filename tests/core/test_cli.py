@@ -10,8 +10,10 @@ from PIL import Image
 
 from core.cli import EXIT_BAD_INPUT, main
 from core.config import ModelConfig, RunConfig
+from core.data.imageio import read_image
 from core.model.anomem import AnoMem
-from core.runs import CONFIG, save_model
+from core.runs import CONFIG, load_run, save_model
+from core.train.scoring import score_images
 
 
 def assert_one_line_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
@@ -162,5 +164,13 @@ def test_score_prints_one_line_per_image_and_saves_distinct_overlays(
     assert main(["score", str(saved_run), *paths, "--overlays", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == paths
-    assert all(line.split("\t")[2] in ("normal", "anomaly") for line in lines)
+    run = load_run(saved_run)  # the printed scores are the model's on those very images
+    images = torch.stack([torch.from_numpy(read_image(Path(p), 32, 3)).permute(2, 0, 1)
+                          for p in paths])
+    expected = score_images(run.model, images, with_maps=False).image
+    threshold = float(run.model.detector.threshold)
+    for line, score in zip(lines, expected, strict=True):
+        printed, verdict = line.split("\t")[1:]
+        assert printed == f"{score:.4f}"
+        assert verdict == ("anomaly" if score > threshold else "normal")
     assert sorted(p.name for p in out.iterdir()) == ["000_000_overlay.png", "001_000_overlay.png"]

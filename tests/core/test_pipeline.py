@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from core import pipeline
 from core.config import DataConfig, preset
 from core.data import load_split
 from core.pipeline import evaluate_run, train_run
@@ -22,12 +23,23 @@ def shapes_split():
     return load_split(DataConfig())
 
 
+TRAINED = {}  # run folder -> the model object train_run saved there, as it was in memory
+
+
 @pytest.fixture(scope="module")
 def one_class_run(tmp_path_factory, shapes_split):
     cfg = preset("quick", DataConfig())
     cfg.train.epochs = 4
     out = tmp_path_factory.mktemp("runs") / "one-class"
-    metrics = train_run(cfg, out, split=shapes_split)
+
+    def keep(path, cfg, model):
+        TRAINED[path] = model
+        save(path, cfg, model)
+
+    save = pipeline.save_model
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "save_model", keep)
+        metrics = train_run(cfg, out, split=shapes_split)
     return out, metrics
 
 
@@ -55,11 +67,14 @@ def test_every_anomaly_kind_is_detected_well_above_chance(one_class_run):
 
 def test_reloaded_run_scores_like_the_trained_one(one_class_run, shapes_split):
     out, metrics = one_class_run
-    run = load_run(out)
-    scored = score_images(run.model, shapes_split.test.images[:64])
-    again = score_images(load_run(out).model, shapes_split.test.images[:64])
-    np.testing.assert_allclose(scored.image, again.image, rtol=1e-5, atol=1e-5)
-    assert scored.pixel_maps.shape == (64, 32, 32)
+    trained = score_images(TRAINED[out], shapes_split.test.images[:64])
+    reloaded = score_images(load_run(out).model, shapes_split.test.images[:64])
+    assert TRAINED[out] is not load_run(out).model
+    np.testing.assert_allclose(reloaded.image, trained.image, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(reloaded.pixel_maps, trained.pixel_maps, atol=1e-3)
+    for term, values in trained.terms.items():
+        np.testing.assert_allclose(reloaded.terms[term], values, rtol=1e-5, atol=1e-5)
+    assert reloaded.pixel_maps.shape == (64, 32, 32)
     recomputed = evaluate_run(out)
     assert recomputed["auroc"] == pytest.approx(metrics["auroc"], abs=1e-6)
     assert recomputed["train_seconds"] == metrics["train_seconds"]

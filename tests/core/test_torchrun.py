@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.stats import spearmanr
 
+from core.data import load_split
 from core.runs import HISTORY, METRICS, load_run
 from core.train.checkpoint import CHECKPOINT
+from core.train.scoring import score_images
 
 pytestmark = pytest.mark.slow
 
@@ -74,3 +77,14 @@ def test_the_two_process_model_scores_images(runs) -> None:
     model = load_run(runs[2][0]).model
     out = model.score(torch.rand(2, 3, 64, 64))
     assert torch.isfinite(out.image).all()
+
+
+def test_two_processes_score_the_test_images_like_one(runs) -> None:
+    """Shards, batch split and seeds differ, so the weights do; the detectors must agree."""
+    two, one = load_run(runs[2][0]), load_run(runs[1][0])
+    assert two.config.data == one.config.data
+    test = load_split(one.config.data).test
+    a = score_images(two.model, test.images, with_maps=False).image
+    b = score_images(one.model, test.images, with_maps=False).image
+    assert spearmanr(a, b).statistic > 0.6
+    assert abs(two.metrics["auroc"] - one.metrics["auroc"]) < 0.05

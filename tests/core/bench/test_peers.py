@@ -288,12 +288,28 @@ def test_deep_sad_pushes_the_labelled_kind_away(shapes: Split) -> None:
     assert held_auroc["Deep SAD"] > held_auroc["Deep SVDD"] + 0.02, held_auroc
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_scores_match_cpu(shapes: Split) -> None:
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_knn_on_a_device_matches_a_numpy_reference(shapes: Split, device: str) -> None:
+    """The device path (banks moved there, chunked similarities) against plain numpy; a batch
+    of 7 makes every chunk boundary show."""
+    normals, test = normals_of(shapes, 200), shapes.test.images[:50]
+    peer = PixelKNN(k=2, device=device, batch=7)
+    peer.fit(normals)
+    bank = normals.flatten(1).double().numpy()
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    query = test.flatten(1).double().numpy()
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    reference = (1 - np.sort(query @ bank.T, axis=1)[:, -2:]).mean(1)
+    np.testing.assert_allclose(peer.score(test), reference, atol=1e-5)
+
+
+@CUDA
+def test_cuda_deep_svdd_scores_match_cpu(shapes: Split) -> None:
     normals, test = normals_of(shapes, 200), shapes.test.images[:100]
-    for make in (lambda d: PixelKNN(device=d),
-                 lambda d: DeepSVDD(minutes=None, epochs=1, batch=50, device=d)):
-        cpu, gpu = make("cpu"), make("cuda")
-        cpu.fit(normals)
-        gpu.fit(normals)
-        np.testing.assert_allclose(gpu.score(test), cpu.score(test), rtol=1e-2, atol=1e-3)
+    cpu, gpu = (DeepSVDD(minutes=None, epochs=1, batch=50, device=d) for d in ("cpu", "cuda"))
+    cpu.fit(normals)
+    gpu.fit(normals)
+    np.testing.assert_allclose(gpu.score(test), cpu.score(test), rtol=1e-2, atol=1e-3)
