@@ -88,7 +88,8 @@ def _ledoit_wolf(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Means (P, D) and precisions (P, D, D) of P sets of rows (P, N, D), in float64.
 
     Each covariance is shrunk towards a scaled identity by the Ledoit-Wolf formula (as
-    scikit-learn's `ledoit_wolf`), plus a 1e-6 relative ridge so it always inverts.
+    scikit-learn's `ledoit_wolf`), plus a 1e-6 relative ridge so it always inverts. Written
+    here because it is batched over the P sets (one per map position): scikit-learn fits one.
     """
     n, dim = rows.shape[1:]
     eye = torch.eye(dim, dtype=torch.float64)
@@ -117,7 +118,8 @@ def fit_ppca(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
 
     Returns mean (L,), basis (L, rank), variances (rank,) and the isotropic noise variance of
     the remaining directions. With fewer rows than `rank`, unused columns are zero (they then
-    add nothing to the distance).
+    add nothing to the distance). Written here because the distance needs the noise term kept
+    apart from the basis, with a floor, and as buffers: scikit-learn's PCA returns neither.
     """
     if x.ndim != 2 or len(x) < 3:
         raise ValueError(
