@@ -90,6 +90,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    r = sub.add_parser("refit", help="refit stage 2 of RUN_DIR with marked images, as a new run")
+    r.add_argument("run_dir")
+    r.add_argument("--normal", nargs="+", default=[], metavar="FILE",
+                   help="images the detector wrongly flags (false alarms)")
+    r.add_argument("--anomaly", nargs="+", default=[], metavar="TYPE=FILE",
+                   help="anomalies it should catch, each with its type")
+    r.add_argument("--out", required=True, help="folder of the new run")
+    r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
     s = sub.add_parser("score", help="print one anomaly score per image")
     s.add_argument("run_dir")
     s.add_argument("images", nargs="+")
@@ -304,10 +313,36 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refit(args: argparse.Namespace) -> int:
+    from core.data.base import NORMAL
+    from core.refit import mark_file, refit_run
+    from core.runs import read_config
+
+    cfg = read_config(Path(args.run_dir))
+    marks = [mark_file(Path(f), NORMAL, cfg) for f in args.normal]
+    for item in args.anomaly:
+        kind, sep, name = item.partition("=")
+        if not sep or not kind or not name:
+            raise CliError(f"--anomaly {item!r}: expected TYPE=FILE")
+        if kind == NORMAL:
+            raise CliError(f"--anomaly {item!r}: 'normal' is not an anomaly type (use --normal)")
+        marks.append(mark_file(Path(name), kind, cfg))
+    report = refit_run(Path(args.run_dir), marks, Path(args.out), args.device)
+    before, after = report.before, report.after
+    print(f"refitted stage 2 in {report.seconds:.1f} s: {report.n_normal_marks} normal and "
+          f"{report.n_anomaly_marks} anomaly marks; new run {args.out}")
+    print(f"test AUROC {before['auroc']:.4f} -> {after['auroc']:.4f}; false-positive rate at "
+          f"the threshold {before['fpr_at_threshold']:.1%} -> {after['fpr_at_threshold']:.1%}")
+    for kind, value in after["auroc_by_type"].items():
+        print(f"  {kind}: {before['auroc_by_type'][kind]:.4f} -> {value:.4f}")
+    print(f"{len(report.changed)} test images changed verdict")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"datasets": cmd_datasets, "train": cmd_train, "evaluate": cmd_evaluate,
-                "score": cmd_score, "bench": cmd_bench}
+                "score": cmd_score, "bench": cmd_bench, "refit": cmd_refit}
     from core.data.base import DataError
     from core.runs import RunError
     from core.train.trainer import TrainingCancelled

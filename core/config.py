@@ -14,12 +14,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 # The fields each version added, and the values that reproduce a run stored before it.
 ADDED_IN = {
     2: [("model", "local_map", "shared")],
     3: [("train", "shift_fraction", 1.0)],
     4: [("model", "pixel_memory", 0), ("model", "pixel_size", 32)],
+    5: [("lineage", None, {"parent": None, "marks": []})],  # a section: name None
 }
 # Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
@@ -235,6 +236,29 @@ class DataConfig:
             raise ConfigError(f"max_train={self.max_train!r}: expected at least 4 images")
 
 
+MARK_FIELDS = ("source", "sha256", "label")
+
+
+@dataclass
+class LineageConfig:
+    """Where a run comes from: trained from scratch (no parent), or its parent's stage 1 with
+    stage 2 refitted on marked images (core/refit.py). Each mark is a dict of MARK_FIELDS:
+    the image's path, upload name or test-set index, its SHA-256, and "normal" or a type."""
+
+    parent: str | None = None
+    marks: tuple[dict[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        self.marks = tuple(self.marks)
+        for mark in self.marks:
+            if not isinstance(mark, dict) or sorted(mark) != sorted(MARK_FIELDS) or not all(
+                    isinstance(v, str) for v in mark.values()):
+                raise ConfigError(f"lineage.marks: {_short(mark)}: expected an object of "
+                                  f"strings {', '.join(MARK_FIELDS)}")
+        if self.marks and self.parent is None:
+            raise ConfigError("lineage: marks without a parent run")
+
+
 @dataclass
 class RunConfig:
     """Everything a run folder needs to rebuild and re-evaluate its model."""
@@ -244,6 +268,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     preset: str = "quick"
     version: int = CONFIG_VERSION
+    lineage: LineageConfig = field(default_factory=LineageConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -270,7 +295,8 @@ class RunConfig:
         if not isinstance(raw.get("preset", "quick"), str):
             raise ConfigError(f"config: preset={_short(raw['preset'])}: expected a string")
         sections = {}
-        for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+        for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig),
+                           ("lineage", LineageConfig)):
             if not isinstance(raw.get(name), dict):
                 raise ConfigError(f"config: missing or malformed section {name!r}")
             sections[name] = _checked_fields(kind, raw[name], name)
@@ -281,6 +307,7 @@ class RunConfig:
                 data=DataConfig(**sections["data"]),
                 preset=raw.get("preset", "quick"),
                 version=version,
+                lineage=LineageConfig(**sections["lineage"]),
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(f"config: {err}") from None
@@ -293,7 +320,9 @@ def _upgraded(raw: dict) -> dict:
         return raw
     for added in range(version + 1, CONFIG_VERSION + 1):
         for section, name, value in ADDED_IN[added]:
-            if isinstance(raw.get(section), dict):
+            if name is None:  # a whole section
+                raw = {section: value, **raw}
+            elif isinstance(raw.get(section), dict):
                 raw = {**raw, section: {name: value, **raw[section]}}
     return {**raw, "version": CONFIG_VERSION}
 

@@ -1,0 +1,129 @@
+"""core/refit.py and `anomem refit`: marks refit stage 2 as a new run; bad marks write nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.cli import EXIT_BAD_INPUT, main
+from core.config import DataConfig
+from core.data import DataError, load_split
+from core.pipeline import train_run
+from core.refit import REFIT, mark_test_image, mark_upload, refit_run
+from core.runs import CHECKPOINT, CONFIG, RunError, load_run, run_lock
+from tests.app.helpers import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "parent"
+    train_run(tiny_config(), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def split(parent: Path):
+    return load_split(load_run(parent).config.data)
+
+
+def png(path: Path, colour: tuple[int, int, int]) -> Path:
+    Image.new("RGB", (32, 32), colour).save(path)
+    return path
+
+
+def test_refit_saves_a_new_run_and_leaves_the_parent_alone(parent: Path, split, tmp_path: Path):
+    before = snapshot(parent)
+    cfg = load_run(parent).config
+    normals = np.flatnonzero(split.test.labels.numpy() == 0)[:3]
+    marks = [mark_test_image(cfg, split, int(i), "normal") for i in normals]
+    marks.append(mark_upload("odd.png", png(tmp_path / "odd.png", (250, 0, 250)).read_bytes(),
+                             "local", cfg))
+    report = refit_run(parent, marks, tmp_path / "child")
+    assert snapshot(parent) == before  # the parent is never written
+    child = load_run(tmp_path / "child")
+    assert child.config.lineage.parent == "parent"
+    assert [m["source"] for m in child.config.lineage.marks] == [
+        *(f"test:{i}" for i in normals), "odd.png"]
+    assert [m["label"] for m in child.config.lineage.marks] == ["normal"] * 3 + ["local"]
+    assert all(len(m["sha256"]) == 64 for m in child.config.lineage.marks)
+    assert report.n_test == len(split.test) - 3  # the marked test images are left out
+    assert report.n_normal_marks == 3 and report.n_anomaly_marks == 1
+    assert set(report.after["auroc_by_type"]) == set(report.before["auroc_by_type"])
+    saved = json.loads((tmp_path / "child" / REFIT).read_text())
+    assert saved["parent"] == "parent" and saved["before"] == report.before
+    # stage 1 is the parent's, bit for bit; stage 2 was fitted again with a labelled head
+    p_state, c_state = load_run(parent).model.state_dict(), child.model.state_dict()
+    for key in p_state:
+        if key.startswith(("backbone.", "memories.", "heads.")):
+            assert np.array_equal(p_state[key].numpy(), c_state[key].numpy()), key
+    assert bool(child.model.detector.clf_weight.any())
+
+
+def test_bad_marks_are_refused_and_nothing_is_written(parent: Path, split, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]):
+    before = snapshot(parent)
+    out = tmp_path / "child"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    assert main(["refit", str(parent), "--normal", str(bad), "--out", str(out)]) == \
+        EXIT_BAD_INPUT
+    assert "bad.png" in capsys.readouterr().err
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (21 * 2**20))
+    assert main(["refit", str(parent), "--normal", str(big), "--out", str(out)]) == \
+        EXIT_BAD_INPUT
+    assert "over the limit" in capsys.readouterr().err
+    good = png(tmp_path / "good.png", (10, 200, 30))
+    assert main(["refit", str(parent), "--anomaly", str(good), "--out", str(out)]) == \
+        EXIT_BAD_INPUT
+    assert "TYPE=FILE" in capsys.readouterr().err
+
+    other = load_run(parent).config
+    other.data = DataConfig(dataset="digits")  # a mark made on a run of another data set
+    foreign = mark_test_image(other, load_split(other.data), 0, "normal")
+    with pytest.raises(DataError, match="another data set"):
+        refit_run(parent, [foreign], out)
+    with pytest.raises(DataError, match="nothing to refit"):
+        refit_run(parent, [], out)
+    with run_lock(parent), pytest.raises(RunError, match="is training"):
+        refit_run(parent, [mark_test_image(load_run(parent).config, split, 0, "normal")], out)
+    assert not out.exists() and snapshot(parent) == before
+
+
+def test_a_broken_parent_is_refused(parent: Path, split, tmp_path: Path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / CONFIG).write_text((parent / CONFIG).read_text())
+    (broken / CHECKPOINT).write_bytes(b"x")  # a stopped run: no weights yet
+    mark = mark_test_image(load_run(parent).config, split, 0, "normal")
+    with pytest.raises(RunError, match="is stopped"):
+        refit_run(broken, [mark], tmp_path / "child")
+    assert not (tmp_path / "child").exists()
+
+
+def test_the_cli_refits_with_files(parent: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]):
+    normal = png(tmp_path / "n.png", (30, 30, 30))
+    anomaly = png(tmp_path / "a.png", (255, 255, 0))
+    out = tmp_path / "child"
+    assert main(["refit", str(parent), "--normal", str(normal), "--anomaly",
+                 f"object={anomaly}", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "1 normal and 1 anomaly marks" in text and "false-positive rate" in text
+    marks = load_run(out).config.lineage.marks
+    assert [(m["source"], m["label"]) for m in marks] == [(str(normal), "normal"),
+                                                          (str(anomaly), "object")]
+    data = io.BytesIO(normal.read_bytes())
+    assert Image.open(data).size == (32, 32)
