@@ -1,0 +1,43 @@
+"""core/model/pixels.py: the pixel scale's memory is cosine kNN on thumbnails."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from core.model.pixels import PixelMemory
+
+
+def test_distance_is_cosine_knn_on_the_stored_thumbnails() -> None:
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randint(0, 256, (30, 3, 16, 16), dtype=torch.uint8, generator=g)
+    queries = torch.rand(5, 3, 16, 16, generator=g)
+    memory = PixelMemory(channels=3, size=8, capacity=64, k=2)
+    memory.store(normals)
+    assert int(memory.count) == 30 and not memory.bank[30:].any()
+    bank = torch.nn.functional.avg_pool2d(normals.float() / 255, 2).flatten(1).numpy()
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    q = torch.nn.functional.avg_pool2d(queries, 2).flatten(1).numpy()
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    reference = 1 - np.sort(q @ bank.T, axis=1)[:, -2:].mean(1)
+    np.testing.assert_allclose(memory.distance(queries).numpy(), reference, atol=2e-3)  # fp16
+    nearest = PixelMemory(channels=3, size=8, capacity=64, k=1)
+    nearest.store(normals)
+    assert nearest.distance(normals[:3].float() / 255).max() < 1e-3  # its own nearest
+
+
+def test_a_full_memory_keeps_a_random_subset_and_an_empty_one_scores_zero() -> None:
+    images = torch.randint(0, 256, (50, 1, 8, 8), dtype=torch.uint8)
+    memory = PixelMemory(channels=1, size=8, capacity=20)
+    assert bool((memory.distance(images[:4].float() / 255) == 0).all())
+    memory.store(images, torch.Generator().manual_seed(1))
+    assert int(memory.count) == 20
+    rows = memory.thumbnails(images.float() / 255).half()
+    kept = [int(torch.nonzero((rows == r).all(1)).flatten()[0]) for r in memory.bank]
+    assert len(set(kept)) == 20  # twenty different images, not the first twenty
+    assert kept != list(range(20))
+
+
+def test_small_images_are_upsampled_to_the_thumbnail_size() -> None:
+    memory = PixelMemory(channels=3, size=16, capacity=4)
+    assert memory.thumbnails(torch.rand(2, 3, 8, 8)).shape == (2, 3 * 16 * 16)
