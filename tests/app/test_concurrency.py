@@ -61,12 +61,13 @@ def test_app_never_offers_a_live_cli_run_and_deletes_exactly_the_stopped_one(emp
         assert run_state(live) == "training"
 
         at = open_page()
-        assert "Training in another process" in texts(at) and "live" in texts(at)
+        assert "Training in another process (1)" in [e.label for e in at.expander]
+        assert "**live** ·" in texts(at)
         keys = {b.key for b in at.button}
         assert not any(str(live) in k for k in keys), "a live run must offer no button"
         assert {f"train_delete_{old_a}", f"train_delete_{old_b}"} <= keys
 
-        os.utime(old_a / CONFIG)  # the list reorders: old-a is now the newest
+        os.utime(old_a)  # the list reorders: old-a is now newer than old-b
         assert [r.name for r in list_runs(empty_runs)][-1] == "old-b"
         at.button(key=f"train_delete_{old_b}").click().run()
         assert not at.exception and not at.error, [e.value for e in at.error]

@@ -27,8 +27,9 @@ from tests.bad_input.cases import (
 VALID = json.loads(json.dumps(RunConfig(model=TINY).to_dict()))
 OPTIONAL = {("data", "root"): "str", ("data", "normal_class"): "str",
             ("data", "image_size"): "int", ("data", "max_train"): "int",
-            ("train", "max_minutes"): "number"}
-LIST_OF = {("data", "anomaly_classes"): "str"}  # element kind of a list stored empty
+            ("train", "max_minutes"): "number", ("lineage", "parent"): "str"}
+LIST_OF = {("data", "anomaly_classes"): "str",  # element kinds of lists stored empty
+           ("lineage", "marks"): "object"}
 
 
 def field_paths(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
