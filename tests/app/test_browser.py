@@ -38,6 +38,7 @@ SETTLED = """() => {
     return shown
         && !document.querySelector('[data-testid="stStatusWidget"]')
         && !document.querySelector('[data-testid="stSkeleton"]')
+        && !document.querySelector('[data-testid="stSpinner"]')
         && Array.from(document.images).every(i => i.complete);
 }"""
 
