@@ -212,8 +212,9 @@ class TrainingJob:
     def _discard(self) -> None:
         """Delete the folder unless it holds weights or a checkpoint to resume from.
 
-        The job still holds the run's lock here; `delete_run` takes it again and re-checks, so
-        a folder another process holds is never touched.
+        The job still holds the run's lock here and takes it once more to re-check the files
+        (`delete_run` would refuse: the job's own hold counts as a second holder), so a folder
+        another process holds is never touched.
         """
         if self.resume or not self.out.is_dir():
             return  # an existing run: never delete what was there before this job

@@ -140,8 +140,8 @@ def stage1_summary(history: list[dict]) -> dict:
     rows = [r for r in history if r.get("stage", 1) == 1]
     if not rows:
         return {}
-    terms = [k for k in rows[0] if k == "loss" or k in rows[-1] and k in (
-        "memory_contrast", "view_contrast", "align", "variance", "usage", "anomaly")]
+    terms = [k for k in ("loss", "memory_contrast", "view_contrast", "align", "variance",
+                         "usage", "anomaly") if k in rows[0] and k in rows[-1]]
     return {"epochs": len(rows), "planned_steps": rows[-1].get("planned_steps"),
             "first": {k: rows[0][k] for k in terms}, "last": {k: rows[-1][k] for k in terms}}
 

@@ -178,7 +178,8 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
                         "setting": cfg.data.setting, "n_train": len(train), "stage2": report,
                         "refit_seconds": seconds})
         write_json(out / METRICS, metrics)
-        result = _compare(parent.name, before_model, model, split, marks, seconds, device)
+        result = _compare(parent.name, before_model, model, scored.image, split, marks,
+                          seconds, device)
         write_json(out / REFIT, result.as_dict())
     return result
 
@@ -204,8 +205,10 @@ def _views(normals: list[Marked], seed: int, shape: tuple[int, ...]) -> torch.Te
     return torch.cat(views)
 
 
-def _compare(parent: str, before: AnoMem, after: AnoMem, split: Split, marks: list[Marked],
-             seconds: float, device: str) -> RefitReport:
+def _compare(parent: str, before: AnoMem, after: AnoMem, after_scores: np.ndarray, split: Split,
+             marks: list[Marked], seconds: float, device: str) -> RefitReport:
+    """Both models on the test set less the marked images; the new model's scores of the
+    whole test set are given (its evaluation computed them already)."""
     from core.train.scoring import score_images
 
     test = split.test
@@ -218,7 +221,8 @@ def _compare(parent: str, before: AnoMem, after: AnoMem, split: Split, marks: li
     rows = {}
     verdicts = {}
     for name, model in (("before", before), ("after", after)):
-        s = score_images(model, images, device, with_maps=False).image
+        s = after_scores[keep] if model is after else score_images(
+            model, images, device, with_maps=False).image
         m = image_metrics(labels, s, types)
         flagged = s > float(model.detector.threshold)
         rows[name] = {"auroc": m["auroc"], "auroc_by_type": m["auroc_by_type"],
