@@ -179,13 +179,18 @@ class TrainingJob:
         notes = _ThreadNotes(threading.get_ident(), self._note)
         data_log = logging.getLogger("core.data")
         data_log.addHandler(notes)
+        ending: tuple = ("failed", "training failed", "the job ended unexpectedly", None)
         try:
+            # The lock is released before the job reports its end: a page that sees the job
+            # ended must also see the run free to resume or delete.
             with self._held:
-                self._train()
+                ending = self._train()
         finally:
             data_log.removeHandler(notes)
+            self._finish(*ending)
 
-    def _train(self) -> None:
+    def _train(self) -> tuple[str, str, str | None, dict | None]:
+        """Train, and say how the job ended: (status, message, error, metrics)."""
         try:
             if self.resume:
                 metrics = self._train_fn(self.out, progress=self._on_progress,
@@ -196,18 +201,16 @@ class TrainingJob:
         except TrainingCancelled:
             self._discard()
             if (self.out / CHECKPOINT).is_file():
-                self._finish("stopped", "training stopped: resumable")
-            else:
-                self._finish("cancelled", "training cancelled")
+                return "stopped", "training stopped: resumable", None, None
+            return "cancelled", "training cancelled", None, None
         except EXPECTED_ERRORS as err:
             self._discard()
-            self._finish("failed", "training failed", error=str(err))
+            return "failed", "training failed", str(err), None
         except Exception as err:  # a bug must still end as a message on the page
             LOG.exception("training job %s failed", self.out.name)
             self._discard()
-            self._finish("failed", "training failed", error=f"{type(err).__name__}: {err}")
-        else:
-            self._finish("done", "training finished", metrics=metrics)
+            return "failed", "training failed", f"{type(err).__name__}: {err}", None
+        return "done", "training finished", None, metrics
 
     def _discard(self) -> None:
         """Delete the folder unless it holds weights or a checkpoint to resume from.

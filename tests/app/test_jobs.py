@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from app import jobs
 from core.config import ConfigError, DataConfig, preset
 from core.data.base import DataError
-from core.runs import WEIGHTS
+from core.runs import WEIGHTS, is_locked, run_lock
 from core.train.trainer import Progress, TrainingCancelled
 
 
@@ -139,3 +140,22 @@ def test_data_warnings_of_the_job_reach_its_snapshot(tmp_path: Path):
     assert job.wait(10)
     notes = job.snapshot().notes
     assert len(notes) == 1 and "broken.png" in notes[0] and "'/data'" in notes[0]
+
+
+def test_a_job_seen_ended_has_released_its_run(tmp_path: Path):
+    """The page offers Resume/Delete once the job has ended: by then the lock must be free."""
+    out = tmp_path / "r"
+    out.mkdir()
+    held = ExitStack()
+    held.enter_context(run_lock(out))
+    released_late = threading.Event()
+    held.callback(released_late.wait, 0.5)  # runs before the lock is released: a slow release
+
+    def fake_train(cfg, out, progress, should_stop):
+        return {}
+
+    job = jobs.TrainingJob(jobs.make_config(), out, fake_train, held=held).start()
+    while job.running:
+        threading.Event().wait(0.005)
+    assert not is_locked(out)
+    assert job.wait(10)
