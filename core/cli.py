@@ -13,7 +13,15 @@ import sys
 import warnings
 from pathlib import Path
 
-from core.config import PRESETS, SETTINGS, ConfigError, DataConfig, RunConfig, preset
+from core.config import (
+    PRESETS,
+    SETTINGS,
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    preset,
+    with_overrides,
+)
 
 EXIT_BAD_INPUT = 2
 # core.bench.run's, kept apart so that `anomem --help` stays light
@@ -56,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--shift-fraction", type=float,
                    help="share of a batch's normals that get a shifted copy (default 1; "
                         "lower is a cheaper step)")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any other setting of the config, e.g. model.rotation=true "
+                        "(repeatable)")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", help="run folder to create (must not hold a run)")
@@ -87,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="general suite: normal classes per class-folder data set (default 3)")
     b.add_argument("--no-deep-peer", action="store_true",
                    help="leave out Deep SVDD / Deep SAD (each takes the whole budget per cell)")
+    b.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="a setting for every AnoMem run, e.g. model.rotation=true (repeatable; "
+                        "results are keyed without it: give a variant its own --out)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
@@ -137,7 +151,7 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg.train.max_minutes = args.max_minutes
     if args.shift_fraction is not None:
         cfg.train.shift_fraction = args.shift_fraction
-    return cfg.checked()
+    return with_overrides(cfg, args.set)
 
 
 class StopOnSignal:
@@ -264,7 +278,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         classes=tuple(c for c in args.classes.split(",") if c),
         unbalanced_class=args.unbalanced_class, anomaly_class=args.anomaly_class,
         ratios=ratios, per_set=args.per_set, deep_peer=not args.no_deep_peer, seed=args.seed,
-        device=args.device)
+        device=args.device, overrides=tuple(args.set))
+    with_overrides(preset("quick"), opts.overrides)  # a bad setting fails now, not per cell
     if args.per_set < 1:
         raise CliError(f"--per-set {args.per_set}: expected at least 1 class")
 

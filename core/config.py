@@ -8,19 +8,21 @@ guess about the architecture. Presets are plain functions returning these datacl
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 # The fields each version added, and the values that reproduce a run stored before it.
 ADDED_IN = {
     2: [("model", "local_map", "shared")],
     3: [("train", "shift_fraction", 1.0)],
     4: [("model", "pixel_memory", 0), ("model", "pixel_size", 32)],
     5: [("lineage", None, {"parent": None, "marks": []})],  # a section: name None
+    6: [("model", "rotation", False), ("train", "w_rotation", 1.0)],
 }
 # Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
@@ -60,6 +62,9 @@ class ModelConfig:
     # image's term being its cosine distance to the nearest of them (0: no pixel scale)
     pixel_memory: int = 4096
     pixel_size: int = 32
+    # A 4-way rotation head on the deepest stage (RotNet / GEOM): trained in stage 1, and how
+    # badly it recognises an image's rotations is one more term of the detector
+    rotation: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, list | tuple) or not all(
@@ -152,6 +157,7 @@ class TrainConfig:
     w_variance: float = 1.0  # keeps prototypes spread out
     w_usage: float = 0.1  # keeps every prototype read
     w_anomaly: float = 1.0  # pushes labelled anomalies away from their read-out
+    w_rotation: float = 1.0  # cross-entropy of the rotation head (when ModelConfig.rotation)
     anomaly_margin: float = 0.0
     # Distribution-shifted copies of each batch (CSI) as extra contrastive negatives, any of
     # SHIFTS (core/train/shifts.py); empty to turn off. The presets add the local defects
@@ -194,6 +200,8 @@ class TrainConfig:
             raise ConfigError("lr and temperature must be positive")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay={self.weight_decay}: expected >= 0")
+        if self.w_rotation < 0:
+            raise ConfigError(f"w_rotation={self.w_rotation}: expected >= 0")
         if self.combine not in COMBINE:
             raise ConfigError(f"combine={self.combine!r}: expected one of {', '.join(COMBINE)}")
         if not 0 < self.stage1_share <= 1:
@@ -311,6 +319,42 @@ class RunConfig:
             )
         except (TypeError, ValueError) as err:
             raise ConfigError(f"config: {err}") from None
+
+
+def with_overrides(cfg: RunConfig, settings: list[str] | tuple[str, ...]) -> RunConfig:
+    """`cfg` with "section.field=value" settings applied (the value read as JSON, else as a
+    string: "model.rotation=true", "train.lr=1e-3", "train.augment.flip=false"), every check
+    run again."""
+    raw = cfg.to_dict()
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        *path, name = key.strip().split(".")
+        if not sep or not path:
+            raise ConfigError(f"setting {setting!r}: expected SECTION.FIELD=VALUE, "
+                              "e.g. model.rotation=true")
+        section: Any = raw
+        for part in path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not isinstance(section, dict) or name not in section or isinstance(section[name],
+                                                                              dict):
+            raise ConfigError(f"setting {setting!r}: no field {key.strip()!r}; expected one "
+                              f"of {', '.join(_field_paths(raw))}")
+        try:
+            section[name] = json.loads(text)
+        except json.JSONDecodeError:
+            section[name] = text
+    return RunConfig.from_dict(raw)
+
+
+def _field_paths(raw: dict, prefix: str = "") -> list[str]:
+    """ "model.image_size", ..., "train.augment.flip", ...: every settable field of a config."""
+    paths = []
+    for name, value in raw.items():
+        if isinstance(value, dict):
+            paths += _field_paths(value, f"{prefix}{name}.")
+        elif prefix:
+            paths.append(f"{prefix}{name}")
+    return paths
 
 
 def _upgraded(raw: dict) -> dict:

@@ -36,7 +36,7 @@ import torch
 
 from core.bench.ablations import deviation_norm_scores, encoder_knn_scores
 from core.bench.peers import DeepSVDD, Peer, make_peers
-from core.config import DataConfig, RunConfig, preset
+from core.config import DataConfig, RunConfig, preset, with_overrides
 from core.data import DataError, Split, list_classes, load_split
 from core.files import write_atomic
 from core.metrics import image_metrics
@@ -128,6 +128,7 @@ class BenchOptions:
     deep_peer: bool = True  # run Deep SVDD / Deep SAD (it takes the whole budget per cell)
     seed: int = 0
     device: str = "auto"
+    overrides: tuple[str, ...] = ()  # "section.field=value" settings of every AnoMem run
 
 
 @dataclass
@@ -296,7 +297,7 @@ def anomem_config(cell: Cell, opts: BenchOptions) -> RunConfig:
     cfg.train.epochs = UNBOUNDED_EPOCHS
     cfg.train.max_minutes = opts.minutes
     cfg.train.seed, cfg.train.device = opts.seed, opts.device
-    return cfg.checked()
+    return with_overrides(cfg, opts.overrides)
 
 
 def _metrics_row(cell: Cell, method: str, kind: str, labels: np.ndarray, scores: np.ndarray,

@@ -47,9 +47,13 @@ class AnoMem(nn.Module):
         # The pixel scale: a memory of normal thumbnails, filled by stage 2 (not learnt)
         self.pixels = (PixelMemory(cfg.in_channels, cfg.pixel_size, cfg.pixel_memory)
                        if cfg.pixel_memory else None)
+        # Which of four rotations an image shows, read from its deepest stage, pooled
+        self.deepest = f"layer{self.backbone.last}"
+        self.rotation = nn.Linear(channels[self.deepest], 4) if cfg.rotation else None
         self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank,
                                         cfg.local_weight, cfg.layout_source, positions,
-                                        pixel=self.pixels is not None)
+                                        pixel=self.pixels is not None,
+                                        rotation=self.rotation is not None)
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -68,14 +72,40 @@ class AnoMem(nn.Module):
         features = self.backbone(images)
         return {s: self.memories[s](features[s]) for s in self.scales}
 
-    def pixel_distance(self, images: torch.Tensor) -> torch.Tensor | None:
-        """(B,) the pixel scale's distances of images in [0, 1]; None without a pixel scale."""
-        return None if self.pixels is None else self.pixels.distance(images)
+    def read(self, images: torch.Tensor) -> tuple[dict[str, MemoryRead], torch.Tensor | None]:
+        """The memory reads of every scale and the raw image-level terms (B, E) the detector
+        adds to them: the pixel distance, then the rotation loss (None when it has neither).
+        The backbone runs once for the reads and the upright rotation."""
+        features = self.backbone(images)
+        reads = {s: self.memories[s](features[s]) for s in self.scales}
+        extra = []
+        if self.pixels is not None:
+            extra.append(self.pixels.distance(images))
+        if self.rotation is not None:
+            extra.append(self.rotation_loss(images, features))
+        return reads, torch.stack(extra, dim=1) if extra else None
+
+    def rotation_logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, 4) logits of the rotation head on the deepest stage's pooled features."""
+        assert self.rotation is not None, "this model has no rotation head"
+        return self.rotation(features[self.deepest].mean(dim=(2, 3)))
+
+    def rotation_loss(self, images: torch.Tensor,
+                      upright: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """(B,) the head's cross-entropy over an image's four rotations, averaged: low where the
+        image looks like the normal data's upright content (GEOM's score, Golan & El-Yaniv
+        2018). `upright`: the backbone's features of `images`, to save one pass."""
+        total = torch.zeros(len(images), device=images.device)
+        for k in range(4):
+            features = upright if k == 0 and upright is not None else \
+                self.backbone(torch.rot90(images, k, dims=(2, 3)))
+            total = total - F.log_softmax(self.rotation_logits(features).float(), dim=1)[:, k]
+        return total / 4
 
     def score(self, images: torch.Tensor) -> Scores:
         """Anomaly scores and maps of a batch; needs a fitted detector (stage 2)."""
-        return self.detector(self.forward(images), images.shape[-2:],
-                             self.pixel_distance(images))
+        reads, extra = self.read(images)
+        return self.detector(reads, images.shape[-2:], extra)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -43,6 +43,7 @@ from core.model.memory import MemoryRead
 TERMS = ("local", "layout")  # per scale: top-k deviation distances, coarse-map distance
 N_SCORES = len(TERMS)
 PIXEL_TERM = "pixels/knn"  # the pixel scale's one term (core/model/pixels.py), when present
+ROTATION_TERM = "rotation/loss"  # the rotation head's loss over an image's rotations, when present
 
 
 class Scores(NamedTuple):
@@ -204,18 +205,21 @@ class ScaleDetector(nn.Module):
 class AnomalyDetector(nn.Module):
     """Per-scale detectors, their combination, an optional classifier, the thresholds.
 
-    With `pixel`, the pixel scale's distance (core/model/pixels.py) is one more standardised
-    term, the last column of `features`.
+    Image-level terms follow the per-scale ones as the last columns of `features`: with
+    `pixel`, the pixel scale's distance (core/model/pixels.py); with `rotation`, the rotation
+    head's loss (`AnoMem.rotation_loss`). Each is standardised on its own and weighs like a
+    scale.
     """
 
     def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int,
                  local_weight: float = 0.0, layout_source: str = "query",
-                 positions: dict[str, int] | None = None, pixel: bool = False) -> None:
+                 positions: dict[str, int] | None = None, pixel: bool = False,
+                 rotation: bool = False) -> None:
         super().__init__()
         self.scales = tuple(grids)
         self.layout_source = layout_source
         self.local_weight = local_weight
-        self.pixel = pixel
+        self.pixel, self.rotation = pixel, rotation
         positions = positions or {}
         self.per_scale = nn.ModuleDict({
             s: ScaleDetector(dim, topk_ratio, g, rank, positions.get(s, 0))
@@ -223,6 +227,9 @@ class AnomalyDetector(nn.Module):
         if pixel:  # the pixel term's normal distance, for its standardisation
             self.register_buffer("pixel_loc", torch.zeros(()))
             self.register_buffer("pixel_scale", torch.ones(()))
+        if rotation:
+            self.register_buffer("rotation_loc", torch.zeros(()))
+            self.register_buffer("rotation_scale", torch.ones(()))
         self.register_buffer("weights", self.fixed_weights())
         # Logistic head over [standardised scores, pooled deviations]; zero = one-class.
         n = self.n_terms
@@ -234,28 +241,45 @@ class AnomalyDetector(nn.Module):
 
     @property
     def term_names(self) -> list[str]:
-        """Names of the columns of `features`: "layer2/local", ..., then the pixel term."""
-        return [f"{s}/{t}" for s in self.scales for t in TERMS] + (
-            [PIXEL_TERM] if self.pixel else [])
+        """Names of the columns of `features`: "layer2/local", ..., then the image-level terms."""
+        return [f"{s}/{t}" for s in self.scales for t in TERMS] + self.extra_terms
+
+    @property
+    def extra_terms(self) -> list[str]:
+        """The image-level terms, in the order of `AnoMem.read`'s extra columns."""
+        return [PIXEL_TERM] * self.pixel + [ROTATION_TERM] * self.rotation
 
     @property
     def n_terms(self) -> int:
-        return N_SCORES * len(self.scales) + int(self.pixel)
+        return N_SCORES * len(self.scales) + len(self.extra_terms)
+
+    @property
+    def units(self) -> int:
+        """What the fixed weights share equally: the scales and each image-level term."""
+        return len(self.scales) + len(self.extra_terms)
 
     def fixed_weights(self) -> torch.Tensor:
-        """`local_weight` within a scale, then every scale (the pixel one too) weighs equally."""
-        units = len(self.scales) + int(self.pixel)
+        """`local_weight` within a scale, then every scale and image-level term equally."""
         term = torch.tensor([self.local_weight, 1.0 - self.local_weight])
-        w = term.repeat(len(self.scales))
-        if self.pixel:
-            w = torch.cat([w, torch.ones(1)])
-        return w / units
+        w = torch.cat([term.repeat(len(self.scales)), torch.ones(len(self.extra_terms))])
+        return w / self.units
 
-    def features(self, reads: dict[str, MemoryRead], pixel: torch.Tensor | None = None
+    def standardise_extra(self, extra: torch.Tensor) -> torch.Tensor:
+        """Raw image-level terms (B, E) -> standardised on normal images."""
+        return (extra - torch.stack(self.extra_buffers("loc"))) / torch.stack(
+            self.extra_buffers("scale"))
+
+    def extra_buffers(self, kind: str) -> list[torch.Tensor]:
+        """The image-level terms' "loc" or "scale" buffers, in column order."""
+        names = ["pixel"] * self.pixel + ["rotation"] * self.rotation
+        return [getattr(self, f"{name}_{kind}") for name in names]
+
+    def features(self, reads: dict[str, MemoryRead], extra: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Standardised term scores (B, n_terms) and raw distance maps {scale: (B, h, w)}.
 
-        `pixel`: the pixel scale's raw distances (B,), needed when the detector has that term.
+        `extra`: the raw image-level terms (B, E) of `AnoMem.read`, needed when the detector
+        has any.
         """
         z, maps = [], {}
         for s in self.scales:
@@ -263,10 +287,11 @@ class AnomalyDetector(nn.Module):
             dist = det.distance_map(reads[s].deviation)
             z.append(det.standardise(det.raw_scores(self.layout_input(reads[s]), dist)))
             maps[s] = dist
-        if self.pixel:
-            if pixel is None:
-                raise ValueError("this detector has a pixel term: pass the pixel distances")
-            z.append(((pixel - self.pixel_loc) / self.pixel_scale)[:, None])
+        if self.extra_terms:
+            if extra is None or extra.shape[1:] != (len(self.extra_terms),):
+                raise ValueError(f"this detector has the terms {self.extra_terms}: pass their "
+                                 "raw values (B, E) from AnoMem.read")
+            z.append(self.standardise_extra(extra))
         return torch.cat(z, dim=1), maps
 
     def layout_input(self, read: MemoryRead) -> torch.Tensor:
@@ -278,17 +303,16 @@ class AnomalyDetector(nn.Module):
         return torch.cat([z, *pooled], dim=1)
 
     def forward(self, reads: dict[str, MemoryRead], out_size: tuple[int, int],
-                pixel: torch.Tensor | None = None) -> Scores:
-        z, dist_maps = self.features(reads, pixel)
+                extra: torch.Tensor | None = None) -> Scores:
+        z, dist_maps = self.features(reads, extra)
         image = z @ self.weights
         if bool(self.clf_weight.any()):
             # Labels may only add evidence: the head raises what resembles a labelled anomaly
             # and never lowers an image the one-class score finds strange.
             image = image + F.softplus(self.classifier_input(z, reads) @ self.clf_weight
                                        + self.clf_bias)
-        units = len(self.scales) + int(self.pixel)
         per_scale = {s: z[:, N_SCORES * i:N_SCORES * (i + 1)] @ self.weights[
-                         N_SCORES * i:N_SCORES * (i + 1)] * units
+                         N_SCORES * i:N_SCORES * (i + 1)] * self.units
                      for i, s in enumerate(self.scales)}
         maps = {}
         for s in self.scales:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.config import TrainConfig
@@ -47,24 +48,47 @@ class ContrastStep(nn.Module):
     """Stage 1's forward pass: two views of a batch in, the loss out.
 
     A module of its own so that `DistributedDataParallel` can wrap the whole computation
-    (encoder, memories and projection heads) and average every gradient across ranks.
+    (encoder, memories, projection heads, rotation head) and average every gradient across
+    ranks.
     """
 
-    def __init__(self, model: AnoMem, loss_fn: MemoryContrastLoss) -> None:
+    def __init__(self, model: AnoMem, loss_fn: MemoryContrastLoss, w_rotation: float = 1.0
+                 ) -> None:
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn, self.w_rotation = model, loss_fn, w_rotation
 
-    def forward(self, views: torch.Tensor, is_anomaly: torch.Tensor, is_shifted: torch.Tensor
+    def forward(self, views: torch.Tensor, is_anomaly: torch.Tensor, is_shifted: torch.Tensor,
+                rotated: torch.Tensor | None = None, turns: torch.Tensor | None = None
                 ) -> tuple[LossTerms, dict[str, torch.Tensor]]:
-        """views (2B, C, H, W): view a of B images, then view b -> loss, view a's attention."""
-        model, b = self.model, len(is_anomaly)
-        reads = model(views)
+        """views (2B, C, H, W): view a of B images, then view b -> loss, view a's attention.
+
+        `rotated` (R, C, H, W), images turned by `turns` (R,) quarter turns, teach the rotation
+        head; they share the backbone pass (and its batch statistics) with the views.
+        """
+        model, b, n = self.model, len(is_anomaly), len(views)
+        features = model.backbone(views if rotated is None else torch.cat([views, rotated]))
+        reads = {s: model.memories[s](features[s][:n]) for s in model.scales}
         reads_a = {s: type(r)(*(t[:b] for t in r)) for s, r in reads.items()}
         reads_b = {s: type(r)(*(t[b:] for t in r)) for s, r in reads.items()}
         out = self.loss_fn(reads_a, reads_b, model.heads,
                            {s: model.memories[s].prototypes for s in model.scales}, is_anomaly,
                            is_shifted)
+        if rotated is not None:
+            logits = model.rotation_logits({model.deepest: features[model.deepest][n:]})
+            term = self.w_rotation * F.cross_entropy(logits.float(), turns)
+            out = LossTerms(out.total + term, {**out.terms, "rotation": term})
         return out, {s: r.attention for s, r in reads_a.items()}
+
+
+def quarter_turns(images: torch.Tensor, g: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (square) image turned by a random number of quarter turns -> (images, turns)."""
+    turns = torch.randint(4, (len(images),), generator=g).to(images.device)
+    out = images.clone()
+    for k in (1, 2, 3):
+        pick = turns == k
+        out[pick] = torch.rot90(images[pick], k, dims=(2, 3))
+    return out, turns
 
 
 def make_batch(normals: torch.Tensor, anomalies: torch.Tensor, n_anom: int,
@@ -138,7 +162,7 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
     """
     dist = dist or Dist()
     model.train()
-    step_fn: nn.Module = ContrastStep(model, MemoryContrastLoss(tc))
+    step_fn: nn.Module = ContrastStep(model, MemoryContrastLoss(tc), tc.w_rotation)
     if dist.enabled:
         step_fn = nn.parallel.DistributedDataParallel(
             step_fn, device_ids=[device.index] if device.type == "cuda" else None)
@@ -184,12 +208,16 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
         stop = out_of_time = False
         while state.index < steps_per_epoch:
             i = state.index
-            batch, is_anom, is_shift = make_batch(normals[perm[i * bs:(i + 1) * bs]],
-                                                  anomalies, n_anom, tc.shift_negatives, g,
-                                                  tc.shift_fraction)
+            chosen = normals[perm[i * bs:(i + 1) * bs]]
+            batch, is_anom, is_shift = make_batch(chosen, anomalies, n_anom,
+                                                  tc.shift_negatives, g, tc.shift_fraction)
             views = torch.cat([augment(batch, tc.augment, g), augment(batch, tc.augment, g)])
+            rotated = turns = None
+            if model.rotation is not None:  # view a of the batch's normals (its first rows)
+                rotated, turns = quarter_turns(views[:len(chosen)], g)
+                rotated = rotated.contiguous(memory_format=torch.channels_last)
             views = views.contiguous(memory_format=torch.channels_last)
-            out, attention = step_fn(views, is_anom, is_shift)
+            out, attention = step_fn(views, is_anom, is_shift, rotated, turns)
 
             state.elapsed_s = elapsed0 + time.perf_counter() - session
             lr = plan.lr(state.step, state.elapsed_s)

@@ -45,7 +45,8 @@ CHECK_TOLERANCE = 0.02
 def reads_of(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 256,
              dist: Dist | None = None
              ) -> Iterator[tuple[int, dict[str, MemoryRead], torch.Tensor | None]]:
-    """Yields (start index, {scale: MemoryRead}, pixel distances or None) batch by batch.
+    """Yields (start index, {scale: MemoryRead}, raw image-level terms (B, E) or None) batch
+    by batch (see `AnoMem.read`).
 
     Under torchrun each rank reads only its shard of `images`.
     """
@@ -54,7 +55,7 @@ def reads_of(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int 
         images = dist.shard(images)
     for i in range(0, len(images), bs):
         x = to_float(images[i:i + bs].to(device))
-        yield i, model(x), model.pixel_distance(x)
+        yield i, *model.read(x)
 
 
 @torch.no_grad()
@@ -142,15 +143,15 @@ def _standardise(model: AnoMem, calibration: torch.Tensor, device: torch.device,
     det = model.detector
     raw: dict[str, list] = {s: [] for s in model.scales}
     dist_stats: dict[str, list] = {s: [] for s in model.scales}
-    pixel: list[torch.Tensor] = []
-    for _, reads, px in reads_of(model, calibration, device, dist=dist):
+    extras: list[torch.Tensor] = []
+    for _, reads, extra in reads_of(model, calibration, device, dist=dist):
         for s, r in reads.items():
             sd = det.per_scale[s]
             dmap = sd.distance_map(r.deviation)
             raw[s].append(sd.raw_scores(det.layout_input(r), dmap).cpu())
             dist_stats[s].append(dmap.flatten().cpu())
-        if px is not None:
-            pixel.append(px.cpu())
+        if extra is not None:
+            extras.append(extra.cpu())
     for s in model.scales:
         sd = det.per_scale[s]
         r = dist.gather(torch.cat(raw[s]))
@@ -159,18 +160,20 @@ def _standardise(model: AnoMem, calibration: torch.Tensor, device: torch.device,
         d = dist.gather(torch.cat(dist_stats[s]))
         sd.map_loc.copy_(d.mean())
         sd.map_scale.copy_(d.std().clamp_min(1e-6))
-    if det.pixel:
-        p = dist.gather(torch.cat(pixel))
-        det.pixel_loc.copy_(p.mean())
-        det.pixel_scale.copy_(p.std().clamp_min(1e-6))
+    if det.extra_terms:
+        e = dist.gather(torch.cat(extras))
+        for j, (loc, scale) in enumerate(zip(det.extra_buffers("loc"),
+                                             det.extra_buffers("scale"), strict=True)):
+            loc.copy_(e[:, j].mean())
+            scale.copy_(e[:, j].std().clamp_min(1e-6))
 
 
 def standardised_terms(model: AnoMem, images: torch.Tensor, device: torch.device,
                        dist: Dist | None = None) -> torch.Tensor:
     """(N, n_terms) standardised term scores of uint8 images (every rank's shard, gathered)."""
     dist = dist or Dist()
-    parts = [model.detector.features(reads, px)[0].cpu()
-             for _, reads, px in reads_of(model, images, device, dist=dist)]
+    parts = [model.detector.features(reads, extra)[0].cpu()
+             for _, reads, extra in reads_of(model, images, device, dist=dist)]
     return dist.gather(torch.cat(parts))
 
 
@@ -274,8 +277,8 @@ def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tenso
     feats, offsets = [], []
     for images in (normals, anomalies):
         parts, base = [], []
-        for _, reads, px in reads_of(model, images, device, dist=dist):
-            z, _ = det.features(reads, px)
+        for _, reads, extra in reads_of(model, images, device, dist=dist):
+            z, _ = det.features(reads, extra)
             parts.append(det.classifier_input(z, reads).cpu())
             base.append((z @ det.weights).cpu())
         feats.append(dist.gather(torch.cat(parts)))

@@ -97,6 +97,8 @@ def test_out_pointing_at_an_existing_run(saved_run: Path,
     (["--image-size", "4"], "image_size"),
     (["--anomaly-ratio", "0"], "anomaly_ratio"),
     (["--shift-fraction", "0"], "shift_fraction"),
+    (["--set", "model.rotaton=true"], "no field 'model.rotaton'"),
+    (["--set", "train.w_rotation=-1"], "w_rotation"),
 ])
 def test_out_of_range_options(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               args: list[str], needle: str) -> None:

@@ -19,6 +19,7 @@ from core.config import (
     RunConfig,
     TrainConfig,
     preset,
+    with_overrides,
 )
 from core.model.anomem import AnoMem
 
@@ -285,3 +286,33 @@ def test_presets_fit_one_gaussian_per_position_on_aligned_data_only() -> None:
         assert preset("quick", DataConfig(dataset=dataset)).model.local_map == "shared"
     with pytest.raises(ConfigError, match="local_map='pixel'"):
         ModelConfig(local_map="pixel")
+
+
+def test_a_version_5_config_has_no_rotation_head() -> None:
+    old = RunConfig().to_dict()
+    del old["model"]["rotation"], old["train"]["w_rotation"]
+    old["version"] = 5
+    cfg = RunConfig.from_dict(old)
+    assert (cfg.model.rotation, cfg.train.w_rotation, cfg.version) == (False, 1.0, CONFIG_VERSION)
+
+
+def test_overrides_set_any_field_and_run_the_checks_again() -> None:
+    cfg = with_overrides(RunConfig(), ["model.rotation=true", "train.lr=0.01",
+                                       "data.normal_class=cat", "train.augment.flip=false"])
+    assert (cfg.model.rotation, cfg.train.lr, cfg.data.normal_class) == (True, 0.01, "cat")
+    assert cfg.train.augment.flip is False
+    assert RunConfig().model.rotation is False  # the input is left as it was
+
+
+@pytest.mark.parametrize(("setting", "match"), [
+    ("model.rotation", "SECTION.FIELD=VALUE"),
+    ("rotation=true", "SECTION.FIELD=VALUE"),
+    ("model.rotaton=true", "no field 'model.rotaton'.*model.rotation"),
+    ("train.augment=1", "no field.*train.augment.flip"),  # a section, not a field
+    ("version=3", "SECTION.FIELD=VALUE"),
+    ("train.lr=-1", "lr"),
+    ("model.rotation=yes", "model.rotation='yes': expected true or false"),
+])
+def test_bad_overrides_name_the_setting(setting: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        with_overrides(RunConfig(), [setting])

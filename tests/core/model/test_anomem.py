@@ -62,7 +62,7 @@ def test_score_is_the_detector_on_the_reads_of_forward(tiny_cfg: ModelConfig) ->
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         reads = model(images)
-        expected = model.detector(reads, (32, 32), model.pixels.distance(images))
+        expected = model.detector(reads, (32, 32), model.pixels.distance(images)[:, None])
         scores = model.score(images)
     torch.testing.assert_close(scores.image, expected.image)
     torch.testing.assert_close(scores.pixel_map, expected.pixel_map)
@@ -165,3 +165,34 @@ def test_model_sources_do_not_import_the_trainer() -> None:
     for file in (REPO / "core" / "model").glob("*.py"):
         text = file.read_text()
         assert "core.train" not in text and "from core import train" not in text, file.name
+
+
+def test_the_rotation_term_is_the_heads_loss_over_four_quarter_turns(
+        make_model_config: Callable[..., ModelConfig]) -> None:
+    torch.manual_seed(2)
+    model = AnoMem(make_model_config(rotation=True, pixel_memory=0)).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        reads, extra = model.read(images)
+        expected = torch.zeros(3)
+        for k in range(4):
+            logits = model.rotation_logits(model.backbone(torch.rot90(images, k, dims=(2, 3))))
+            expected -= torch.log_softmax(logits, dim=1)[:, k] / 4
+        for s, r in model(images).items():  # the reads are those of forward
+            torch.testing.assert_close(reads[s].deviation, r.deviation)
+    assert model.detector.term_names[-1] == "rotation/loss"
+    torch.testing.assert_close(extra, expected[:, None])
+    torch.testing.assert_close(model.rotation_loss(images), expected)
+
+
+def test_image_level_terms_weigh_like_a_scale(
+        make_model_config: Callable[..., ModelConfig]) -> None:
+    model = AnoMem(make_model_config(rotation=True, pixel_memory=64))
+    det = model.detector
+    assert det.extra_terms == ["pixels/knn", "rotation/loss"]
+    w = det.fixed_weights()
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[-1] == w[-2] == w[1]  # each as much as a scale's layout term (local weight 0)
+    reads, extra = model.eval().read(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="rotation/loss"):
+        det.features(reads, extra[:, :1])  # one column short

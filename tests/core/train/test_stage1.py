@@ -78,3 +78,29 @@ def test_a_slow_start_does_not_shrink_a_timed_run() -> None:
     assert plan.planned == pytest.approx(73, abs=2)
     assert max(lrs) > 0.95  # the warm-up completes: the run reaches its peak learning rate
     assert lrs[-1] < 0.01  # and ends on a low one as the time runs out
+
+
+def test_quarter_turns_turn_each_image_by_its_own_count() -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=g)
+    turned, turns = stage1.quarter_turns(images, g)
+    assert set(turns.tolist()) == {0, 1, 2, 3}
+    for out, original, k in zip(turned, images, turns.tolist(), strict=True):
+        assert torch.equal(out, torch.rot90(original, k, dims=(1, 2)))
+
+
+def test_stage1_teaches_the_rotation_head_on_turned_normals(
+        make_model_config: Callable[..., ModelConfig]) -> None:
+    torch.manual_seed(0)
+    model = AnoMem(make_model_config(image_size=16, scales=("layer3",), rotation=True))
+    before = model.rotation.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
+    tc = TrainConfig(epochs=2, batch_size=8, w_rotation=0.5)
+    history, _ = stage1.train_stage1(model, normals, normals[:0], tc, torch.device("cpu"))
+    assert not torch.equal(model.rotation.weight, before)
+    # the term is the weighted cross-entropy of four classes: near 0.5 * log 4 untrained
+    assert all(0 < row["rotation"] < 0.5 * 2 * math.log(4) for row in history)
+    total = sum(v for k, v in history[0].items() if k in (
+        "memory_contrast", "view_contrast", "align", "variance", "usage", "anomaly", "rotation"))
+    assert history[0]["loss"] == pytest.approx(total, rel=1e-5)
