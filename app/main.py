@@ -19,7 +19,6 @@ from app import state, widgets  # noqa: E402
 
 st.set_page_config(page_title="AnoMem Explorer", page_icon=":material/memory:", layout="wide")
 state.init_session()
-widgets.run_picker()
 
 pages = [
     st.Page("views/train.py", title="Train", icon=":material/model_training:",
@@ -34,5 +33,8 @@ pages = [
             url_path="compare"),
     st.Page("views/score.py", title="Score images", icon=":material/upload:",
             url_path="score"),
+    st.Page("views/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
 ]
-st.navigation(pages).run()
+page = st.navigation(pages)
+widgets.run_picker()  # after the pages are known: its link to Teach needs them
+page.run()

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
+
 import numpy as np
 import streamlit as st
 import torch
 
 from app import state
 from core import explore
-from core.data import DataError, Split, imageio
+from core.data import NORMAL, DataError, Split, imageio
+from core.refit import Marked, mark_upload
 from core.runs import STOPPED, TRAINING, Run, RunError, RunSummary
 
 TRAIN_PAGE = "views/train.py"
+TEACH_PAGE = "views/teach.py"
+NEW_TYPE = "another type…"  # the mark menu's entry that asks for a type name
+MARK_FLASH = "mark_flash"  # session key: (controls key, message) of the mark just made
 THUMB = 96  # displayed size of a sample thumbnail, pixels
 MAP_TILE = 160  # displayed size of an overlay
 
@@ -112,6 +119,10 @@ def show_upload(run: Run, name: str, data: bytes) -> bool:
         overlays(run, image, report, alpha=0.5)
         with st.expander("Nearest prototypes", expanded=False):
             nearest_prototypes(run, report)
+        digest = hashlib.sha256(data).hexdigest()[:12]
+        mark_controls(run, f"score_mark_{digest}",
+                      lambda label: [mark_upload(name, data, label, run.config)], [],
+                      what=name)
     return True
 
 
@@ -136,6 +147,9 @@ def run_picker() -> list[RunSummary]:
             st.session_state.announced_jobs.append(str(snap.path))
             if str(snap.path) in labels:
                 st.session_state[state.RUN_KEY] = str(snap.path)
+    chosen_next = st.session_state.pop(state.SELECT_NEXT, None)
+    if chosen_next in labels:
+        st.session_state[state.RUN_KEY] = chosen_next
     if st.session_state.get(state.RUN_KEY) not in labels:
         st.session_state[state.RUN_KEY] = next(iter(labels), None)
     with st.sidebar:
@@ -153,5 +167,47 @@ def run_picker() -> list[RunSummary]:
             with st.expander(f"{len(broken)} run folder(s) cannot be loaded"):
                 for s in broken:
                     st.error(f"{s.name}: {s.error or 'no weights (training did not finish)'}")
+        marks_badge(st.session_state.get(state.RUN_KEY))
         st.caption(f"Runs folder: `{state.runs_root()}`")
     return usable
+
+
+def mark_controls(run: Run, key: str, make: Callable[[str], list[Marked]], types: list[str],
+                  what: str = "this image") -> None:
+    """Mark images as normal (a false alarm) or as an anomaly of a type, for the Teach page.
+
+    `make(label)` builds the marks (it may raise DataError: shown, nothing marked); `types` are
+    the anomaly types offered besides a new one.
+    """
+    options = [NORMAL, *[t for t in types if t != NORMAL], NEW_TYPE]
+    left, mid, right = st.columns([2, 2, 1], vertical_alignment="bottom")
+    choice = left.selectbox(f"Mark {what} as", options, key=f"{key}_label",
+                            format_func=lambda o: "normal (a false alarm)" if o == NORMAL else
+                            o if o == NEW_TYPE else f"anomaly: {o}")
+    label = choice
+    if choice == NEW_TYPE:
+        label = mid.text_input("Anomaly type", key=f"{key}_type", placeholder="e.g. scratch")
+    if right.button("Mark", key=f"{key}_mark", icon=":material/bookmark_add:",
+                    disabled=choice == NEW_TYPE and not label.strip()):
+        try:
+            added = state.add_marks(run, make(label))
+        except DataError as err:
+            st.error(f"Not marked: {err}")
+            return
+        total = len(state.marks_of(run))
+        # Shown after a rerun, so that the sidebar's count (drawn first) is up to date too
+        st.session_state[MARK_FLASH] = (key, f"Marked as {label.strip()} ({added} new). "
+                                             f"{total} mark(s) wait on the Teach page.")
+        st.rerun()
+    flash = st.session_state.get(MARK_FLASH)
+    if flash is not None and flash[0] == key:
+        st.success(flash[1])
+        del st.session_state[MARK_FLASH]
+
+
+def marks_badge(run_path: str | None) -> None:
+    """Sidebar: how many marks the selected run holds, and the way to the Teach page."""
+    marks = st.session_state.get(state.MARKS_KEY, {}).get(run_path or "", [])
+    if marks:
+        st.page_link(TEACH_PAGE, label=f"{len(marks)} marked image(s): refit",
+                     icon=":material/school:")

@@ -11,6 +11,7 @@ set with the marked test images left out of both.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,11 +28,14 @@ from core.pipeline import evaluate
 from core.runs import (
     CONFIG,
     FINISHED,
+    LOCK,
     METRICS,
     RunError,
     load_model,
     load_run,
+    new_run_dir,
     read_config,
+    read_json,
     run_lock,
     run_state,
     save_model,
@@ -144,7 +148,7 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
         if m.mark.dataset is not None and m.mark.dataset != identity:
             raise DataError(f"mark {m.mark.source!r} was made on a run of another data set "
                             f"({m.mark.dataset.split('|')[0]}, not {cfg.data.dataset})")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p.name != LOCK for p in out.iterdir()):
         raise RunError(f"{out}: already exists (choose a new folder)")
     split = load_split(cfg.data)
     before_model = load_run(parent).model
@@ -182,6 +186,32 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
                           seconds, device)
         write_json(out / REFIT, result.as_dict())
     return result
+
+
+def refit_new_run(parent: Path, marks: list[Marked], root: Path, name: str,
+                  device: str = "cpu") -> tuple[Path, RefitReport]:
+    """`refit_run` into a fresh folder `root/name` (or `name-2`, ...), created and locked here;
+    a refit that fails removes the folder it created. Returns the new run's folder and report."""
+    out = new_run_dir(root, name)
+    with run_lock(out):
+        try:
+            return out, refit_run(parent, marks, out, device)
+        except BaseException:
+            if not any(p.name != LOCK for p in out.iterdir()):  # nothing written: not a run
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+
+def read_refit_report(run_dir: Path) -> dict | None:
+    """The before-and-after report of a refitted run (None for a run trained from scratch);
+    RunError if the file is unreadable."""
+    path = Path(run_dir) / REFIT
+    if not path.is_file():
+        return None
+    report = read_json(path)
+    if not isinstance(report, dict) or not {"before", "after", "changed"} <= set(report):
+        raise RunError(f"{path}: not a refit report (expected before, after and changed)")
+    return report
 
 
 def model_device(model: AnoMem) -> torch.device:

@@ -7,6 +7,7 @@ import streamlit as st
 
 from app import charts, state, widgets
 from core import explore
+from core.refit import mark_test_image
 
 EXAMPLES = 8
 
@@ -78,3 +79,11 @@ for col, t in zip(st.columns(len(order)), order, strict=True):
                                    widgets.THUMB)]
             st.image(tiles, caption=[f"{'▲' if scores[i] > threshold else '·'} {scores[i]:.2f}",
                                      "map"])
+
+shown = [i for t in order for i in picks[t]]
+pick = st.selectbox("Example to mark", shown, key=f"cmp_mark_pick_{state.run_tag(run)}",
+                    format_func=lambda i: f"#{i} · {test.types[i]} · score {scores[i]:.3f}")
+if pick is not None:
+    widgets.mark_controls(run, f"cmp_mark_{pick}",
+                          lambda label: [mark_test_image(run.config, split, pick, label)],
+                          order, what=f"example #{pick}")

@@ -6,6 +6,7 @@ import streamlit as st
 
 from app import state, widgets
 from core import explore
+from core.refit import mark_test_image
 
 CASES = {
     "normal_highest": "Normal, highest scores",
@@ -43,6 +44,9 @@ report = explore.inspect_image(model, image)
 widgets.verdict(report)
 widgets.overlays(run, image, report, alpha)
 widgets.colour_legend(run)
+widgets.mark_controls(run, f"dev_mark_{index}",
+                      lambda label: [mark_test_image(run.config, split, index, label)],
+                      explore.type_order(test.types), what=f"sample #{index}")
 
 st.subheader("Which prototype did a position read?")
 c1, c2, c3 = st.columns([2, 3, 3])

@@ -7,6 +7,7 @@ import streamlit as st
 
 from app import charts, state, widgets
 from core import explore
+from core.refit import mark_test_image
 
 MAX_THUMBS = 24
 
@@ -53,6 +54,10 @@ if samples:
         st.caption(f"Showing the first {MAX_THUMBS}.")
     counts = {g: int(np.sum(np.asarray(groups_all)[samples] == g)) for g in set(groups_all)}
     st.caption(" · ".join(f"{g}: {n}" for g, n in sorted(counts.items()) if n))
+    widgets.mark_controls(
+        run, f"umap_mark_{scale}",
+        lambda label: [mark_test_image(run.config, split, i, label) for i in samples],
+        explore.type_order(test.types), what=f"the {len(samples)} selected samples")
 if protos:
     st.subheader(f"{len(protos)} selected prototypes")
     images = state.gallery_images(run)

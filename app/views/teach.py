@@ -1,0 +1,133 @@
+"""Teach: the images marked on the other pages refit the detector's stage 2 as a new run.
+
+Marks are made on the Deviation maps, Compare, UMAP and Score pages (`widgets.mark_controls`)
+and kept per run in the session. A refit (core/refit.py) re-uses the run's encoder and
+memories, takes seconds, and saves a new run; the page then opens it and shows before and after.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import state, widgets
+from core.data import NORMAL, DataError, Split
+from core.refit import TEST_PREFIX, read_refit_report, refit_new_run
+from core.runs import Run, RunError
+
+PER_ROW = 6
+CHANGED_SHOWN = 24
+
+
+def before_after(run: Run, report: dict, split: Split | None) -> None:
+    """What the refit changed on the test set (its marked images left out of both)."""
+    before, after = report["before"], report["after"]
+    st.subheader(f"Refitted from {report['parent']}")
+    st.caption(f"{report['n_normal_marks']} image(s) marked normal and "
+               f"{report['n_anomaly_marks']} marked anomalous; stage 2 refitted in "
+               f"{report['seconds']:.1f} s. Compared on {report['n_test']} test images, the "
+               "marked ones left out of both runs.")
+    cols = st.columns(3)
+    for col, key, name, better in (
+            (cols[0], "auroc", "Test AUROC", 1),
+            (cols[1], "fpr_at_threshold", "False alarms at threshold", -1),
+            (cols[2], "tpr_at_threshold", "Anomalies caught at threshold", 1)):
+        b, a = before.get(key), after.get(key)
+        if a is None or b is None:
+            col.metric(name, "n/a")
+            continue
+        pct = key != "auroc"
+        col.metric(name, f"{a:.1%}" if pct else f"{a:.3f}",
+                   delta=f"{a - b:+.1%}" if pct else f"{a - b:+.3f}",
+                   delta_color="normal" if better > 0 else "inverse",
+                   help=f"before: {b:.1%}" if pct else f"before: {b:.3f}")
+    types = sorted(set(before.get("auroc_by_type", {})) | set(after.get("auroc_by_type", {})))
+    if types:
+        table = pd.DataFrame({
+            "type": types,
+            "before": [before["auroc_by_type"].get(t) for t in types],
+            "after": [after["auroc_by_type"].get(t) for t in types]})
+        table["change"] = table["after"] - table["before"]
+        st.dataframe(table, hide_index=True, key="teach_by_type", column_config={
+            "type": "Anomaly type",
+            "before": st.column_config.NumberColumn("AUROC before", format="%.3f"),
+            "after": st.column_config.NumberColumn("AUROC after", format="%.3f"),
+            "change": st.column_config.NumberColumn("Change", format="%+.3f")})
+    changed = report["changed"]
+    st.markdown(f"**{len(changed)} test image(s) changed verdict** at the thresholds "
+                f"({before['threshold']:.3f} before, {after['threshold']:.3f} after).")
+    if changed and split is not None:
+        shown = changed[:CHANGED_SHOWN]
+        st.image([widgets.thumb(split.test.images[c["index"]]) for c in shown],
+                 caption=[f"#{c['index']} · {c['type']} → {c['verdict']} · "
+                          f"{c['before']:.2f}→{c['after']:.2f}" for c in shown])
+        if len(changed) > CHANGED_SHOWN:
+            st.caption(f"Showing the first {CHANGED_SHOWN}.")
+
+
+def marks_panel(run: Run) -> None:
+    """The marked images as thumbnails, each removable."""
+    marks = state.marks_of(run)
+    st.subheader(f"Marked images ({len(marks)})")
+    if not marks:
+        st.info("No image marked yet. Mark false alarms as normal, or missed anomalies with "
+                "their type, on the Deviation maps, Compare, UMAP and Score pages.")
+        return
+    for start in range(0, len(marks), PER_ROW):
+        for offset, col in enumerate(st.columns(PER_ROW)):
+            i = start + offset
+            if i >= len(marks):
+                break
+            m = marks[i]
+            with col:
+                source = m.mark.source
+                where = f"test image #{source[len(TEST_PREFIX):]}" \
+                    if source.startswith(TEST_PREFIX) else source
+                label = "normal" if m.mark.label == NORMAL else f"anomaly: {m.mark.label}"
+                st.image(widgets.thumb(m.image), caption=f"{label} · {where}")
+                if st.button("Remove", key=f"teach_remove_{i}_{m.mark.sha256[:12]}",
+                             icon=":material/close:"):
+                    state.remove_mark(run, i)
+                    st.rerun()
+    if st.button("Remove all marks", key="teach_clear", icon=":material/delete_sweep:"):
+        state.clear_marks(run)
+        st.rerun()
+
+
+def refit_form(run: Run) -> None:
+    marks = state.marks_of(run)
+    st.subheader("Refit")
+    st.caption("Fits stage 2 again on this run's encoder and memories: marked normals join "
+               "the normal images the detector is fitted on (with a few augmented views "
+               "each), marked anomalies become labelled anomalies. This run is not changed; "
+               "the result is a new run, opened here once saved.")
+    name = st.text_input("New run name", f"{run.path.name}-refit", key="teach_name")
+    if st.button(f"Refit with {len(marks)} mark(s)", key="teach_refit", type="primary",
+                 icon=":material/school:", disabled=not marks or not name.strip()):
+        try:
+            with st.spinner("Refitting stage 2 and scoring the test set…"):
+                out, _ = refit_new_run(run.path, marks, state.runs_root(), name.strip())
+        except (DataError, RunError) as err:
+            st.error(f"Not refitted: {err}")
+            return
+        state.clear_marks(run)
+        st.session_state[state.SELECT_NEXT] = str(out)
+        st.rerun()
+
+
+st.title("Teach")
+run = widgets.require_run()
+try:
+    refit_report = read_refit_report(run.path)
+except RunError as err:
+    st.error(f"The refit report of this run cannot be read: {err}")
+    refit_report = None
+if refit_report is not None:
+    try:
+        split = state.split_of(run)
+    except DataError:
+        split = None
+    with st.container(border=True):
+        before_after(run, refit_report, split)
+marks_panel(run)
+refit_form(run)
