@@ -113,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="folder of the new run")
     r.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
+    rp = sub.add_parser("report", help="RUN_DIR's findings as one self-contained HTML file, "
+                                       "with a CSV of per-image scores beside it")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", required=True, help="the HTML file to write (the CSV takes its "
+                                                 "name, .csv)")
+    rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
     s = sub.add_parser("score", help="print one anomaly score per image")
     s.add_argument("run_dir")
     s.add_argument("images", nargs="+")
@@ -354,10 +361,24 @@ def cmd_refit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from core.report import write_report
+    from core.runs import load_run
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise CliError(f"--out {args.out!r}: expected an .html file")
+    run = load_run(Path(args.run_dir), args.device)
+    html_path, csv_path = write_report(run, out, args.device)
+    print(f"report written: {html_path} (per-image scores: {csv_path})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"datasets": cmd_datasets, "train": cmd_train, "evaluate": cmd_evaluate,
-                "score": cmd_score, "bench": cmd_bench, "refit": cmd_refit}
+                "score": cmd_score, "bench": cmd_bench, "refit": cmd_refit,
+                "report": cmd_report}
     from core.data.base import DataError
     from core.runs import RunError
     from core.train.trainer import TrainingCancelled

@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import charts, state, widgets
-from core import explore
+from core import explore, report
 from core.refit import mark_test_image
 
 EXAMPLES = 8
@@ -29,6 +29,18 @@ threshold = st.slider(
          "quantile of held-out normal scores.",
 )
 stats = explore.type_stats(scores, labels, test.types, threshold)
+
+with st.sidebar:  # the findings of this run for someone who does not run the app
+    st.download_button(
+        "Report (HTML)", lambda: report.build_report(run, split, scored).html,
+        file_name=f"{run.path.name}-report.html", mime="text/html", key="cmp_report_html",
+        icon=":material/download:", on_click="ignore",
+        help="One self-contained file: metrics, per-type table, plots, edge cases and missed "
+             "anomalies with their maps, the config. Takes a few seconds to prepare.")
+    st.download_button(
+        "Per-image scores (CSV)", report.scores_table(run, split, scored).to_csv(index=False),
+        file_name=f"{run.path.name}-scores.csv", mime="text/csv", key="cmp_report_csv",
+        icon=":material/download:", on_click="ignore")
 
 cols = st.columns(4)
 auroc = (run.metrics or {}).get("auroc")

@@ -66,3 +66,9 @@ def _model_threshold(run: Path) -> float:
     from core.runs import load_run
 
     return float(load_run(run).model.detector.threshold)
+
+
+def test_the_report_and_the_scores_download_from_the_sidebar(runs_dir: Path):
+    at = open_page("views/compare.py")
+    buttons = at.sidebar.get("download_button")
+    assert [b.proto.label for b in buttons] == ["Report (HTML)", "Per-image scores (CSV)"]
