@@ -34,6 +34,8 @@ pages = [
     st.Page("views/score.py", title="Score images", icon=":material/upload:",
             url_path="score"),
     st.Page("views/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
+    st.Page("views/runs.py", title="Compare runs", icon=":material/difference:",
+            url_path="compare-runs"),
 ]
 page = st.navigation(pages)
 widgets.run_picker()  # after the pages are known: its link to Teach needs them

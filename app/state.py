@@ -76,6 +76,11 @@ def selected_run() -> Run | None:
     path = st.session_state.get(RUN_KEY)
     if not path:
         return None
+    return load_run_at(path)
+
+
+def load_run_at(path: str) -> Run:
+    """The run in folder `path`, cached until its weights or metrics change."""
     return _load_run(path, stamp(Path(path)))
 
 

@@ -8,7 +8,8 @@ CLI can call the same code. One module per concern:
 - `prototypes`: each prototype's top training patches, shown as receptive-field crops;
 - `embedding`: pooled queries and prototypes in one 2-D UMAP;
 - `maps`: deviation maps, their overlays on one fixed colour scale, one image's report;
-- `stats`: scores by sample and by anomaly type (edge cases, per-type tables, ROC curves).
+- `stats`: scores by sample and by anomaly type (edge cases, per-type tables, ROC curves);
+- `runs`: two runs side by side (config differences, metrics, images they disagree on).
 
 Every name is also importable from `core.explore` itself, as the app does.
 """
@@ -59,6 +60,12 @@ from core.explore.prototypes import (  # noqa: F401
     near_duplicates,
     patch_strip,
     top_patches,
+)
+from core.explore.runs import (  # noqa: F401
+    config_diff,
+    disagreements,
+    flat_config,
+    metrics_side_by_side,
 )
 from core.explore.stats import (  # noqa: F401
     TypeRoc,
