@@ -92,4 +92,4 @@ for i in picks:
         captions.append(f"{name}: {'▲' if above else '·'} {scored.image[i]:.2f} "
                         f"(above {rank:.0%} of the test set)")
     st.image([widgets.thumb(test.images[i], widgets.MAP_TILE), *row],
-             caption=[f"#{i} · {test.types[i]}", *captions])
+             caption=[f"#{i} · {test.types[i]}", *captions], width=widgets.MAP_TILE)

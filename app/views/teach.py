@@ -59,8 +59,8 @@ def before_after(run: Run, report: dict, split: Split | None) -> None:
     if changed and split is not None:
         shown = changed[:CHANGED_SHOWN]
         st.image([widgets.thumb(split.test.images[c["index"]]) for c in shown],
-                 caption=[f"#{c['index']} · {c['type']} → {c['verdict']} · "
-                          f"{c['before']:.2f}→{c['after']:.2f}" for c in shown])
+                 caption=[f"#{c['index']} · {c['type']} · {c['before']:.2f}→{c['after']:.2f}"
+                          f" · now {c['verdict']}" for c in shown], width=widgets.THUMB)
         if len(changed) > CHANGED_SHOWN:
             st.caption(f"Showing the first {CHANGED_SHOWN}.")
 
@@ -84,7 +84,8 @@ def marks_panel(run: Run) -> None:
                 where = f"test image #{source[len(TEST_PREFIX):]}" \
                     if source.startswith(TEST_PREFIX) else source
                 label = "normal" if m.mark.label == NORMAL else f"anomaly: {m.mark.label}"
-                st.image(widgets.thumb(m.image), caption=f"{label} · {where}")
+                st.image(widgets.thumb(m.image), caption=f"{label} · {where}",
+                         width=widgets.THUMB)
                 if st.button("Remove", key=f"teach_remove_{i}_{m.mark.sha256[:12]}",
                              icon=":material/close:"):
                     state.remove_mark(run, i)

@@ -35,6 +35,8 @@ def config_diff(a: RunConfig, b: RunConfig) -> pd.DataFrame:
 
 
 def _text(value: Any) -> str:
+    if isinstance(value, list | tuple) and value and isinstance(value[0], dict):
+        return f"{len(value)} item(s)"  # e.g. a refit's marks: their list is in config.json
     if isinstance(value, list | tuple):
         return ", ".join(map(str, value)) if value else "(none)"
     return "(none)" if value is None else str(value)

@@ -17,6 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from core.data import load_split
+from core.refit import mark_test_image, refit_run
+from core.runs import load_run
+from tests.app.helpers import copy_run
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +35,8 @@ PAGES = {  # url path -> title
     "deviation-maps": "Deviation maps",
     "compare": "Compare anomaly types",
     "score": "Score images",
+    "teach": "Teach",
+    "compare-runs": "Compare runs",
 }
 SETTLED = """() => {
     const h1 = document.querySelector('h1');
@@ -50,12 +57,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run: Path) -> Iterator[str]:
+def runs(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run and a refit of it, so that Teach and Compare runs have something to show."""
+    root = tmp_path_factory.mktemp("browser-runs")
+    parent = copy_run(tiny_run, root, "tiny")
+    run = load_run(parent)
+    split = load_split(run.config.data)
+    refit_run(parent, [mark_test_image(run.config, split, i, "normal") for i in range(3)],
+              root / "tiny-refit")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(runs: Path) -> Iterator[str]:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent (install Debian's chromium package)")
     pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
     port = _free_port()
-    env = {**os.environ, "ANOMEM_RUNS": str(tiny_run.parent),
+    env = {**os.environ, "ANOMEM_RUNS": str(runs),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                         os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen(
