@@ -37,8 +37,8 @@ from core.train.trainer import Progress, TrainingCancelled
 LOG = logging.getLogger(__name__)
 FIRST_RUN_MINUTES = 2  # what the quick preset takes on a 2-core CPU (shown, not enforced)
 # Share of the whole job each stage ends at: stage 1 dominates, the rest is quick.
-STAGE_SPAN = {"data": (0.0, 0.0), "stage1": (0.0, 0.85), "stage2": (0.85, 0.95),
-              "evaluate": (0.95, 1.0)}
+STAGE_SPAN = {"data": (0.0, 0.0), "stage1": (0.0, 0.8), "stage2": (0.8, 0.9),
+              "evaluate": (0.9, 0.95), "explore": (0.95, 1.0)}
 EXPECTED_ERRORS = (ConfigError, DataError, RunError, ValueError, OSError)
 
 TrainFn = Callable[..., dict]

@@ -7,6 +7,7 @@ time of its weights, so a run retrained or re-evaluated under the same name is r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,17 +18,17 @@ import streamlit as st
 import torch
 
 from app.jobs import JobBoard
-from core import explore
+from core import artefacts, explore
 from core.config import DataConfig
 from core.data import Split, load_split
 from core.refit import Marked
 from core.runs import METRICS, WEIGHTS, Run, RunSummary, list_runs, load_run
-from core.train.scoring import ScoredSet, score_images
+from core.train.scoring import ScoredSet
 
 RUN_KEY = "run_path"  # session key of the sidebar's run picker
 SELECT_NEXT = "select_next"  # a run the picker selects at the next rerun (a page just made it)
-MAX_GALLERY_IMAGES = 2000  # normal training images searched for prototype patches
-MAX_UMAP_POINTS = 5000
+MAX_GALLERY_IMAGES = artefacts.MAX_GALLERY_IMAGES
+MAX_UMAP_POINTS = artefacts.MAX_UMAP_POINTS
 
 
 def runs_root() -> Path:
@@ -103,15 +104,40 @@ def split_of(run: Run) -> Split:
     return _load_split(json.dumps(run.config.to_dict()["data"], sort_keys=True))
 
 
-@st.cache_data(max_entries=8, show_spinner="Scoring the test set…")
-def _scored_test_set(path: str, stamp_: float) -> ScoredSet:
-    run = _load_run(path, stamp_)
-    return score_images(run.model, split_of(run).test.images, with_maps=False)
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _saved_artefacts(path: str, stamp_: float) -> artefacts.Artefacts | None:
+    return artefacts.load(Path(path))
+
+
+@st.cache_resource
+def _computed_artefacts() -> dict[tuple[str, float], artefacts.Artefacts]:
+    """Artefacts computed by this app that could not be saved (another process held the run)."""
+    return {}
+
+
+def artefacts_of(run: Run) -> artefacts.Artefacts:
+    """The run's test scores, UMAPs and prototype galleries: read from the run folder, or
+    computed once (with a progress bar) and saved there for every later visit."""
+    key = run_key(run)
+    art = _saved_artefacts(*key) or _computed_artefacts().get(key)
+    if art is not None:
+        return art
+    bar = st.progress(0.0, text="First visit of this run: computing what the pages show…")
+
+    def say(what: str, done: float) -> None:
+        bar.progress(min(1.0, done), text=f"First visit of this run: {what}…")
+
+    art = artefacts.ensure(run.path, run.model, split_of(run), run.config.data.seed, say)
+    bar.empty()
+    _saved_artefacts.clear()
+    if artefacts.load(run.path) is None:
+        _computed_artefacts()[key] = art
+    return art
 
 
 def scored_test_set(run: Run) -> ScoredSet:
     """Image and per-scale scores of the run's test set, in test-set order."""
-    return _scored_test_set(*run_key(run))
+    return artefacts_of(run).scored
 
 
 @st.cache_data(max_entries=8, show_spinner="Drawing deviation maps…")
@@ -128,32 +154,20 @@ def combined_maps_of(run: Run, index: tuple[int, ...]) -> dict[int, np.ndarray]:
 
 def gallery_images(run: Run) -> torch.Tensor:
     """Normal training images (at most MAX_GALLERY_IMAGES) that prototype patches come from."""
-    train = split_of(run).train
-    normal = torch.nonzero(train.labels == 0).flatten().numpy()
-    keep = normal[explore.subsample(len(normal), MAX_GALLERY_IMAGES, run.config.data.seed)]
-    return train.images[torch.as_tensor(keep)]
-
-
-@st.cache_data(max_entries=16, show_spinner="Finding each prototype's top patches…")
-def _prototype_patches(path: str, stamp_: float, scale: str, k: int
-                       ) -> explore.PrototypePatches:
-    run = _load_run(path, stamp_)
-    return explore.top_patches(run.model, gallery_images(run), scale, per_prototype=k)
+    split = split_of(run)
+    return split.train.images[torch.as_tensor(artefacts.gallery_index(split,
+                                                                      run.config.data.seed))]
 
 
 def prototype_patches(run: Run, scale: str, k: int = 5) -> explore.PrototypePatches:
-    return _prototype_patches(*run_key(run), scale, k)
-
-
-@st.cache_data(max_entries=16, show_spinner="Computing the UMAP (first time only)…")
-def _umap_points(path: str, stamp_: float, scale: str, max_points: int) -> explore.UmapPoints:
-    run = _load_run(path, stamp_)
-    return explore.umap_points(run.model, split_of(run).test.images, scale,
-                               seed=run.config.data.seed, max_points=max_points)
+    """Each prototype of `scale`: its top `k` patches among `gallery_images`, its usage."""
+    saved = artefacts_of(run).patches[scale]
+    return dataclasses.replace(saved, hits=[h[:k] for h in saved.hits])
 
 
 def umap_points(run: Run, scale: str) -> explore.UmapPoints:
-    return _umap_points(*run_key(run), scale, MAX_UMAP_POINTS)
+    """Test images (at most MAX_UMAP_POINTS) and prototypes of `scale` in one 2-D map."""
+    return artefacts_of(run).umap[scale]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,8 +76,10 @@ def evaluate(model: AnoMem, split: Split, device: str = "cpu",
 
 def train_run(cfg: RunConfig, out: Path, progress: ProgressFn | None = None,
               should_stop: StopFn | None = None, split: Split | None = None,
-              resume: bool = False, dist: Dist | None = None) -> dict:
+              resume: bool = False, dist: Dist | None = None, explore: bool = True) -> dict:
     """Load the data, train both stages, save the run, evaluate it; returns the metrics.
+
+    With `explore`, what the app's pages show is computed and saved too (core/artefacts.py).
 
     config.json is written first and history rows as each epoch ends, so a run cut short still
     shows its curves; stage 1 keeps `checkpoint.safetensors` until the weights are saved, so a
@@ -98,12 +100,13 @@ def train_run(cfg: RunConfig, out: Path, progress: ProgressFn | None = None,
             write_json(out / CONFIG, cfg.to_dict())
         if dist.is_main and resume:  # an epoch finished after the checkpoint is redone
             write_history(out, read_checkpoint(out)[1].history)
-        return _train_locked(cfg, out, split, load_s, progress, should_stop, resume, dist)
+        return _train_locked(cfg, out, split, load_s, progress, should_stop, resume, dist,
+                             explore)
 
 
 def _train_locked(cfg: RunConfig, out: Path, split: Split, load_s: float,
                   progress: ProgressFn | None, should_stop: StopFn | None, resume: bool,
-                  dist: Dist) -> dict:
+                  dist: Dist, explore: bool) -> dict:
     """`train_run` once the run folder is locked by this process."""
 
     def on_progress(p: Progress) -> None:
@@ -132,7 +135,21 @@ def _train_locked(cfg: RunConfig, out: Path, split: Split, load_s: float,
         "stage2": result.stage2,
     })
     write_json(out / METRICS, metrics)
+    if explore:
+        save_artefacts(out, result.model.cpu(), split, cfg.data.seed, progress)
     return metrics
+
+
+def save_artefacts(out: Path, model: AnoMem, split: Split, seed: int,
+                   progress: ProgressFn | None = None) -> None:
+    """Compute and save what the explorer's pages show (core/artefacts.py)."""
+    from core import artefacts
+
+    def say(what: str, done: float) -> None:
+        if progress:
+            progress(Progress("explore", done, what))
+
+    artefacts.save(out, artefacts.compute(model, split, seed, say))
 
 
 def stage1_summary(history: list[dict]) -> dict:
@@ -141,13 +158,14 @@ def stage1_summary(history: list[dict]) -> dict:
     if not rows:
         return {}
     terms = [k for k in ("loss", "memory_contrast", "view_contrast", "align", "variance",
-                         "usage", "anomaly") if k in rows[0] and k in rows[-1]]
+                         "usage", "anomaly", "rotation") if k in rows[0] and k in rows[-1]]
     return {"epochs": len(rows), "planned_steps": rows[-1].get("planned_steps"),
             "first": {k: rows[0][k] for k in terms}, "last": {k: rows[-1][k] for k in terms}}
 
 
 def resume_run(path: Path, progress: ProgressFn | None = None,
-               should_stop: StopFn | None = None, dist: Dist | None = None) -> dict:
+               should_stop: StopFn | None = None, dist: Dist | None = None,
+               explore: bool = True) -> dict:
     """Continue a stopped run from its checkpoint with its own config; returns the metrics."""
     dist = dist or Dist()
     path = Path(path)
@@ -155,7 +173,8 @@ def resume_run(path: Path, progress: ProgressFn | None = None,
         raise RunError(f"{path}: already finished ({WEIGHTS} exists), nothing to resume")
     cfg = read_config(path)
     read_checkpoint(path)  # refuse a damaged checkpoint before loading any data
-    return train_run(cfg, path, progress, should_stop, resume=True, dist=dist)
+    return train_run(cfg, path, progress, should_stop, resume=True, dist=dist,
+                     explore=explore)
 
 
 def resumable(path: Path) -> bool:
@@ -189,4 +208,5 @@ def _evaluate_locked(path: Path, device: str, progress: ProgressFn | None) -> di
         "setting": run.config.data.setting,
     })
     write_json(Path(path) / METRICS, metrics)
+    save_artefacts(Path(path), run.model, split, run.config.data.seed, progress)
     return metrics

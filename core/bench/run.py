@@ -338,7 +338,8 @@ def run_anomem(cell: Cell, split: Split, opts: BenchOptions,
         if metrics is None:
             if out.exists():  # a run that died before it could be resumed; refused, with its
                 delete_run(out)  # folder untouched, if another process took it meanwhile
-            metrics = train_run(anomem_config(cell, opts), out, progress, split=split)
+            metrics = train_run(anomem_config(cell, opts), out, progress, split=split,
+                                explore=False)  # the benchmark opens no page
     test, labels = split.test, split.test.labels.numpy()
     row = {"suite": cell.suite, "dataset": cell.dataset, "normal_class": cell.normal_class,
            "setting": cell.setting, "ratio": cell.ratio,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from core import artefacts
 from core.runs import load_run
-from tests.app.helpers import TINY_MEMORY, images, open_page
+from tests.app.helpers import TINY_MEMORY, copy_run, images, open_page
 
 
 def _gallery(at) -> list[str]:
@@ -34,3 +37,14 @@ def test_gallery_shows_every_prototype_sorted_by_usage(runs_dir: Path, tiny_run:
     assert captions[0].startswith("#0 ·") and len(captions) == TINY_MEMORY
     at.slider(key="proto_k").set_value(3).run()
     assert not at.exception and len(_gallery(at)) == TINY_MEMORY
+
+
+def test_an_older_run_gets_its_artefacts_on_first_visit(tiny_run: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    root = tmp_path / "runs"
+    run = copy_run(tiny_run, root, "older")
+    (run / artefacts.ARTEFACTS).unlink()  # as a run trained before they were saved
+    monkeypatch.setenv("ANOMEM_RUNS", str(root))
+    at = open_page("views/prototypes.py")
+    assert not at.exception and [t.value for t in at.title] == ["Prototypes"]
+    assert artefacts.load(run) is not None  # computed once and saved for every later visit
