@@ -31,6 +31,7 @@ SETTLED = """() => {
         && !document.querySelector('[data-testid="stStatusWidget"]')
         && !document.querySelector('[data-testid="stSkeleton"]')
         && !document.querySelector('[data-testid="stSpinner"]')
+        && !document.querySelector('[data-testid="stProgress"]')
         && Array.from(document.images).every(i => i.complete);
 }"""
 
