@@ -26,10 +26,12 @@ from core.bench.run import BenchOptions, bench  # noqa: E402
 HERE = Path(__file__).resolve().parent / "budget"
 PLOT = Path(__file__).resolve().parents[1] / "assets" / "budget_curve.png"
 PEERS = ("kNN (pixels)", "IForest", "OCSVM")
+EPOCHS = "AnoMem epochs"
 
 
 def collect(root: Path) -> dict[tuple[str, str], dict[float, float]]:
-    """(cell label, method) -> {minutes: AUROC} from every budget folder's results.csv."""
+    """(cell label, method) -> {minutes: AUROC} from every budget folder's results.csv, and
+    (cell label, "AnoMem epochs") -> {minutes: stage-1 epochs}."""
     curves: dict[tuple[str, str], dict[float, float]] = {}
     for folder in sorted(root.glob("m*")):
         try:
@@ -46,12 +48,17 @@ def collect(root: Path) -> dict[tuple[str, str], dict[float, float]]:
                 label = "bottle" if row["suite"] == "mvtec" else \
                     f"{row['suite']}/{row['normal_class']}"
                 curves.setdefault((label, row["method"]), {})[minutes] = float(row["auroc"])
+                if row["kind"] == "ours" and row["note"].endswith(" epochs"):
+                    curves.setdefault((label, EPOCHS), {})[minutes] = float(
+                        row["note"].split()[0])
     return curves
 
 
 def method_of(name: str) -> str:
     """A table's method name without its settings: "kNN (pixels, k=2)" -> "kNN (pixels)"."""
     for short in ("AnoMem", *PEERS):
+        if name == EPOCHS:
+            return name
         if name.startswith(short.split(" (")[0]):
             return short
     return name
@@ -74,7 +81,8 @@ def draw(curves: dict[tuple[str, str], dict[float, float]], out: Path) -> None:
                            label=method)
         ax.set_xscale("log")
         ax.set_xticks(sorted({x for (c, _), p in curves.items() if c == label for x in p}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_title(label)
         ax.set_xlabel("training budget (CPU minutes)")
         ax.grid(alpha=0.3)
@@ -91,7 +99,10 @@ def table(curves: dict[tuple[str, str], dict[float, float]]) -> str:
     lines = ["| data set | method | " + " | ".join(f"{m:g} min" for m in budgets) + " |",
              "|---|---|" + "---|" * len(budgets)]
     for (label, method), points in sorted(curves.items()):
-        if method == "AnoMem" or method in PEERS:
+        if method == EPOCHS:
+            cells = [f"{points[m]:.0f}" if m in points else "" for m in budgets]
+            lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
+        elif method == "AnoMem" or method in PEERS:
             cells = [f"{100 * points[m]:.1f}" if m in points else "" for m in budgets]
             lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
