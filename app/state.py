@@ -111,7 +111,7 @@ def _saved_artefacts(path: str, stamp_: float) -> artefacts.Artefacts | None:
 
 @st.cache_resource
 def _computed_artefacts() -> dict[tuple[str, float], artefacts.Artefacts]:
-    """Artefacts computed by this app that could not be saved (another process held the run)."""
+    """Artefacts this app computed (and saved, unless another process held the run)."""
     return {}
 
 
@@ -129,9 +129,7 @@ def artefacts_of(run: Run) -> artefacts.Artefacts:
 
     art = artefacts.ensure(run.path, run.model, split_of(run), run.config.data.seed, say)
     bar.empty()
-    _saved_artefacts.clear()
-    if artefacts.load(run.path) is None:
-        _computed_artefacts()[key] = art
+    _computed_artefacts()[key] = art
     return art
 
 
