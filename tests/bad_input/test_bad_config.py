@@ -193,6 +193,7 @@ RANGES: dict[tuple[str, ...], tuple[float, float, bool, bool]] = {
     ("model", "pixel_size"): (4, 128, True, True),
     ("train", "epochs"): (1, INF, True, True), ("train", "batch_size"): (2, INF, True, True),
     ("train", "lr"): (0, INF, False, True), ("train", "weight_decay"): (0, INF, True, True),
+    ("train", "w_rotation"): (0, INF, True, True),
     ("train", "temperature"): (0, INF, False, True),
     ("train", "shift_fraction"): (0, 1, False, True),
     ("train", "max_minutes"): (0, INF, False, True),

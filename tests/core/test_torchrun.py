@@ -69,7 +69,8 @@ def test_two_process_loss_falls(runs) -> None:
 def test_only_rank_zero_wrote(runs) -> None:
     two = runs[2][0]
     assert sorted(p.name for p in two.iterdir()) == sorted(
-        [".lock", "config.json", "history.jsonl", "metrics.json", "model.safetensors"])
+        [".lock", "config.json", "explore.safetensors", "history.jsonl", "metrics.json",
+         "model.safetensors"])
     assert not any(p.name.endswith(".tmp") for p in two.parent.rglob("*"))
 
 
