@@ -38,7 +38,8 @@ with st.sidebar:  # the findings of this run for someone who does not run the ap
         help="One self-contained file: metrics, per-type table, plots, edge cases and missed "
              "anomalies with their maps, the config. Takes a few seconds to prepare.")
     st.download_button(
-        "Per-image scores (CSV)", report.scores_table(run, split, scored).to_csv(index=False),
+        "Per-image scores (CSV)",
+        lambda: report.scores_table(run, split, scored).to_csv(index=False),  # on click only
         file_name=f"{run.path.name}-scores.csv", mime="text/csv", key="cmp_report_csv",
         icon=":material/download:", on_click="ignore")
 
