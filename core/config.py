@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 6
+CONFIG_VERSION = 7
 # The fields each version added, and the values that reproduce a run stored before it.
 ADDED_IN = {
     2: [("model", "local_map", "shared")],
@@ -23,6 +23,7 @@ ADDED_IN = {
     4: [("model", "pixel_memory", 0), ("model", "pixel_size", 32)],
     5: [("lineage", None, {"parent": None, "marks": []})],  # a section: name None
     6: [("model", "rotation", False), ("train", "w_rotation", 1.0)],
+    7: [("model", "map_weights", False)],
 }
 # Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
@@ -65,6 +66,9 @@ class ModelConfig:
     # A 4-way rotation head on the deepest stage (RotNet / GEOM): trained in stage 1, and how
     # badly it recognises an image's rotations is one more term of the detector
     rotation: bool = False
+    # Weigh the scales of the pixel map by how well each finds pasted defects on held-out
+    # normals (core/train/stage2.py); false: every scale counts the same
+    map_weights: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, list | tuple) or not all(

@@ -53,7 +53,8 @@ class AnoMem(nn.Module):
         self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank,
                                         cfg.local_weight, cfg.layout_source, positions,
                                         pixel=self.pixels is not None,
-                                        rotation=self.rotation is not None)
+                                        rotation=self.rotation is not None,
+                                        map_weights=cfg.map_weights)
 
     @property
     def scales(self) -> tuple[str, ...]:

@@ -214,7 +214,7 @@ class AnomalyDetector(nn.Module):
     def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int,
                  local_weight: float = 0.0, layout_source: str = "query",
                  positions: dict[str, int] | None = None, pixel: bool = False,
-                 rotation: bool = False) -> None:
+                 rotation: bool = False, map_weights: bool = False) -> None:
         super().__init__()
         self.scales = tuple(grids)
         self.layout_source = layout_source
@@ -231,6 +231,9 @@ class AnomalyDetector(nn.Module):
             self.register_buffer("rotation_loc", torch.zeros(()))
             self.register_buffer("rotation_scale", torch.ones(()))
         self.register_buffer("weights", self.fixed_weights())
+        if map_weights:  # each scale's share of the pixel map (stage 2 chooses; else equal)
+            self.register_buffer("map_weights", torch.full((len(self.scales),),
+                                                           1 / len(self.scales)))
         # Logistic head over [standardised scores, pooled deviations]; zero = one-class.
         n = self.n_terms
         self.register_buffer("clf_weight", torch.zeros(n + dim * len(self.scales)))
@@ -314,14 +317,28 @@ class AnomalyDetector(nn.Module):
         per_scale = {s: z[:, N_SCORES * i:N_SCORES * (i + 1)] @ self.weights[
                          N_SCORES * i:N_SCORES * (i + 1)] * self.units
                      for i, s in enumerate(self.scales)}
-        maps = {}
-        for s in self.scales:
-            det = self.per_scale[s]
-            maps[s] = (dist_maps[s] - det.map_loc) / det.map_scale
-        stacked = torch.stack([
-            F.interpolate(m[:, None], size=out_size, mode="bilinear", align_corners=False)[:, 0]
-            for m in maps.values()
-        ])
+        maps = {s: self.standardised_map(s, dist_maps[s]) for s in self.scales}
         terms = {name: z[:, j] for j, name in enumerate(self.term_names)}
-        return Scores(image=image, per_scale=per_scale, pixel_map=stacked.mean(0), maps=maps,
-                      terms=terms)
+        return Scores(image=image, per_scale=per_scale, pixel_map=self.pixel_map(maps, out_size),
+                      maps=maps, terms=terms)
+
+    def standardised_map(self, scale: str, dist: torch.Tensor) -> torch.Tensor:
+        """A scale's raw distance map (B, h, w), standardised on normal images."""
+        det = self.per_scale[scale]
+        return (dist - det.map_loc) / det.map_scale
+
+    def upsampled_maps(self, maps: dict[str, torch.Tensor], out_size: tuple[int, int]
+                       ) -> torch.Tensor:
+        """Maps {scale: (B, h, w)} upsampled to (S, B, H, W), in the order of `scales`."""
+        return torch.stack([F.interpolate(maps[s][:, None], size=out_size, mode="bilinear",
+                                          align_corners=False)[:, 0] for s in self.scales])
+
+    def pixel_map(self, maps: dict[str, torch.Tensor], out_size: tuple[int, int]
+                  ) -> torch.Tensor:
+        """Standardised maps {scale: (B, h, w)} upsampled to (B, H, W) and weighed by
+        `map_weights` where the detector has them (stage 2 chose them), else equally."""
+        up = self.upsampled_maps(maps, out_size)
+        weights = getattr(self, "map_weights", None)
+        if weights is None:
+            return up.mean(0)
+        return torch.einsum("s,sbhw->bhw", weights, up)

@@ -40,7 +40,7 @@ def score_images(model: AnoMem, images: torch.Tensor, device: torch.device | str
         for k, v in out.terms.items():
             terms.setdefault(k, []).append(v.cpu())
         if with_maps:
-            maps.append(out.pixel_map.half().cpu())
+            maps.append(_half(out.pixel_map).cpu())
         if progress:
             progress(Progress("evaluate", min(1.0, (i + batch_size) / len(images)),
                               "scoring"))
@@ -50,3 +50,10 @@ def score_images(model: AnoMem, images: torch.Tensor, device: torch.device | str
         terms={k: torch.cat(v).numpy() for k, v in terms.items()},
         pixel_maps=torch.cat(maps).numpy() if with_maps else None,
     )
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    """float16 for storage, clamped to its range: a map far outside every normal image (a
+    scale whose normal maps barely vary) saturates instead of becoming infinite."""
+    limit = torch.finfo(torch.float16).max
+    return x.clamp(-limit, limit).half()

@@ -204,12 +204,15 @@ def test_fit_ppca_rejects_bad_input(shape: tuple[int, ...]) -> None:
 
 # --- the assembled detector ----------------------------------------------------------------
 
-def random_detector(seed: int = 0, local_weight: float = 0.3, layout_source: str = "query"
-                    ) -> AnomalyDetector:
+def random_detector(seed: int = 0, local_weight: float = 0.3, layout_source: str = "query",
+                    map_weights: tuple[float, ...] | None = None) -> AnomalyDetector:
     """A detector with every fitted buffer set to something other than its default."""
     g = torch.Generator().manual_seed(seed)
-    det = AnomalyDetector(DIM, TOPK, GRIDS, RANK, local_weight, layout_source)
+    det = AnomalyDetector(DIM, TOPK, GRIDS, RANK, local_weight, layout_source,
+                          map_weights=map_weights is not None)
     with torch.no_grad():
+        if map_weights is not None:
+            det.map_weights.copy_(torch.tensor(map_weights))
         for s in SCALES:
             sd = det.per_scale[s]
             a = torch.randn(DIM, DIM, generator=g)
@@ -370,8 +373,11 @@ def test_classifier_adds_the_softplus_of_its_logit_to_the_image_score() -> None:
                                rtol=1e-4)
 
 
-def test_maps_are_standardised_and_pixel_map_averages_the_scales() -> None:
-    det = random_detector()
+@pytest.mark.parametrize("map_weights", [None, (0.0, 1.0), (0.25, 0.75)])
+def test_maps_are_standardised_and_pixel_map_weighs_the_scales(
+        map_weights: tuple[float, float] | None) -> None:
+    det = random_detector(map_weights=map_weights)
+    assert hasattr(det, "map_weights") == (map_weights is not None)
     with torch.no_grad():  # spatially constant deviation: every map is constant
         for s in SCALES:
             det.per_scale[s].precision.copy_(torch.eye(DIM))
@@ -383,8 +389,11 @@ def test_maps_are_standardised_and_pixel_map_averages_the_scales() -> None:
     expected = {"layer2": (2.0 - 0.7) / 1.9, "layer3": (4.0 - 0.7) / 1.9}  # |dev| = 2, 4
     for s in SCALES:
         torch.testing.assert_close(scores.maps[s], torch.full_like(scores.maps[s], expected[s]))
-    mean = (expected["layer2"] + expected["layer3"]) / 2
-    torch.testing.assert_close(scores.pixel_map, torch.full((1, 16, 16), mean))
+    if map_weights is None:  # an older detector: the scales count the same
+        combined = (expected["layer2"] + expected["layer3"]) / 2
+    else:
+        combined = sum(w * expected[s] for w, s in zip(map_weights, SCALES, strict=True))
+    torch.testing.assert_close(scores.pixel_map, torch.full((1, 16, 16), combined))
 
 
 def fitted_detector(normal: dict[str, MemoryRead]) -> AnomalyDetector:
