@@ -76,7 +76,11 @@ def overlays(run: Run, image: torch.Tensor, report: explore.ImageReport, alpha: 
             else:
                 img = explore.overlay(image, report.maps[name], vmin, vmax, alpha)
                 peak = float(report.maps[name].max())
-                st.image(thumb(img, MAP_TILE), caption=f"{name} · peak {peak:.2f}")
+                label = name
+                if name == "combined" and (kept := explore.combined_scales(run.model)) != list(
+                        run.model.scales):
+                    label = f"combined ({' + '.join(kept)})"
+                st.image(thumb(img, MAP_TILE), caption=f"{label} · peak {peak:.2f}")
 
 
 def verdict(report: explore.ImageReport) -> None:

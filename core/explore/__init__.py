@@ -43,6 +43,7 @@ from core.explore.maps import (  # noqa: F401
     colour_table,
     colourise,
     combined_maps,
+    combined_scales,
     deviation_maps,
     heat_range,
     inspect_image,

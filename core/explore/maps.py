@@ -22,6 +22,15 @@ from core.train.augment import to_float
 DEFAULT_CMAP = "Inferno"
 
 
+def combined_scales(model: AnoMem) -> list[str]:
+    """The scales the combined map weighs: all of them, unless stage 2 kept a subset (the one
+    that best outlined defects pasted into held-out normals)."""
+    weights = getattr(model.detector, "map_weights", None)
+    if weights is None:
+        return list(model.scales)
+    return [s for s, w in zip(model.scales, weights.tolist(), strict=True) if w > 0]
+
+
 def heat_range(model: AnoMem) -> tuple[float, float]:
     """(vmin, vmax) of the shared colour scale: 0 to twice the pixel threshold."""
     thr = float(model.detector.pixel_threshold)

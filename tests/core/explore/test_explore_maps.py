@@ -67,3 +67,14 @@ def test_match_position_is_the_argmax_prototype(model, images):
     assert match.weight == pytest.approx(float(att[:, 3, 5].max()), rel=1e-5)
     with pytest.raises(ValueError, match="outside"):
         ex.match_position(model, images[2], "layer2", 99, 0)
+
+
+def test_combined_scales_names_the_scales_the_pixel_map_weighs(model):
+    weights = model.detector.map_weights
+    saved = weights.clone()
+    try:
+        assert ex.combined_scales(model) == list(model.scales)  # equal weights
+        weights.copy_(torch.tensor([1.0, 0.0, 0.0]))
+        assert ex.combined_scales(model) == [model.scales[0]]
+    finally:
+        weights.copy_(saved)

@@ -120,3 +120,43 @@ def test_offset_logistic_fits_only_what_the_offset_misses() -> None:
     given, _ = stage2.fit_offset_logistic(x, 2 * x[:, 0], y, c=10.0)
     assert alone[0] == pytest.approx(2.0, abs=0.25) and alone[1] == pytest.approx(1.0, abs=0.2)
     assert given[0] == pytest.approx(0.0, abs=0.2) and given[1] == pytest.approx(1.0, abs=0.2)
+
+
+def pasted_top_left(x: torch.Tensor, kinds: tuple[str, ...], g: torch.Generator) -> torch.Tensor:
+    """A stand-in for every local shift: a white square pasted into the top-left quadrant."""
+    out = x.clone()
+    out[:, :, :8, :8] = 255
+    return out
+
+
+def top_left_map(deviation: torch.Tensor) -> torch.Tensor:
+    """A distance map that finds the pasted square exactly (plus a little noise)."""
+    b, _, h, w = deviation.shape
+    dmap = torch.rand(b, h, w) * 0.1
+    dmap[:, :h // 2, :w // 2] += 1
+    return dmap
+
+
+@pytest.mark.parametrize(("finders", "chosen"), [
+    (("layer2",), "layer2"),  # layer3 sees noise: the map keeps layer2 alone
+    (("layer2", "layer3"), "layer2+layer3"),  # both find it: nothing to gain, all scales stay
+])
+def test_the_pixel_map_keeps_the_scales_that_outline_pasted_defects(
+        monkeypatch: pytest.MonkeyPatch, finders: tuple[str, ...], chosen: str) -> None:
+    torch.manual_seed(0)
+    model = AnoMem(ModelConfig(**TINY)).eval()
+    det = model.detector
+    monkeypatch.setattr(stage2, "shift", pasted_top_left)
+    for s in model.scales:
+        noise = lambda d: 4 * torch.rand(len(d), *d.shape[2:])  # noqa: E731
+        monkeypatch.setattr(det.per_scale[s], "distance_map",
+                            top_left_map if s in finders else noise)
+    calibration = torch.randint(0, 200, (24, 3, 16, 16), dtype=torch.uint8,
+                                generator=torch.Generator().manual_seed(1))
+    report = stage2.fit_map_weights(model, calibration, torch.device("cpu"),
+                                    torch.Generator().manual_seed(2), Dist())
+    assert report["chosen"] == chosen
+    assert set(report["pseudo_pixel_auroc"]) == {"layer2+layer3", "layer2", "layer3"}
+    assert report["pseudo_pixel_auroc"]["layer2"] == pytest.approx([1.0] * 3)
+    expected = torch.tensor([float(s in chosen.split("+")) for s in model.scales])
+    torch.testing.assert_close(det.map_weights, expected / expected.sum())
