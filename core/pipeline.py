@@ -121,7 +121,12 @@ def _train_locked(cfg: RunConfig, out: Path, split: Split, load_s: float,
         return {}
     save_model(out, cfg, result.model)
     (out / CHECKPOINT).unlink(missing_ok=True)  # the weights supersede it
-    metrics, _ = evaluate(result.model, split, cfg.train.device, progress)
+    try:
+        metrics, _ = evaluate(result.model, split, cfg.train.device, progress)
+    except Exception as err:  # the weights are saved: say so, and how to finish the run
+        raise RunError(f"{out}: the model is trained and saved, but scoring its test set "
+                       f"failed ({type(err).__name__}: {err}); `anomem evaluate {out}` "
+                       "tries again") from err
     metrics.update({
         "train_seconds": result.seconds,
         "data_seconds": load_s,

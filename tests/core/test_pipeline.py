@@ -12,7 +12,7 @@ from core import pipeline
 from core.config import DataConfig, preset
 from core.data import load_split
 from core.pipeline import evaluate_run, train_run
-from core.runs import CONFIG, HISTORY, METRICS, WEIGHTS, load_run
+from core.runs import CONFIG, HISTORY, METRICS, WEIGHTS, RunError, load_run
 from core.train.scoring import score_images
 
 pytestmark = pytest.mark.slow
@@ -112,3 +112,22 @@ def test_same_seed_gives_the_same_model(tmp_path):
     a, b = load_run(tmp_path / "a").model, load_run(tmp_path / "b").model
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
+
+
+def test_a_failed_evaluation_keeps_the_trained_model_and_says_how_to_finish(
+        tmp_path, monkeypatch):
+    data = DataConfig(max_train=64)
+    split = load_split(data)
+    cfg = preset("quick", data)
+    cfg.train.epochs, cfg.train.batch_size = 1, 32
+
+    def broken(*args, **kwargs):
+        raise ValueError("Input contains infinity")
+
+    monkeypatch.setattr(pipeline, "evaluate", broken)
+    with pytest.raises(RunError, match=r"trained and saved.*infinity.*anomem evaluate"):
+        train_run(cfg, tmp_path / "run", split=split, explore=False)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / WEIGHTS).is_file()
+    metrics = evaluate_run(tmp_path / "run")  # the promised way to finish the run
+    assert (tmp_path / "run" / METRICS).is_file() and 0 <= metrics["auroc"] <= 1
