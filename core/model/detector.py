@@ -15,7 +15,9 @@ Two terms per scale, each a distance under a Gaussian fitted to normal training 
   on the query map beats the same term on the deviation map (see the README's ablation).
 
 Each score is standardised on held-out normal images. A scale's score weighs its two terms by
-`ModelConfig.local_weight`, and the image score averages the scales. The local term's default
+`ModelConfig.local_weight`, and the image score averages the scales. The pixel map averages
+the scales' standardised distance maps, or only those stage 2 kept for outlining pasted defects
+best (`map_weights`, with `ModelConfig.map_weights`). The local term's default
 weight is 0: on the built-in shapes its image-level score trails the layout term on every
 anomaly kind, local defects included (see the README), while its map stays the best guide to
 where the anomaly is.
