@@ -573,6 +573,9 @@ def general_tables(rows: list[dict]) -> str:
     if unb:
         ref = {(r["suite"], r["normal_class"]): float(r["auroc"]) for r in one
                if r["method"] == ANOMEM}
+        suites = {suite: i for i, suite in enumerate(dict.fromkeys(r["suite"] for r in rows))}
+        unb.sort(key=lambda r: (suites[r["suite"]], r["normal_class"], r["anomaly_classes"],
+                                float(r["ratio"]), r["method"]))
         body = []
         for r in unb:
             if r["method"] not in (ANOMEM, "Deep SAD"):

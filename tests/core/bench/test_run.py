@@ -177,3 +177,26 @@ def test_the_cli_offers_exactly_the_benchmark_suites() -> None:
 
     assert cli.SUITES == bench_run.SUITES  # kept apart so `anomem --help` stays light
     assert cli.DEFAULT_SUITES == bench_run.DEFAULT_SUITES
+
+
+def test_general_tables_count_wins_and_order_the_unbalanced_pairs() -> None:
+    def row(cls: str, method: str, auroc: float, setting: str = "one-class",
+            ratio: float = 0.0, labelled: str = "", by_type: str = "") -> dict:
+        return {"suite": "general/digits", "dataset": "digits", "normal_class": cls,
+                "setting": setting, "ratio": f"{ratio:.4f}", "anomaly_classes": labelled,
+                "method": method, "kind": "", "auroc": str(auroc), "pixel_auroc": "",
+                "by_type": by_type, "train_s": "", "note": ""}
+
+    knn = bench_run.SHALLOW[0]
+    rows = [row("0", ANOMEM, 0.9), row("0", knn, 0.8), row("3", ANOMEM, 0.7),
+            row("3", knn, 0.75),
+            row("0", ANOMEM, 0.95, "unbalanced", 0.1, "5", '{"5": 0.99, "1": 0.9}'),
+            row("0", ANOMEM, 0.92, "unbalanced", 0.01, "5", '{"5": 0.97, "1": 0.9}'),
+            row("0", ANOMEM, 0.91, "unbalanced", 0.01, "1", '{"1": 0.93, "5": 0.9}')]
+    text = bench_run.general_tables(rows)
+    assert "AnoMem at or above pixel kNN on 1 of 2 classes" in text
+    unbalanced = text.split("## General suite, unbalanced")[1]
+    lines = [line for line in unbalanced.splitlines() if line.startswith("| digits")]
+    assert [line.split(" | ")[2:4] for line in lines] == [["1", "1%"], ["5", "1%"],
+                                                          ["5", "10%"]]
+    assert lines[2].rstrip(" |").split(" | ")[5:9] == ["90.0", "95.0", "99.0", "90.0"]
