@@ -95,30 +95,39 @@ def umap_figure(points: explore.UmapPoints, groups: list[str], hover: list[str],
 
 
 def score_distributions(scores: np.ndarray, types: list[str], threshold: float) -> go.Figure:
-    """One violin of image scores per type (normal included) and the threshold line."""
+    """One violin of image scores per type (normal included) and the threshold line.
+
+    A few scores far out in the tail (see `explore.display_cap`) are drawn at the cap, and the
+    axis title says how many, so they do not squeeze every other violin into a line.
+    """
     colours = group_colours(types)
     types_arr = np.asarray(types)
+    cap = explore.display_cap(scores, threshold)
+    shown = np.minimum(scores, cap)
     fig = go.Figure()
     for t in reversed(explore.type_order(types)):  # normal on top
-        fig.add_trace(go.Violin(x=scores[types_arr == t], name=t, orientation="h",
+        fig.add_trace(go.Violin(x=shown[types_arr == t], name=t, orientation="h",
                                 line_color=colours[t], box_visible=True, points=False,
                                 spanmode="hard"))
     fig.add_vline(x=threshold, line_dash="dash", line_color="black",
                   annotation_text="threshold", annotation_position="top")
-    fig.update_xaxes(title="anomaly score")
+    above = int((scores > cap).sum())
+    fig.update_xaxes(title="anomaly score" if not above else
+                     f"anomaly score ({above} above {cap:.1f}, up to {scores.max():.0f}, "
+                     "drawn at it)")
     fig.update_layout(showlegend=False)
     return _layout(fig, "Score distribution by type", height=80 + 60 * len(set(types)))
 
 
 def scale_profile(profile: pd.DataFrame) -> go.Figure:
-    """Mean standardised score of each scale, grouped by type."""
+    """Median standardised score of each scale, grouped by type."""
     colours = group_colours(list(profile.index))
     fig = go.Figure()
     for t, row in profile.iterrows():
         fig.add_trace(go.Bar(x=list(profile.columns), y=row.to_numpy(), name=str(t),
                              marker_color=colours[str(t)]))
     fig.update_layout(barmode="group")
-    fig.update_yaxes(title="mean standardised score")
+    fig.update_yaxes(title="median standardised score")
     return _layout(fig, "Which scale sees each type")
 
 

@@ -67,7 +67,7 @@ st.dataframe(
 
 left, right = st.columns(2)
 left.plotly_chart(charts.score_distributions(scores, test.types, threshold), key="cmp_dist")
-profile = explore.mean_scale_profile(scored.per_scale, test.types)
+profile = explore.median_scale_profile(scored.per_scale, test.types)
 right.plotly_chart(charts.scale_profile(profile), key="cmp_profile")
 
 st.plotly_chart(charts.roc_by_type(explore.roc_by_type(scores, labels, test.types, threshold),

@@ -71,8 +71,9 @@ from core.explore.runs import (  # noqa: F401
 from core.explore.stats import (  # noqa: F401
     TypeRoc,
     TypeStats,
+    display_cap,
     edge_cases,
-    mean_scale_profile,
+    median_scale_profile,
     roc_by_type,
     spread_examples,
     type_order,

@@ -94,13 +94,25 @@ def type_order(types: list[str]) -> list[str]:
     return ([NORMAL] if NORMAL in present else []) + sorted(present - {NORMAL})
 
 
-def mean_scale_profile(per_scale: dict[str, np.ndarray], types: list[str]) -> pd.DataFrame:
-    """Mean standardised score of every scale (columns) for every type (rows, normal first)."""
+def median_scale_profile(per_scale: dict[str, np.ndarray], types: list[str]) -> pd.DataFrame:
+    """Median standardised score of every scale (columns) for every type (rows, normal first).
+
+    The median, not the mean: one image a thousand deviations away (a contamination on MVTec
+    AD bottle) would otherwise set its type's bar and flatten every other one.
+    """
     types_arr = np.asarray(types)
     order = type_order(types)
-    data = {s: [float(np.mean(np.asarray(v)[types_arr == t])) for t in order]
+    data = {s: [float(np.median(np.asarray(v)[types_arr == t])) for t in order]
             for s, v in per_scale.items()}
     return pd.DataFrame(data, index=pd.Index(order, name="type"))
+
+
+def display_cap(scores: np.ndarray, threshold: float, reach: float = 3.0) -> float:
+    """Where a plot of `scores` may stop: `reach` times the 5-95 % spread beyond the larger of
+    the 95th percentile and the threshold, or the largest score if that is nearer."""
+    scores = np.asarray(scores, dtype=float)
+    low, high = np.quantile(scores, [0.05, 0.95])
+    return float(min(scores.max(), max(high, threshold) + reach * max(high - low, 1e-6)))
 
 
 def spread_examples(scores: np.ndarray, index: np.ndarray, k: int) -> list[int]:

@@ -37,12 +37,14 @@ def test_type_stats_against_sklearn():
     assert stats.n_normal == 40
 
 
-def test_mean_scale_profile_puts_normal_first():
-    types = ["style", "normal", "local", "normal"]
-    per_scale = {"layer2": np.array([1.0, 0.0, 3.0, 2.0]), "layer3": np.array([5, 1, 1, 1.0])}
-    df = ex.mean_scale_profile(per_scale, types)
+def test_median_scale_profile_puts_normal_first_and_ignores_one_outlier():
+    types = ["style", "normal", "local", "normal", "local", "local"]
+    per_scale = {"layer2": np.array([1.0, 0.0, 3.0, 2.0, 4.0, 900.0]),
+                 "layer3": np.array([5, 1, 1, 1.0, 2.0, 3.0])}
+    df = ex.median_scale_profile(per_scale, types)
     assert list(df.index) == ["normal", "local", "style"]
     assert df.loc["normal", "layer2"] == pytest.approx(1.0)
+    assert df.loc["local", "layer2"] == pytest.approx(4.0)  # not the mean, 302.3
     assert df.loc["style", "layer3"] == pytest.approx(5.0)
 
 
@@ -52,3 +54,11 @@ def test_spread_examples_and_sample_groups():
     assert ex.spread_examples(scores, np.array([2, 5]), 3) == [5, 2]
     groups = ex.sample_groups(["normal", "normal", "style"], torch.tensor([False, True, False]))
     assert groups == ["normal", ex.EDGE_CASE, "style"]
+
+
+def test_display_cap_cuts_a_far_tail_and_keeps_an_ordinary_one():
+    scores = np.r_[np.linspace(-1, 1, 95), np.linspace(2, 3, 4), 3000.0]
+    cap = ex.display_cap(scores, threshold=1.0)
+    assert 3.0 < cap < 3000  # every score but the far one stays below it
+    ordinary = np.linspace(-1, 3, 100)
+    assert ex.display_cap(ordinary, threshold=1.0) == pytest.approx(3.0)  # nothing cut
