@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core import explore
 from core.runs import load_run
 from tests.app.helpers import images, open_page
 
@@ -31,7 +32,9 @@ def test_edge_cases_overlays_and_matched_prototype(runs_dir: Path, tiny_run: Pat
     assert _scores(sample.options) == sorted(_scores(sample.options), reverse=True)
     overlay_row = [c for img in images(at) for c in img.captions][:len(scales) + 2]
     assert overlay_row[0] == "image"
-    assert [c.split(" · ")[0] for c in overlay_row[1:]] == [*scales, "combined"]
+    kept = explore.combined_scales(load_run(tiny_run).model)  # the map names what it weighs
+    combined = "combined" if kept == list(scales) else f"combined ({' + '.join(kept)})"
+    assert [c.split(" · ")[0] for c in overlay_row[1:]] == [*scales, combined]
     assert "pixel threshold" in " ".join(c.value for c in at.caption)
 
     at.segmented_control(key="dev_case").set_value("anomaly_lowest").run()

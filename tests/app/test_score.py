@@ -40,6 +40,8 @@ def test_uploads_are_scored_and_broken_files_named(runs_dir: Path, tiny_run: Pat
     captions = [c for img in at.main.image for c in img.captions if c]  # legend has none
     scales = run.model.scales
     assert captions[0] == "image"
-    assert [c.split(" · ")[0] for c in captions[1:len(scales) + 2]] == [*scales, "combined"]
+    kept = explore.combined_scales(run.model)  # the map names the scales it weighs
+    combined = "combined" if kept == list(scales) else f"combined ({' + '.join(kept)})"
+    assert [c.split(" · ")[0] for c in captions[1:len(scales) + 2]] == [*scales, combined]
     nearest = [c for c in captions if c.startswith("prototype #")]
     assert len(nearest) == 3 * len(scales)  # three nearest prototypes per scale
