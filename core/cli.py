@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder to create (must not hold a run)")
     t.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a stopped run from its checkpoint, with its own settings")
+    t.add_argument("--no-explore", dest="explore", action="store_false",
+                   help="skip the explorer's galleries and UMAP views (the app computes them "
+                        "on the run's first visit)")
 
     e = sub.add_parser("evaluate", help="recompute RUN_DIR/metrics.json")
     e.add_argument("run_dir")
@@ -226,9 +229,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             if args.resume:
-                metrics = resume_run(out, progress, stop, dist)
+                metrics = resume_run(out, progress, stop, dist, explore=args.explore)
             else:
-                metrics = train_run(cfg, out, progress, stop, dist=dist)
+                metrics = train_run(cfg, out, progress, stop, dist=dist, explore=args.explore)
     finally:
         for bar in bars.values():
             bar.close()

@@ -23,6 +23,15 @@ def _single_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_image_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One image cache for the session and the processes it starts: the built-in shapes are
+    drawn once per size, and nothing is written under the user's home."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANOMEM_CACHE", str(tmp_path_factory.mktemp("anomem-cache")))
+        yield
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Pin one thread again before each test and its fixtures: fitting a UMAP (numba) puts

@@ -15,18 +15,24 @@ flagged as such, so the explorer can show how the memory keeps them.
 from __future__ import annotations
 
 import colorsys
+import hashlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from core.data.base import Pool
+from core.data.imageio import default_cache_dir
+from core.files import atomic_path
 
 CLASSES = ("circle", "square", "triangle", "cross")
 SIZES = {  # images per class and split: (normal, style, local)
     "train": (1200, 60, 60),
     "test": (200, 100, 100),
 }
+SPLITS = ("train", "test")
+VARIANTS = ("", "style", "local")  # normal, then the style and local anomalies of a class
 OBJECT_TEST_PER_CLASS = 100  # clean images of each other class in a test set
 EDGE_SHARE = 0.05
 _SEED = 20221117
@@ -42,28 +48,87 @@ def anomaly_types(root: Path | None = None) -> list[str]:
 
 
 def load_pools(root: Path | None, image_size: int, progress=None) -> tuple[Pool, Pool]:
-    """Generate the train and test pools of every class at `image_size` pixels."""
+    """The train and test pools of every class at `image_size` pixels.
+
+    Drawing them takes seconds, so the arrays are kept in the on-disk image cache
+    (`ANOMEM_CACHE`), keyed on this module's source, NumPy's version and the size: any change
+    to how shapes are drawn draws them again.
+    """
+    arrays = _read_cache(image_size)
+    if arrays is None:
+        arrays = _render_all(image_size, progress)
+        _write_cache(image_size, arrays)
+    elif progress:
+        progress("read the shapes from the cache", 1.0)
     pools = []
-    for split_id, split in enumerate(("train", "test")):
-        parts = []
-        for class_id, name in enumerate(CLASSES):
-            for variant_id, (variant, n) in enumerate(zip(("", "style", "local"), SIZES[split],
-                                                          strict=True)):
-                rng = np.random.default_rng([_SEED, split_id, class_id, variant_id])
-                parts.append(_render(rng, class_id, n, image_size, variant, split))
-            if progress:
-                progress(f"generating {split} {name}", (split_id * 4 + class_id + 1) / 8)
-        images = torch.from_numpy(np.concatenate([p["images"] for p in parts]))
-        masks = torch.from_numpy(np.concatenate([p["masks"] for p in parts]))
+    for split in SPLITS:
+        labels = [(name, variant, i) for name in CLASSES
+                  for variant, n in zip(VARIANTS, SIZES[split], strict=True) for i in range(n)]
         pools.append(Pool(
-            images=images,
-            classes=[c for p in parts for c in p["classes"]],
-            names=[n for p in parts for n in p["names"]],
-            masks=masks,
-            edge=torch.from_numpy(np.concatenate([p["edge"] for p in parts])),
-            kinds=[k for p in parts for k in p["kinds"]],
+            images=torch.from_numpy(arrays[f"{split}_images"]),
+            classes=[name for name, _, _ in labels],
+            names=[f"shapes/{split}/{name}/{variant or 'normal'}/{i:04d}"
+                   for name, variant, i in labels],
+            masks=torch.from_numpy(arrays[f"{split}_masks"]),
+            edge=torch.from_numpy(arrays[f"{split}_edge"]),
+            kinds=[variant for _, variant, _ in labels],
         ))
     return pools[0], pools[1]
+
+
+def _render_all(image_size: int, progress=None) -> dict[str, np.ndarray]:
+    """{"train_images", "train_masks", "train_edge", "test_...": arrays} of every class."""
+    arrays = {}
+    for split_id, split in enumerate(SPLITS):
+        parts = []
+        for class_id, name in enumerate(CLASSES):
+            for variant_id, (variant, n) in enumerate(zip(VARIANTS, SIZES[split], strict=True)):
+                rng = np.random.default_rng([_SEED, split_id, class_id, variant_id])
+                parts.append(_render(rng, class_id, n, image_size, variant))
+            if progress:
+                progress(f"generating {split} {name}", (split_id * 4 + class_id + 1) / 8)
+        for key in ("images", "masks", "edge"):
+            arrays[f"{split}_{key}"] = np.concatenate([p[key] for p in parts])
+    return arrays
+
+
+def _cache_file(image_size: int) -> Path:
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(f"numpy {np.__version__} size {image_size}".encode())
+    return default_cache_dir() / f"shapes-{digest.hexdigest()[:32]}.npz"
+
+
+def _read_cache(image_size: int) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when they are missing or not what was written."""
+    path = _cache_file(image_size)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {key: saved[key] for key in saved.files}
+        for split in SPLITS:
+            n = len(CLASSES) * sum(SIZES[split])
+            expected = {"images": ((n, 3, image_size, image_size), np.uint8),
+                        "masks": ((n, image_size, image_size), np.uint8),
+                        "edge": ((n,), np.bool_)}
+            for key, (shape, dtype) in expected.items():
+                array = arrays[f"{split}_{key}"]
+                if array.shape != shape or array.dtype != dtype:
+                    return None
+    except Exception:  # a broken cache entry is a miss, never an error
+        return None
+    return arrays
+
+
+def _write_cache(image_size: int, arrays: dict[str, np.ndarray]) -> None:
+    """Store the arrays atomically; a cache that cannot be written only costs a warning."""
+    path = _cache_file(image_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as err:
+        warnings.warn(f"shapes cache not written to '{path.parent}': {err}", stacklevel=3)
 
 
 def for_normal_class(train: Pool, test: Pool, normal: str) -> tuple[Pool, Pool]:
@@ -89,9 +154,9 @@ def for_normal_class(train: Pool, test: Pool, normal: str) -> tuple[Pool, Pool]:
     return pools[0], pools[1]
 
 
-def _render(rng: np.random.Generator, class_id: int, n: int, size: int, variant: str,
-            split: str) -> dict:
-    """Draw `n` images of one class and variant; returns uint8 (n, 3, size, size) and masks."""
+def _render(rng: np.random.Generator, class_id: int, n: int, size: int, variant: str
+            ) -> dict[str, np.ndarray]:
+    """Draw `n` images of one class and variant: uint8 (n, 3, size, size), masks, edge flags."""
     ss = 2  # supersampling for anti-aliased edges
     grid = (np.arange(size * ss) + 0.5) / (size * ss)
     y, x = np.meshgrid(grid, grid, indexing="ij")  # (S, S) in [0, 1]
@@ -152,16 +217,7 @@ def _render(rng: np.random.Generator, class_id: int, n: int, size: int, variant:
     image = image + rng.normal(0, 0.02, image.shape)
     images = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
     masks = (defect >= 0.5).astype(np.uint8)
-    name = CLASSES[class_id]
-    tag = variant or "normal"
-    return {
-        "images": images,
-        "masks": masks,
-        "edge": edge,
-        "classes": [name] * n,
-        "kinds": [variant] * n,
-        "names": [f"shapes/{split}/{name}/{tag}/{i:04d}" for i in range(n)],
-    }
+    return {"images": images, "masks": masks, "edge": edge}
 
 
 def _shape_mask(class_id: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:

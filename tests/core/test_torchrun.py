@@ -25,8 +25,8 @@ ARGS = ["train", "--epochs", "3", "--max-train", "400", "--device", "cpu", "--se
 
 def anomem(out: Path, processes: int) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if processes == 1:
-        cmd = [sys.executable, "-m", "core.cli", *ARGS, "--out", str(out)]
+    if processes == 1:  # the reference run: only its model and metrics are compared
+        cmd = [sys.executable, "-m", "core.cli", *ARGS, "--no-explore", "--out", str(out)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={processes}", "-m", "core.cli", *ARGS, "--out", str(out)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,12 +39,46 @@ def test_classes() -> None:
     assert list_classes("shapes") == shapes.classes()
 
 
-def test_generation_is_deterministic() -> None:
-    first, second = shapes.load_pools(None, 8), shapes.load_pools(None, 8)
+def assert_same_pools(first: tuple[Pool, Pool], second: tuple[Pool, Pool]) -> None:
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a.images, b.images)
         assert torch.equal(a.masks, b.masks) and torch.equal(a.edge, b.edge)
         assert a.names == b.names and a.classes == b.classes and a.kinds == b.kinds
+
+
+def test_generation_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANOMEM_CACHE", str(tmp_path / "one"))
+    first = shapes.load_pools(None, 8)
+    monkeypatch.setenv("ANOMEM_CACHE", str(tmp_path / "two"))  # drawn again, not read back
+    assert_same_pools(first, shapes.load_pools(None, 8))
+
+
+def test_drawn_shapes_are_read_back_from_the_cache_and_a_broken_entry_is_drawn_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANOMEM_CACHE", str(tmp_path))
+    drawn = shapes.load_pools(None, 8)
+    [entry] = tmp_path.glob("shapes-*.npz")
+
+    def no_drawing(*args, **kwargs):
+        raise AssertionError("drew the shapes again instead of reading the cache")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shapes, "_render_all", no_drawing)
+        assert_same_pools(drawn, shapes.load_pools(None, 8))
+    entry.write_bytes(b"not an npz file")
+    assert shapes._read_cache(8) is None
+    assert_same_pools(drawn, shapes.load_pools(None, 8))
+    assert shapes._read_cache(8) is not None  # written again
+
+
+def test_a_cache_that_cannot_be_written_only_warns(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("ANOMEM_CACHE", str(blocker / "cache"))
+    with pytest.warns(UserWarning, match="shapes cache not written"):
+        train, test = shapes.load_pools(None, 8)
+    assert len(train) and len(test)
 
 
 def test_pool_sizes_and_layout(pools: tuple[Pool, Pool]) -> None:
