@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 7
+CONFIG_VERSION = 8
 # The fields each version added, and the values that reproduce a run stored before it.
 ADDED_IN = {
     2: [("model", "local_map", "shared")],
@@ -24,6 +24,7 @@ ADDED_IN = {
     5: [("lineage", None, {"parent": None, "marks": []})],  # a section: name None
     6: [("model", "rotation", False), ("train", "w_rotation", 1.0)],
     7: [("model", "map_weights", False)],
+    8: [("model", "pixel_layout", False)],
 }
 # Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
@@ -63,6 +64,9 @@ class ModelConfig:
     # image's term being its cosine distance to the nearest of them (0: no pixel scale)
     pixel_memory: int = 4096
     pixel_size: int = 32
+    # The pixel scale's layout term: the image pooled to the layout grid, under a Gaussian of
+    # normal images (core/model/pixels.py)
+    pixel_layout: bool = True
     # A 4-way rotation head on the deepest stage (RotNet / GEOM): trained in stage 1, and how
     # badly it recognises an image's rotations is one more term of the detector
     rotation: bool = False

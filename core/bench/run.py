@@ -534,7 +534,8 @@ def _types_table(rows: list[dict]) -> str:
 
 
 GENERAL_COLUMNS = ("AnoMem", "AnoMem, fixed weights", "AnoMem, learned weights",
-                   "AnoMem, pixels/knn only", "kNN (pixels, k=2)", "IForest (16x16 px)",
+                   "AnoMem, pixels/knn only", "AnoMem, pixels/layout only",
+                   "kNN (pixels, k=2)", "IForest (16x16 px)",
                    "OCSVM (16x16 px, nu=0.1)", "Deep SVDD")
 SHALLOW = ("kNN (pixels, k=2)", "IForest (16x16 px)", "OCSVM (16x16 px, nu=0.1)")
 

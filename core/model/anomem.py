@@ -14,7 +14,7 @@ from core.config import ModelConfig
 from core.model.backbone import build_backbone
 from core.model.detector import AnomalyDetector, Scores
 from core.model.memory import HopfieldMemory, MemoryRead
-from core.model.pixels import PixelMemory
+from core.model.pixels import PixelLayout, PixelMemory
 
 
 class ProjectionHead(nn.Module):
@@ -44,15 +44,19 @@ class AnoMem(nn.Module):
         grids = {s: min(cfg.layout_grid, self.map_size(s)) for s in cfg.scales}
         positions = {s: self.map_size(s) ** 2 if cfg.local_map == "positional" else 0
                      for s in cfg.scales}
-        # The pixel scale: a memory of normal thumbnails, filled by stage 2 (not learnt)
+        # The pixel scale: a memory of normal thumbnails and a Gaussian of the image on the
+        # layout grid, both fitted by stage 2 (not learnt)
         self.pixels = (PixelMemory(cfg.in_channels, cfg.pixel_size, cfg.pixel_memory)
                        if cfg.pixel_memory else None)
+        self.pixel_layout = (PixelLayout(cfg.in_channels, min(cfg.layout_grid, cfg.image_size))
+                             if cfg.pixel_layout else None)
         # Which of four rotations an image shows, read from its deepest stage, pooled
         self.deepest = f"layer{self.backbone.last}"
         self.rotation = nn.Linear(channels[self.deepest], 4) if cfg.rotation else None
         self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank,
                                         cfg.local_weight, cfg.layout_source, positions,
                                         pixel=self.pixels is not None,
+                                        pixel_layout=self.pixel_layout is not None,
                                         rotation=self.rotation is not None,
                                         map_weights=cfg.map_weights)
 
@@ -75,13 +79,16 @@ class AnoMem(nn.Module):
 
     def read(self, images: torch.Tensor) -> tuple[dict[str, MemoryRead], torch.Tensor | None]:
         """The memory reads of every scale and the raw image-level terms (B, E) the detector
-        adds to them: the pixel distance, then the rotation loss (None when it has neither).
+        adds to them: the pixel distances (kNN, layout), then the rotation loss (None when it
+        has none of them).
         The backbone runs once for the reads and the upright rotation."""
         features = self.backbone(images)
         reads = {s: self.memories[s](features[s]) for s in self.scales}
         extra = []
         if self.pixels is not None:
             extra.append(self.pixels.distance(images))
+        if self.pixel_layout is not None:
+            extra.append(self.pixel_layout.distance(images))
         if self.rotation is not None:
             extra.append(self.rotation_loss(images, features))
         return reads, torch.stack(extra, dim=1) if extra else None

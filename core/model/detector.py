@@ -44,7 +44,8 @@ from core.model.memory import MemoryRead
 
 TERMS = ("local", "layout")  # per scale: top-k deviation distances, coarse-map distance
 N_SCORES = len(TERMS)
-PIXEL_TERM = "pixels/knn"  # the pixel scale's one term (core/model/pixels.py), when present
+PIXEL_TERM = "pixels/knn"  # the pixel scale's terms (core/model/pixels.py), when present
+PIXEL_LAYOUT_TERM = "pixels/layout"
 ROTATION_TERM = "rotation/loss"  # the rotation head's loss over an image's rotations, when present
 
 
@@ -208,7 +209,8 @@ class AnomalyDetector(nn.Module):
     """Per-scale detectors, their combination, an optional classifier, the thresholds.
 
     Image-level terms follow the per-scale ones as the last columns of `features`: with
-    `pixel`, the pixel scale's distance (core/model/pixels.py); with `rotation`, the rotation
+    `pixel` and `pixel_layout`, the pixel scale's distances (core/model/pixels.py); with
+    `rotation`, the rotation
     head's loss (`AnoMem.rotation_loss`). Each is standardised on its own and weighs like a
     scale.
     """
@@ -216,22 +218,20 @@ class AnomalyDetector(nn.Module):
     def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int,
                  local_weight: float = 0.0, layout_source: str = "query",
                  positions: dict[str, int] | None = None, pixel: bool = False,
-                 rotation: bool = False, map_weights: bool = False) -> None:
+                 rotation: bool = False, map_weights: bool = False,
+                 pixel_layout: bool = False) -> None:
         super().__init__()
         self.scales = tuple(grids)
         self.layout_source = layout_source
         self.local_weight = local_weight
-        self.pixel, self.rotation = pixel, rotation
+        self.pixel, self.pixel_layout, self.rotation = pixel, pixel_layout, rotation
         positions = positions or {}
         self.per_scale = nn.ModuleDict({
             s: ScaleDetector(dim, topk_ratio, g, rank, positions.get(s, 0))
             for s, g in grids.items()})
-        if pixel:  # the pixel term's normal distance, for its standardisation
-            self.register_buffer("pixel_loc", torch.zeros(()))
-            self.register_buffer("pixel_scale", torch.ones(()))
-        if rotation:
-            self.register_buffer("rotation_loc", torch.zeros(()))
-            self.register_buffer("rotation_scale", torch.ones(()))
+        for name in self._extra_names():  # each image-level term's normal value and spread
+            self.register_buffer(f"{name}_loc", torch.zeros(()))
+            self.register_buffer(f"{name}_scale", torch.ones(()))
         self.register_buffer("weights", self.fixed_weights())
         if map_weights:  # each scale's share of the pixel map (stage 2 chooses; else equal)
             self.register_buffer("map_weights", torch.full((len(self.scales),),
@@ -252,7 +252,13 @@ class AnomalyDetector(nn.Module):
     @property
     def extra_terms(self) -> list[str]:
         """The image-level terms, in the order of `AnoMem.read`'s extra columns."""
-        return [PIXEL_TERM] * self.pixel + [ROTATION_TERM] * self.rotation
+        return ([PIXEL_TERM] * self.pixel + [PIXEL_LAYOUT_TERM] * self.pixel_layout
+                + [ROTATION_TERM] * self.rotation)
+
+    def _extra_names(self) -> list[str]:
+        """Buffer prefixes of the image-level terms, in column order."""
+        return (["pixel"] * self.pixel + ["pixel_layout"] * self.pixel_layout
+                + ["rotation"] * self.rotation)
 
     @property
     def n_terms(self) -> int:
@@ -276,8 +282,7 @@ class AnomalyDetector(nn.Module):
 
     def extra_buffers(self, kind: str) -> list[torch.Tensor]:
         """The image-level terms' "loc" or "scale" buffers, in column order."""
-        names = ["pixel"] * self.pixel + ["rotation"] * self.rotation
-        return [getattr(self, f"{name}_{kind}") for name in names]
+        return [getattr(self, f"{name}_{kind}") for name in self._extra_names()]
 
     def features(self, reads: dict[str, MemoryRead], extra: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -1,12 +1,18 @@
-"""The pixel scale: a memory of normal images themselves, as small thumbnails.
+"""The pixel scale: two terms on the image itself, beside the learnt scales' terms.
 
-The learnt memories read feature maps; this one reads the image. Its prototypes are not learnt:
+`PixelMemory` (kNN): the learnt memories read feature maps; this one reads the image. Its
+prototypes are not learnt:
 they are up to `ModelConfig.pixel_memory` normal training images, area-resized to
 `pixel_size` pixels a side and scaled to unit norm. Read like a Hopfield memory at infinite
 inverse temperature (each query retrieves its nearest prototypes), it gives every image one
 term: the mean cosine distance to its k nearest stored normals. That is cosine kNN on pixels,
 the simplest detector there is, kept as one more scale so that the detector always has a term
 at least as good as pixels, and stage 2 decides how much it counts.
+
+`PixelLayout` (layout): like each learnt scale's layout term, the image average-pooled to the
+layout grid and scored under a Gaussian fitted to normal images (Ledoit-Wolf shrinkage, as the
+local terms). It sees an image's coarse arrangement of brightness and colour, where kNN
+compares fine detail and ignores global brightness (cosine similarity).
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from core.model.detector import fit_gaussian, mahalanobis
 
 
 class PixelMemory(nn.Module):
@@ -56,3 +64,33 @@ class PixelMemory(nn.Module):
             return torch.zeros(len(images), device=images.device)
         sims = self.thumbnails(images) @ self.bank[:n].float().T  # (B, D) @ (D, n) -> (B, n)
         return 1 - sims.topk(min(self.k, n), dim=1).values.mean(1)
+
+
+class PixelLayout(nn.Module):
+    """The image on a coarse grid under a Gaussian of normal images: the pixel scale's layout."""
+
+    def __init__(self, channels: int, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+        dim = channels * grid * grid
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("precision", torch.eye(dim))
+
+    def layout(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B, C * grid * grid)."""
+        return F.adaptive_avg_pool2d(images.float(), self.grid).flatten(1)
+
+    @torch.no_grad()
+    def fit(self, images: torch.Tensor, batch: int = 512) -> None:
+        """Fit the Gaussian to normal images (N, C, H, W), uint8 or in [0, 1]."""
+        rows = []
+        for i in range(0, len(images), batch):
+            x = images[i:i + batch].to(self.mean.device)
+            rows.append(self.layout(x.float() / 255 if x.dtype == torch.uint8 else x))
+        mean, precision = fit_gaussian(torch.cat(rows))
+        self.mean.copy_(mean)
+        self.precision.copy_(precision)
+
+    def distance(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in [0, 1] -> (B,) Mahalanobis distance of the image's layout."""
+        return mahalanobis(self.layout(images), self.mean, self.precision)

@@ -1,7 +1,7 @@
 """Stage 2: fit the anomaly distance detector on the trained encoder and memories.
 
 In order:
-1. the pixel memory stores normal thumbnails (core/model/pixels.py);
+1. the pixel scale stores normal thumbnails and fits its layout Gaussian (core/model/pixels.py);
 2. each scale's Gaussians are fitted to the `fit` images' deviations and layouts;
 3. every term is standardised on held-out `calibration` normals (images stage 1 never saw);
 4. the terms are weighed (`TrainConfig.combine`): fixed weights, or weights learnt against
@@ -91,6 +91,8 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     check_stop()
     if model.pixels is not None:  # every rank stores the same images: one seed for all
         model.pixels.store(fit.to(device), torch.Generator().manual_seed(tc.seed))
+    if model.pixel_layout is not None:  # all of `fit` on every rank: the same Gaussian
+        model.pixel_layout.fit(fit.to(device))
     _fit_gaussians(model, fit, device, g, dist, progress)
     check_stop()
     _standardise(model, calibration, device, dist)

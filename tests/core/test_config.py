@@ -296,6 +296,14 @@ def test_a_version_5_config_has_no_rotation_head() -> None:
     assert (cfg.model.rotation, cfg.train.w_rotation, cfg.version) == (False, 1.0, CONFIG_VERSION)
 
 
+def test_a_version_7_config_has_no_pixel_layout_term() -> None:
+    old = RunConfig().to_dict()
+    del old["model"]["pixel_layout"]
+    old["version"] = 7
+    assert RunConfig.from_dict(old).model.pixel_layout is False
+    assert RunConfig().model.pixel_layout is True
+
+
 def test_overrides_set_any_field_and_run_the_checks_again() -> None:
     cfg = with_overrides(RunConfig(), ["model.rotation=true", "train.lr=0.01",
                                        "data.normal_class=cat", "train.augment.flip=false"])

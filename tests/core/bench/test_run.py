@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,10 @@ def test_every_method_gets_one_row_with_per_type_aurocs(shapes_bench) -> None:
     assert {"AnoMem, layer2 only", "AnoMem, layer3 only", "AnoMem, layer4 only",
             "AnoMem, no memory (encoder + kNN)", "AnoMem, no stage 2 (deviation norm)",
             "kNN (pixels, k=2)", "Deep SVDD", "AnoMem, fixed weights", "AnoMem, learned weights",
-            "AnoMem, pixels/knn only", "AnoMem, layer3/local only"} <= set(methods)
-    # AnoMem, 3 scales, 2 ablations, 2 weightings, 7 terms alone, 4 peers
-    assert len(methods) == 1 + 3 + 2 + 2 + 7 + 4
+            "AnoMem, pixels/knn only", "AnoMem, pixels/layout only",
+            "AnoMem, layer3/local only"} <= set(methods)
+    # AnoMem, 3 scales, 2 ablations, 2 weightings, 8 terms alone, 4 peers
+    assert len(methods) == 1 + 3 + 2 + 2 + 8 + 4
     for r in got:
         assert list(r) == list(COLUMNS)
         assert 0 <= float(r["auroc"]) <= 1
@@ -88,6 +91,34 @@ def test_a_missing_row_is_rerun_from_the_saved_model(shapes_bench,
     bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lambda line: None)
     again = Results.load(out / "results.csv").rows
     assert {k: v["auroc"] for k, v in again.items()} == expected
+
+
+def test_refit_stage2_changes_the_detector_and_nothing_else(shapes_bench, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    """benchmarks/refit_stage2.py: stage 2 fitted again on a finished bench's encoders."""
+    spec = importlib.util.spec_from_file_location(
+        "refit_stage2", Path(__file__).parents[3] / "benchmarks" / "refit_stage2.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "bench"
+    shutil.copytree(shapes_bench[0], out)
+    run = out / "runs" / "shapes-circle-one-class"
+    auroc = json.loads((run / "metrics.json").read_text())["auroc"]
+    assert script.refit(run, [], "cpu") == (auroc, auroc)  # the same detector, refitted
+
+    before, after = script.refit(run, ["model.pixel_layout=false"], "cpu")
+    assert before == auroc
+    assert json.loads((run / "config.json").read_text())["model"]["pixel_layout"] is False
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["auroc"] == after and "pixels/layout" not in metrics["auroc_by_term"]
+    assert metrics["stage2_refit"]["settings"] == ["model.pixel_layout=false"]
+
+    assert script.drop_anomem_rows(out / "results.csv", {run.name}) == 1
+    monkeypatch.setattr(bench_run, "train_run", lambda *a, **k: pytest.fail("retrained"))
+    bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lambda line: None)
+    again = {r["method"]: float(r["auroc"]) for r in rows(out)}
+    assert again[ANOMEM] == pytest.approx(after, abs=1e-4)  # the CSV keeps 4 decimals
 
 
 def test_plan_skips_absent_data_and_says_why(tmp_path: Path) -> None:

@@ -62,7 +62,8 @@ def test_score_is_the_detector_on_the_reads_of_forward(tiny_cfg: ModelConfig) ->
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         reads = model(images)
-        expected = model.detector(reads, (32, 32), model.pixels.distance(images)[:, None])
+        pixel_terms = [model.pixels.distance(images), model.pixel_layout.distance(images)]
+        expected = model.detector(reads, (32, 32), torch.stack(pixel_terms, dim=1))
         scores = model.score(images)
     torch.testing.assert_close(scores.image, expected.image)
     torch.testing.assert_close(scores.pixel_map, expected.pixel_map)
@@ -111,12 +112,12 @@ def test_detector_options_come_from_the_model_config(
     assert (ModelConfig().layout_grid, ModelConfig().layout_rank) == (8, 256)
     model = AnoMem(make_model_config(local_weight=0.25, layout_source="deviation"))
     assert model.detector.layout_source == "deviation"
-    n = len(model.scales)  # and the pixel scale, one term weighing as much as a scale
+    n = len(model.scales)  # and the pixel scale's two terms, each weighing as much as a scale
     torch.testing.assert_close(model.detector.weights,
-                               torch.cat([torch.tensor([0.25, 0.75]).repeat(n), torch.ones(1)])
-                               / (n + 1))
-    model = AnoMem(make_model_config(local_weight=0.25, pixel_memory=0))
-    assert model.pixels is None
+                               torch.cat([torch.tensor([0.25, 0.75]).repeat(n), torch.ones(2)])
+                               / (n + 2))
+    model = AnoMem(make_model_config(local_weight=0.25, pixel_memory=0, pixel_layout=False))
+    assert model.pixels is None and model.pixel_layout is None
     torch.testing.assert_close(model.detector.weights,
                                torch.tensor([0.25, 0.75]).repeat(n) / n)
 
@@ -170,7 +171,7 @@ def test_model_sources_do_not_import_the_trainer() -> None:
 def test_the_rotation_term_is_the_heads_loss_over_four_quarter_turns(
         make_model_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(2)
-    model = AnoMem(make_model_config(rotation=True, pixel_memory=0)).eval()
+    model = AnoMem(make_model_config(rotation=True, pixel_memory=0, pixel_layout=False)).eval()
     images = torch.rand(3, 3, 32, 32)
     with torch.no_grad():
         reads, extra = model.read(images)
@@ -189,10 +190,10 @@ def test_image_level_terms_weigh_like_a_scale(
         make_model_config: Callable[..., ModelConfig]) -> None:
     model = AnoMem(make_model_config(rotation=True, pixel_memory=64))
     det = model.detector
-    assert det.extra_terms == ["pixels/knn", "rotation/loss"]
+    assert det.extra_terms == ["pixels/knn", "pixels/layout", "rotation/loss"]
     w = det.fixed_weights()
     assert w.sum().item() == pytest.approx(1.0)
-    assert w[-1] == w[-2] == w[1]  # each as much as a scale's layout term (local weight 0)
+    assert w[-1] == w[-2] == w[-3] == w[1]  # each as much as a scale's layout term
     reads, extra = model.eval().read(torch.rand(2, 3, 32, 32))
     with pytest.raises(ValueError, match="rotation/loss"):
         det.features(reads, extra[:, :1])  # one column short

@@ -1,11 +1,13 @@
-"""core/model/pixels.py: the pixel scale's memory is cosine kNN on thumbnails."""
+"""core/model/pixels.py: the pixel scale's memory is cosine kNN on thumbnails; its layout term
+a Gaussian of the image on a coarse grid."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
 
-from core.model.pixels import PixelMemory
+from core.model.pixels import PixelLayout, PixelMemory
 
 
 def test_distance_is_cosine_knn_on_the_stored_thumbnails() -> None:
@@ -41,3 +43,28 @@ def test_a_full_memory_keeps_a_random_subset_and_an_empty_one_scores_zero() -> N
 def test_small_images_are_upsampled_to_the_thumbnail_size() -> None:
     memory = PixelMemory(channels=3, size=16, capacity=4)
     assert memory.thumbnails(torch.rand(2, 3, 8, 8)).shape == (2, 3 * 16 * 16)
+
+
+def test_layout_is_a_ledoit_wolf_gaussian_of_the_pooled_image() -> None:
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randint(0, 256, (80, 3, 16, 16), dtype=torch.uint8, generator=g)
+    queries = torch.rand(6, 3, 16, 16, generator=g)
+    layout = PixelLayout(channels=3, grid=4)
+    layout.fit(normals, batch=32)  # in batches: the same as in one
+    pooled = torch.nn.functional.avg_pool2d(normals.float() / 255, 4).flatten(1).double()
+    reference = LedoitWolf().fit(pooled.numpy()).mahalanobis(
+        torch.nn.functional.avg_pool2d(queries, 4).flatten(1).double().numpy())
+    np.testing.assert_allclose(layout.distance(queries).double().numpy() ** 2, reference,
+                               rtol=1e-3)
+
+
+def test_layout_finds_brightness_in_the_wrong_place() -> None:
+    g = torch.Generator().manual_seed(1)
+    noise = torch.rand(120, 1, 16, 16, generator=g) * 0.2
+    left = noise.clone()
+    left[..., :8] += 0.6  # normal: bright on the left
+    right = noise.clone()
+    right[..., 8:] += 0.6  # the same brightness on the right: every pixel value seen before
+    layout = PixelLayout(channels=1, grid=4)
+    layout.fit(left[:100])
+    assert layout.distance(right[100:]).min() > layout.distance(left[100:]).max()

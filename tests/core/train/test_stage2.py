@@ -12,7 +12,7 @@ from core.train import stage2
 from core.train.distributed import Dist
 
 TINY = dict(image_size=16, width=0.125, memory_size=4, memory_dim=4, head_dim=4,
-            scales=("layer2", "layer3"), pixel_memory=0)
+            scales=("layer2", "layer3"), pixel_memory=0, pixel_layout=False)
 
 
 def fake_terms(monkeypatch: pytest.MonkeyPatch, shifts: dict[str, list[float]], n: int = 200,
