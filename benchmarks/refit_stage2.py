@@ -19,16 +19,15 @@ AUROCs are printed and written to `BENCH_OUT/refit.md`.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from core.artefacts import ARTEFACTS
-from core.bench.run import ANOMEM, COLUMNS, Cell, Results
+from core.bench.run import ANOMEM, Cell, Results
 from core.config import RunConfig, with_overrides
 from core.data import load_split
 from core.files import write_atomic
@@ -48,29 +47,28 @@ from core.runs import (
 from core.train.stage2 import fit_detector
 from core.train.trainer import resolve_device, split_normals
 
+# What stage 2 fits; every other tensor of a run is stage 1's and is kept as it is.
+STAGE2 = ("detector.", "pixels.", "pixel_layout.")
+
 
 def refit(run: Path, overrides: list[str], device: str) -> tuple[float, float]:
     """Stage 2 of the finished run `run` fitted again under `overrides`; (AUROC before, after)."""
-    from safetensors.torch import load_file
-
     with run_lock(run):
         old = read_json(run / METRICS)
         cfg: RunConfig = with_overrides(read_config(run), overrides)
         split = load_split(cfg.data)
         model = AnoMem(cfg.model)
         # the encoder, memories and heads; the detector and the pixel scale are fitted below
-        stage1 = {k: v for k, v in load_file(run / WEIGHTS).items()
-                  if not k.startswith(("detector.", "pixels.", "pixel_layout."))}
+        stage1 = {k: v for k, v in load_file(run / WEIGHTS).items() if not k.startswith(STAGE2)}
         missing, unexpected = model.load_state_dict(stage1, strict=False)
         assert not unexpected, unexpected
-        assert all(k.startswith(("detector.", "pixels.", "pixel_layout.")) for k in missing)
+        assert all(k.startswith(STAGE2) for k in missing)
         dev = resolve_device(device)
         model = model.to(dev, memory_format=torch.channels_last)
         tc, train = cfg.train, split.train
         fit_idx, cal_idx = split_normals(train, tc.holdout, tc.seed)
         anomalies = train.images[np.flatnonzero(train.labels.numpy() == 1)]
         start = time.perf_counter()
-        torch.manual_seed(tc.seed)
         report = fit_detector(model, train.images[fit_idx], train.images[cal_idx], anomalies,
                               tc, dev)
         seconds = time.perf_counter() - start
@@ -91,21 +89,18 @@ def refit(run: Path, overrides: list[str], device: str) -> tuple[float, float]:
 def drop_anomem_rows(results_csv: Path, slugs: set[str]) -> int:
     """Remove the AnoMem rows of the refitted runs' cells; returns how many were removed."""
     results = Results.load(results_csv)
-    keep, dropped = [], 0
-    for row in results.rows.values():
-        cell = Cell(row["suite"], row["dataset"], None, row["normal_class"], row["setting"],
-                    float(row["ratio"] or 0), tuple(c for c in row["anomaly_classes"].split(",")
-                                                    if c))
-        if row["method"] == ANOMEM and cell.slug in slugs:
-            dropped += 1
-            continue
-        keep.append(row)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(keep)
-    write_atomic(results_csv, buf.getvalue())
-    return dropped
+    before = len(results.rows)
+    results.rows = {key: row for key, row in results.rows.items()
+                    if row["method"] != ANOMEM or _slug(row) not in slugs}
+    results.save()
+    return before - len(results.rows)
+
+
+def _slug(row: dict) -> str:
+    """The run folder name of a results.csv row's cell."""
+    labelled = tuple(c for c in row["anomaly_classes"].split(",") if c)
+    return Cell(row["suite"], row["dataset"], None, row["normal_class"], row["setting"],
+                float(row["ratio"] or 0), labelled).slug
 
 
 def main() -> None:

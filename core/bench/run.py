@@ -154,6 +154,10 @@ class Results:
 
     def add(self, row: dict) -> None:
         self.rows[_row_key(row)] = {c: _fmt(row.get(c)) for c in COLUMNS}
+        self.save()
+
+    def save(self) -> None:
+        """Rewrite results.csv (atomically) from `rows`."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
         writer.writeheader()

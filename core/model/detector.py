@@ -210,9 +210,8 @@ class AnomalyDetector(nn.Module):
 
     Image-level terms follow the per-scale ones as the last columns of `features`: with
     `pixel` and `pixel_layout`, the pixel scale's distances (core/model/pixels.py); with
-    `rotation`, the rotation
-    head's loss (`AnoMem.rotation_loss`). Each is standardised on its own and weighs like a
-    scale.
+    `rotation`, the rotation head's loss (`AnoMem.rotation_loss`). Each is standardised on its
+    own and weighs like a scale.
     """
 
     def __init__(self, dim: int, topk_ratio: float, grids: dict[str, int], rank: int,
@@ -229,7 +228,7 @@ class AnomalyDetector(nn.Module):
         self.per_scale = nn.ModuleDict({
             s: ScaleDetector(dim, topk_ratio, g, rank, positions.get(s, 0))
             for s, g in grids.items()})
-        for name in self._extra_names():  # each image-level term's normal value and spread
+        for name, _ in self._extras():  # each image-level term's normal value and spread
             self.register_buffer(f"{name}_loc", torch.zeros(()))
             self.register_buffer(f"{name}_scale", torch.ones(()))
         self.register_buffer("weights", self.fixed_weights())
@@ -252,13 +251,14 @@ class AnomalyDetector(nn.Module):
     @property
     def extra_terms(self) -> list[str]:
         """The image-level terms, in the order of `AnoMem.read`'s extra columns."""
-        return ([PIXEL_TERM] * self.pixel + [PIXEL_LAYOUT_TERM] * self.pixel_layout
-                + [ROTATION_TERM] * self.rotation)
+        return [term for _, term in self._extras()]
 
-    def _extra_names(self) -> list[str]:
-        """Buffer prefixes of the image-level terms, in column order."""
-        return (["pixel"] * self.pixel + ["pixel_layout"] * self.pixel_layout
-                + ["rotation"] * self.rotation)
+    def _extras(self) -> list[tuple[str, str]]:
+        """(buffer prefix, term name) of each image-level term this detector has, in order."""
+        every = (("pixel", PIXEL_TERM, self.pixel),
+                 ("pixel_layout", PIXEL_LAYOUT_TERM, self.pixel_layout),
+                 ("rotation", ROTATION_TERM, self.rotation))
+        return [(prefix, term) for prefix, term, present in every if present]
 
     @property
     def n_terms(self) -> int:
@@ -282,7 +282,7 @@ class AnomalyDetector(nn.Module):
 
     def extra_buffers(self, kind: str) -> list[torch.Tensor]:
         """The image-level terms' "loc" or "scale" buffers, in column order."""
-        return [getattr(self, f"{name}_{kind}") for name in self._extra_names()]
+        return [getattr(self, f"{name}_{kind}") for name, _ in self._extras()]
 
     def features(self, reads: dict[str, MemoryRead], extra: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
