@@ -40,6 +40,8 @@ MIN_PSEUDO = 256  # pseudo-anomalies per kind for the combination: small sets ar
 # The check of learnt weights on the kinds of pseudo-anomaly they were not fitted on: they must
 # gain at least CHECK_MARGIN AUROC over the fixed weights on average (they were fitted on these
 # very normals, so the check flatters them), and lose at most CHECK_TOLERANCE on any one kind.
+# A kind that both weightings separate perfectly is no evidence either way: it is left out of
+# the average, where it would only dilute the gains of the others.
 CHECK_MARGIN = 0.01
 CHECK_TOLERANCE = 0.02
 # The pixel map's scales: pasted local defects outline the pixels that changed (by more than
@@ -205,8 +207,9 @@ def fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
     SHIFTS. "learned" fits simplex weights against all kinds. "checked" also fits, for each
     kind, weights without that kind and scores them on it: the learnt weights are kept only
     if, on the kinds they never saw, they beat the fixed weights by CHECK_MARGIN on average and
-    lose by no more than CHECK_TOLERANCE on any one. Real anomalies are none of these kinds; a
-    weighting that holds only on the kinds it was fitted to is not trusted.
+    lose by no more than CHECK_TOLERANCE on any one; kinds both weightings separate perfectly
+    do not count. Real anomalies are none of these kinds; a weighting that holds only on the
+    kinds it was fitted to is not trusted.
     """
     det = model.detector
     fixed = det.fixed_weights()
@@ -239,10 +242,9 @@ def fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
             w = _simplex_logistic(normal, torch.cat([v for k, v in pseudo.items() if k != kind]))
             check[kind] = {"learned": _auroc(normal @ w, x @ w),
                            "fixed": report["pseudo_auroc"][kind]["fixed"]}
-        gains = [c["learned"] - c["fixed"] for c in check.values()]
         report["check"] = check
-        confirmed = float(np.mean(gains)) >= CHECK_MARGIN and min(gains) >= -CHECK_TOLERANCE
-        chosen = "learned" if confirmed else "fixed"
+        report["check_uninformative"] = [k for k, c in check.items() if _perfect(c)]
+        chosen = "learned" if confirms(check) else "fixed"
     det.weights.copy_((learned if chosen == "learned" else fixed.double()).float())
     report["chosen"] = chosen
     return report
@@ -387,3 +389,17 @@ def fit_offset_logistic(x: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, 
     with torch.enable_grad():
         opt.step(closure)
     return coef.detach(), float(bias.detach())
+
+
+def _perfect(aurocs: dict[str, float]) -> bool:
+    """Both weightings separate this kind perfectly: it tells them apart in no way."""
+    return min(aurocs["learned"], aurocs["fixed"]) >= 1.0
+
+
+def confirms(check: dict[str, dict[str, float]]) -> bool:
+    """Whether the check {kind: {"learned": AUROC, "fixed": AUROC}} confirms the learnt weights:
+    on the kinds that are evidence (not `_perfect`), a mean gain of CHECK_MARGIN and no loss
+    above CHECK_TOLERANCE."""
+    gains = [c["learned"] - c["fixed"] for c in check.values() if not _perfect(c)]
+    return bool(gains) and float(np.mean(gains)) >= CHECK_MARGIN \
+        and min(gains) >= -CHECK_TOLERANCE

@@ -66,6 +66,19 @@ def test_checked_falls_back_to_fixed_weights_when_a_kind_is_missed(
     torch.testing.assert_close(model.detector.weights, model.detector.fixed_weights())
 
 
+def test_kinds_both_weightings_separate_perfectly_do_not_dilute_the_check() -> None:
+    """Four kinds at AUROC 1.0 either way and two where the learnt weights gain 0.03: the mean
+    over all six (0.01 margin) would refuse them, the mean over the two confirms them."""
+    check = {k: {"learned": 1.0, "fixed": 1.0} for k in ("jigsaw", "rotate", "colour", "blend")}
+    check |= {"cutpaste": {"learned": 0.83, "fixed": 0.80},
+              "scar": {"learned": 0.73, "fixed": 0.70}}
+    assert stage2.confirms(check)
+    # a perfect kind is still evidence when only one weighting is perfect on it
+    check["colour"] = {"learned": 0.97, "fixed": 1.0}
+    assert not stage2.confirms(check)  # a 0.03 loss on one kind: over the tolerance
+    assert not stage2.confirms({k: {"learned": 1.0, "fixed": 1.0} for k in SHIFTS})
+
+
 def test_fixed_combination_is_the_configured_one() -> None:
     model, report = combine("fixed")
     torch.testing.assert_close(model.detector.weights, torch.tensor([0, 0.5, 0, 0.5]))
