@@ -73,6 +73,39 @@ right.plotly_chart(charts.scale_profile(profile), key="cmp_profile")
 st.plotly_chart(charts.roc_by_type(explore.roc_by_type(scores, labels, test.types, threshold),
                                    threshold), key="cmp_roc")
 
+st.subheader("How the score is made")
+det = model.detector
+st.caption(
+    "The image score is a weighted sum of standardised terms: per scale, `local` (its largest "
+    "deviations from memory) and `layout` (its coarse arrangement); `pixels/knn` and "
+    "`pixels/layout` read the image itself. "
+    + explore.weighing_summary((run.metrics or {}).get("stage2"))
+    + (" The labelled-anomaly head adds to it, and can only raise a score."
+       if bool(det.clf_weight.any()) else ""))
+st.dataframe(
+    explore.term_table(det.term_names, det.weights.cpu().numpy(), scored.terms, labels),
+    hide_index=True, key="cmp_terms",
+    column_config={
+        "term": "Term",
+        "weight": st.column_config.ProgressColumn("Weight in the score", format="%.2f",
+                                                  min_value=0.0, max_value=1.0),
+        "auroc": st.column_config.NumberColumn("AUROC alone on the test images", format="%.3f"),
+    },
+)
+check = explore.check_table((run.metrics or {}).get("stage2"))
+if check is not None:
+    with st.expander("The held-out check, kind by kind"):
+        st.caption("Normal images stage 1 never saw, against pseudo-anomalies made from them. "
+                   "For each kind, weights learnt on the other kinds are scored on it, beside "
+                   "the fixed weights; a kind both separate perfectly does not count.")
+        st.dataframe(check, hide_index=True, key="cmp_check", column_config={
+            "kind": "Pseudo-anomaly",
+            "learned": st.column_config.NumberColumn("AUROC, learnt without it", format="%.3f"),
+            "fixed": st.column_config.NumberColumn("AUROC, fixed weights", format="%.3f"),
+            "gain": st.column_config.NumberColumn("Gain", format="%+.3f"),
+            "counted": "Counts",
+        })
+
 st.subheader("Side by side")
 st.caption(f"Up to {EXAMPLES} images per type, spread from the lowest to the highest score, "
            "each beside its combined deviation map; ▲ marks those above the threshold.")

@@ -71,11 +71,14 @@ from core.explore.runs import (  # noqa: F401
 from core.explore.stats import (  # noqa: F401
     TypeRoc,
     TypeStats,
+    check_table,
     display_cap,
     edge_cases,
     median_scale_profile,
     roc_by_type,
     spread_examples,
+    term_table,
     type_order,
     type_stats,
+    weighing_summary,
 )

@@ -1,4 +1,5 @@
-"""Scores by sample and by anomaly type: edge cases, per-type tables and ROC curves."""
+"""Scores by sample and by anomaly type: edge cases, per-type tables and ROC curves, and how
+stage 2 weighed the detector's terms."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 
 from core.data.base import NORMAL
 from core.metrics import auroc
+from core.train.stage2 import CHECK_MARGIN, CHECK_TOLERANCE, uninformative
 
 
 def edge_cases(scores: np.ndarray, labels: np.ndarray, threshold: float, k: int = 8
@@ -122,3 +124,56 @@ def spread_examples(scores: np.ndarray, index: np.ndarray, k: int) -> list[int]:
         return index[np.argsort(np.asarray(scores)[index], kind="stable")].tolist()
     ordered = index[np.argsort(np.asarray(scores)[index], kind="stable")]
     return ordered[np.unique(np.linspace(0, len(ordered) - 1, k).round().astype(int))].tolist()
+
+
+def term_table(names: list[str], weights: np.ndarray, terms: dict[str, np.ndarray],
+               labels: np.ndarray) -> pd.DataFrame:
+    """Each detector term (`AnomalyDetector.term_names`): its weight in the image score and its
+    AUROC alone on these images (None without both normal and anomalous ones)."""
+    labels = np.asarray(labels).astype(int)
+    both = 0 < labels.sum() < len(labels)
+    return pd.DataFrame({
+        "term": names,
+        "weight": np.asarray(weights, dtype=float),
+        "auroc": [auroc(labels, np.asarray(terms[n], dtype=float)) if both else None
+                  for n in names],
+    })
+
+
+def check_table(stage2: dict | None) -> pd.DataFrame | None:
+    """The held-out check of stage 2 (metrics.json's "stage2"), one row per kind of
+    pseudo-anomaly: AUROC of weights learnt without that kind and of the fixed weights, their
+    difference, and whether the kind counted (kinds both separate perfectly do not). None when
+    the run's weights were not checked."""
+    check = (stage2 or {}).get("check")
+    if not check:
+        return None
+    return pd.DataFrame([{"kind": kind, "learned": c["learned"], "fixed": c["fixed"],
+                          "gain": c["learned"] - c["fixed"], "counted": not uninformative(c)}
+                         for kind, c in check.items()])
+
+
+def weighing_summary(stage2: dict | None) -> str:
+    """One sentence on how stage 2 weighed the terms, from metrics.json's "stage2"."""
+    stage2 = stage2 or {}
+    chosen, combine = stage2.get("chosen"), stage2.get("combine")
+    if chosen is None:
+        return "This run does not record how its terms were weighed (it predates the record)."
+    if combine == "fixed":
+        return "Fixed weights, as configured (`train.combine = \"fixed\"`)."
+    if combine == "learned":
+        return "Weights learnt against pseudo-anomalies of held-out normals, not checked."
+    table = check_table(stage2)
+    counted = table[table["counted"]] if table is not None else None
+    if counted is None or counted.empty:
+        evidence = "no kind of pseudo-anomaly told the two weightings apart"
+    else:
+        evidence = (f"on the {len(counted)} kinds of pseudo-anomaly that count, weights learnt "
+                    f"without each kind gain {counted['gain'].mean():+.3f} AUROC on it on "
+                    f"average (worst {counted['gain'].min():+.3f})")
+    rule = (f"the check asks for {CHECK_MARGIN:+.3f} on average and no kind below "
+            f"{-CHECK_TOLERANCE:+.3f}")
+    if chosen == "learned":
+        return f"Learnt weights, kept by the held-out check: {evidence}; {rule}."
+    return (f"Fixed weights (each scale and pixel term alike): the held-out check did not "
+            f"confirm the learnt ones ({evidence}; {rule}).")

@@ -244,7 +244,7 @@ def fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
             check[kind] = {"learned": _auroc(normal @ w, x @ w),
                            "fixed": report["pseudo_auroc"][kind]["fixed"]}
         report["check"] = check
-        report["check_uninformative"] = [k for k, c in check.items() if _perfect(c)]
+        report["check_uninformative"] = [k for k, c in check.items() if uninformative(c)]
         chosen = "learned" if confirms(check) else "fixed"
     det.weights.copy_((learned if chosen == "learned" else fixed.double()).float())
     report["chosen"] = chosen
@@ -392,15 +392,15 @@ def fit_offset_logistic(x: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, 
     return coef.detach(), float(bias.detach())
 
 
-def _perfect(aurocs: dict[str, float]) -> bool:
+def uninformative(aurocs: dict[str, float]) -> bool:
     """Both weightings separate this kind perfectly: it tells them apart in no way."""
     return min(aurocs["learned"], aurocs["fixed"]) >= 1.0
 
 
 def confirms(check: dict[str, dict[str, float]]) -> bool:
     """Whether the check {kind: {"learned": AUROC, "fixed": AUROC}} confirms the learnt weights:
-    on the kinds that are evidence (not `_perfect`), a mean gain of CHECK_MARGIN and no loss
+    on the kinds that are evidence (not `uninformative`), a mean gain of CHECK_MARGIN and no loss
     above CHECK_TOLERANCE."""
-    gains = [c["learned"] - c["fixed"] for c in check.values() if not _perfect(c)]
+    gains = [c["learned"] - c["fixed"] for c in check.values() if not uninformative(c)]
     return bool(gains) and float(np.mean(gains)) >= CHECK_MARGIN \
         and min(gains) >= -CHECK_TOLERANCE

@@ -39,6 +39,15 @@ def test_one_row_per_anomaly_type_and_a_live_threshold(runs_dir: Path, tiny_run:
     assert (at.dataframe[0].value["detection_rate"] >= 99).all()  # percent
 
     assert len(at.get("plotly_chart")) == 3  # distributions, scale profile, ROC by type
+    # How the score is made: one row per detector term, weights as the model holds them
+    terms = at.dataframe[1].value
+    weights = _model_weights(tiny_run)
+    assert list(terms["term"]) == list(weights)
+    assert terms["weight"].tolist() == pytest.approx(list(weights.values()), abs=1e-6)
+    assert all(0.0 <= a <= 1.0 for a in terms["auroc"])
+    assert any("weighted sum of standardised terms" in c.value for c in at.caption)
+    check = saved["stage2"]["check"]  # the held-out check, one row per kind of pseudo-anomaly
+    assert list(at.dataframe[2].value["kind"]) == list(check)
     assert not at.tabs  # the types stand side by side, one column each
     headings = [m.value for m in at.markdown if m.value.startswith("**")]
     assert headings == ["**normal**", "**local**", "**object**", "**style**"]
@@ -66,6 +75,13 @@ def _model_threshold(run: Path) -> float:
     from core.runs import load_run
 
     return float(load_run(run).model.detector.threshold)
+
+
+def _model_weights(run: Path) -> dict[str, float]:
+    from core.runs import load_run
+
+    det = load_run(run).model.detector
+    return dict(zip(det.term_names, det.weights.tolist(), strict=True))
 
 
 def test_the_report_and_the_scores_download_from_the_sidebar(runs_dir: Path):

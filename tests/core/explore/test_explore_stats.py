@@ -62,3 +62,32 @@ def test_display_cap_cuts_a_far_tail_and_keeps_an_ordinary_one():
     assert 3.0 < cap < 3000  # every score but the far one stays below it
     ordinary = np.linspace(-1, 3, 100)
     assert ex.display_cap(ordinary, threshold=1.0) == pytest.approx(3.0)  # nothing cut
+
+
+def test_term_table_weighs_and_scores_each_term():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    terms = {"layer2/layout": np.array([0.1, 0.2, 0.3, 0.9, 0.8, 0.7]),  # perfect
+             "pixels/knn": np.array([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])}  # perfectly inverted
+    table = ex.term_table(["layer2/layout", "pixels/knn"], np.array([0.75, 0.25]), terms, labels)
+    assert list(table["term"]) == ["layer2/layout", "pixels/knn"]
+    assert list(table["weight"]) == [0.75, 0.25]
+    assert list(table["auroc"]) == [1.0, 0.0]
+    only_normals = ex.term_table(["pixels/knn"], np.array([1.0]), terms, np.zeros(6))
+    assert only_normals["auroc"].isna().all()
+
+
+def test_check_table_and_summary_follow_the_rule_of_stage2():
+    report = {"combine": "checked", "chosen": "learned", "check": {
+        "jigsaw": {"learned": 1.0, "fixed": 1.0},  # perfect either way: does not count
+        "scar": {"learned": 0.90, "fixed": 0.85},
+        "blend": {"learned": 0.80, "fixed": 0.79}}}
+    table = ex.check_table(report)
+    assert list(table["counted"]) == [False, True, True]
+    assert table["gain"].tolist() == pytest.approx([0.0, 0.05, 0.01])
+    summary = ex.weighing_summary(report)
+    assert summary.startswith("Learnt weights") and "2 kinds" in summary and "+0.030" in summary
+    refused = ex.weighing_summary({**report, "chosen": "fixed"})
+    assert refused.startswith("Fixed weights") and "did not confirm" in refused
+    assert ex.check_table({"combine": "fixed", "chosen": "fixed"}) is None
+    assert "as configured" in ex.weighing_summary({"combine": "fixed", "chosen": "fixed"})
+    assert "predates" in ex.weighing_summary(None)
