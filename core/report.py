@@ -107,6 +107,13 @@ def build_report(run: Run, split: Split | None = None, scored: ScoredSet | None 
     if metrics.get("auroc_by_scale"):
         sections += ["<h3>AUROC of each scale alone</h3>", pd.DataFrame(
             [metrics["auroc_by_scale"]]).to_html(index=False, float_format="%.3f", border=0)]
+    det = model.detector
+    terms = explore.term_table(det.term_names, det.weights.cpu().numpy(), scored.terms, labels)
+    sections += ["<h2>How the score is made</h2>",
+                 f"<p>{html.escape(explore.weighing_summary(metrics.get('stage2')))}</p>",
+                 terms.rename(columns={"term": "Term", "weight": "Weight in the score",
+                                       "auroc": "AUROC alone"}).to_html(
+                     index=False, float_format="%.3f", border=0)]
     refit = read_refit_report(run.path)
     if refit is not None:
         sections += [

@@ -35,8 +35,11 @@ def test_the_cli_writes_a_self_contained_report_and_its_scores(
     page = out.read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert f"{metrics['auroc']:.3f}" in page
-    for heading in ("By anomaly type", "Edge cases", "Missed", "Config"):
+    for heading in ("By anomaly type", "How the score is made", "Edge cases", "Missed",
+                    "Config"):
         assert heading in page
+    for term in load_run(run_dir).model.detector.term_names:  # one row per detector term
+        assert f"<td>{term}</td>" in page
     # Everything is inlined: no file or address is fetched when it opens.
     sources = re.findall(r"src='([^']*)'", page)
     assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
