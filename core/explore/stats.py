@@ -164,8 +164,10 @@ def weighing_summary(stage2: dict | None) -> str:
     if combine == "learned":
         return "Weights learnt against pseudo-anomalies of held-out normals, not checked."
     table = check_table(stage2)
-    counted = table[table["counted"]] if table is not None else None
-    if counted is None or counted.empty:
+    if table is None:
+        return f"{'Learnt' if chosen == 'learned' else 'Fixed'} weights; no check is recorded."
+    counted = table[table["counted"]]
+    if counted.empty:
         evidence = "no kind of pseudo-anomaly told the two weightings apart"
     else:
         evidence = (f"on the {len(counted)} kinds of pseudo-anomaly that count, weights learnt "

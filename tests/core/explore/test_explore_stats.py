@@ -91,3 +91,4 @@ def test_check_table_and_summary_follow_the_rule_of_stage2():
     assert ex.check_table({"combine": "fixed", "chosen": "fixed"}) is None
     assert "as configured" in ex.weighing_summary({"combine": "fixed", "chosen": "fixed"})
     assert "predates" in ex.weighing_summary(None)
+    assert "no check" in ex.weighing_summary({"combine": "checked", "chosen": "fixed"})
