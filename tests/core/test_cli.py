@@ -167,7 +167,7 @@ def test_score_prints_one_line_per_image_and_saves_distinct_overlays(
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == paths
     run = load_run(saved_run)  # the printed scores are the model's on those very images
-    images = torch.stack([torch.from_numpy(read_image(Path(p), 32, 3)).permute(2, 0, 1)
+    images = torch.stack([torch.tensor(read_image(Path(p), 32, 3)).permute(2, 0, 1)
                           for p in paths])
     expected = score_images(run.model, images, with_maps=False).image
     threshold = float(run.model.detector.threshold)
