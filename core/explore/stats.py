@@ -170,9 +170,11 @@ def weighing_summary(stage2: dict | None) -> str:
     if counted.empty:
         evidence = "no kind of pseudo-anomaly told the two weightings apart"
     else:
+        mean, worst = (round(float(x), 3) + 0.0 for x in (counted["gain"].mean(),
+                                                          counted["gain"].min()))  # no "-0.000"
         evidence = (f"on the {len(counted)} kinds of pseudo-anomaly that count, weights learnt "
-                    f"without each kind gain {counted['gain'].mean():+.3f} AUROC on it on "
-                    f"average (worst {counted['gain'].min():+.3f})")
+                    f"without each kind gain {mean:+.3f} AUROC on it on average (worst "
+                    f"{worst:+.3f})")
     rule = (f"the check asks for {CHECK_MARGIN:+.3f} on average and no kind below "
             f"{-CHECK_TOLERANCE:+.3f}")
     if chosen == "learned":

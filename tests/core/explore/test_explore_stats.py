@@ -92,3 +92,5 @@ def test_check_table_and_summary_follow_the_rule_of_stage2():
     assert "as configured" in ex.weighing_summary({"combine": "fixed", "chosen": "fixed"})
     assert "predates" in ex.weighing_summary(None)
     assert "no check" in ex.weighing_summary({"combine": "checked", "chosen": "fixed"})
+    tiny_loss = {**report, "check": {"scar": {"learned": 0.8499, "fixed": 0.85}}}
+    assert "(worst +0.000)" in ex.weighing_summary(tiny_loss)  # not "-0.000"
