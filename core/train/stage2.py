@@ -36,8 +36,8 @@ from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
 from core.train.shifts import shift
 
 GAUSSIAN_ROWS = 60_000  # deviation vectors sampled per scale to fit a detector's Gaussian
-MIN_PSEUDO = 256  # pseudo-anomalies per kind for the combination: small sets are repeated,
-MAX_REPEATS = 8  # each held-out normal at most this many times per kind
+MIN_PSEUDO = 256  # pseudo-anomalies per kind for the combination: small sets are repeated
+MAX_REPEATS = 8  # ... but each held-out normal at most this many times per kind
 # The check of learnt weights on the kinds of pseudo-anomaly they were not fitted on: they must
 # gain at least CHECK_MARGIN AUROC over the fixed weights on average (they were fitted on these
 # very normals, so the check flatters them), and lose at most CHECK_TOLERANCE on any one kind.
