@@ -76,13 +76,14 @@ st.plotly_chart(charts.roc_by_type(explore.roc_by_type(scores, labels, test.type
 
 st.subheader("How the score is made")
 det = model.detector
+stage2 = (run.metrics or {}).get("stage2")  # how stage 2 weighed the terms, and its check
 st.caption(
     "The image score is a weighted sum of standardised terms: per scale, `local` (its largest "
     "deviations from memory) and `layout` (its coarse arrangement); `pixels/knn` and "
     "`pixels/layout` read the image itself"
     + ("; `rotation/loss` is the rotation head's doubt about which way up the image is. "
        if ROTATION_TERM in det.term_names else ". ")
-    + explore.weighing_summary((run.metrics or {}).get("stage2"))
+    + explore.weighing_summary(stage2)
     + (" The labelled-anomaly head adds to it, and can only raise a score."
        if bool(det.clf_weight.any()) else ""))
 st.dataframe(
@@ -95,7 +96,7 @@ st.dataframe(
         "auroc": st.column_config.NumberColumn("AUROC alone on the test images", format="%.3f"),
     },
 )
-check = explore.check_table((run.metrics or {}).get("stage2"))
+check = explore.check_table(stage2)
 if check is not None:
     with st.expander("The held-out check, kind by kind"):
         st.caption("Normal images stage 1 never saw, against pseudo-anomalies made from them. "
