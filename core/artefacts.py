@@ -144,7 +144,7 @@ def load(run_dir: Path) -> Artefacts | None:
         for s in scales:
             hits, weights = t[f"patches/{s}/hits"].numpy(), t[f"patches/{s}/weights"].numpy()
             patches[s] = explore.PrototypePatches(
-                scale=s, stride=int(shapes[s]["stride"]), map_size=tuple(shapes[s]["map_size"]),
+                scale=s, stride=float(shapes[s]["stride"]), map_size=tuple(shapes[s]["map_size"]),
                 hits=[[explore.PatchHit(int(a), int(r), int(c), float(w))
                        for (a, r, c), w in zip(hits[j], weights[j], strict=True) if a >= 0]
                       for j in range(len(hits))],

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 8
+CONFIG_VERSION = 9
 # The fields each version added, and the values that reproduce a run stored before it.
 ADDED_IN = {
     2: [("model", "local_map", "shared")],
@@ -25,12 +25,28 @@ ADDED_IN = {
     6: [("model", "rotation", False), ("train", "w_rotation", 1.0)],
     7: [("model", "map_weights", False)],
     8: [("model", "pixel_layout", False)],
+    9: [("model", "backbone", "resnet"), ("model", "input_size", 0), ("train", "views", 2),
+        ("train", "cache_images", 2048)],
 }
 # Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
 COMBINE = ("checked", "learned", "fixed")
 SETTINGS = ("one-class", "unbalanced")
-PRESETS = ("quick", "paper")
+PRESETS = ("quick", "scratch", "paper")
+# The encoders and the stages each can put a memory on. "resnet" is trained from scratch (the
+# paper's); "efficientnet-lite0" is frozen with its ImageNet weights (core/model/efficientnet.py),
+# its stages named by index and stride.
+BACKBONES = {
+    "resnet": ("layer1", "layer2", "layer3", "layer4"),
+    "efficientnet-lite0": ("stage1_s2", "stage2_s4", "stage3_s8", "stage4_s16", "stage5_s16",
+                           "stage6_s32", "stage7_s32"),
+}
+PRETRAINED_SCALES = ("stage3_s8", "stage5_s16", "stage7_s32")
+# The quick preset on the pretrained encoder (chosen on the general suite: benchmarks/README.md)
+PRETRAINED_INPUT = 128  # smaller images are upsampled to this side
+PRETRAINED_ALIGNED_SIZE = 224  # working size of aligned (MVTec-layout) data sets
+PRETRAINED_MEMORY = 256  # prototypes per scale
+PRETRAINED_EPOCHS = 20
 MAX_BLOCKS = 64  # per ResNet stage (ResNet-152 has 36): a stored config cannot ask for more
 
 
@@ -44,6 +60,10 @@ class ModelConfig:
 
     image_size: int = 32
     in_channels: int = 3
+    backbone: str = "resnet"  # one of BACKBONES
+    # The size the encoder resizes images to (0: image_size). The pretrained encoder sees small
+    # images upsampled, as it saw ImageNet's photos.
+    input_size: int = 0
     blocks: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per ResNet stage (ResNet-18: 2,2,2,2)
     width: float = 0.25  # channel multiplier on (64, 128, 256, 512)
     scales: tuple[str, ...] = ("layer2", "layer3", "layer4")  # stages that carry a memory
@@ -89,13 +109,24 @@ class ModelConfig:
                               f"1..{MAX_BLOCKS}")
         if not 0.05 <= self.width <= 4:
             raise ConfigError(f"width={self.width}: expected a multiplier in 0.05..4")
-        valid = {f"layer{i}" for i in range(1, 5)}
-        if not self.scales or not set(self.scales) <= valid:
-            raise ConfigError(
-                f"scales={self.scales}: expected a non-empty subset of {sorted(valid)}"
-            )
-        for name in ("image_size", "in_channels", "memory_size", "memory_dim", "head_dim",
-                     "layout_grid", "layout_rank", "pixel_memory", "pixel_size"):
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"backbone={self.backbone!r}: expected one of "
+                              f"{', '.join(BACKBONES)}")
+        valid = BACKBONES[self.backbone]
+        if not self.scales or not set(self.scales) <= set(valid):
+            raise ConfigError(f"scales={self.scales}: expected a non-empty subset of "
+                              f"{', '.join(valid)} (the stages of {self.backbone})")
+        if self.input_size != 0 and not 32 <= self.input_size <= 1024:
+            raise ConfigError(f"input_size={self.input_size}: expected 0 (the image size) or "
+                              "32..1024 pixels")
+        if self.input_size != 0 and self.backbone == "resnet":
+            raise ConfigError(f"input_size={self.input_size}: the resnet encoder reads images "
+                              "at image_size (set input_size=0)")
+        if self.rotation and self.pretrained:
+            raise ConfigError("rotation=true: the rotation head trains the encoder, and the "
+                              f"{self.backbone} encoder is frozen (use backbone=resnet)")
+        for name in ("image_size", "in_channels", "input_size", "memory_size", "memory_dim",
+                     "head_dim", "layout_grid", "layout_rank", "pixel_memory", "pixel_size"):
             _require_int(self, name)
         if self.memory_size < 2 or self.memory_dim < 2:
             raise ConfigError("memory_size and memory_dim must be at least 2")
@@ -120,6 +151,16 @@ class ModelConfig:
                               "2..100000 stored images")
         if not 4 <= self.pixel_size <= 128:
             raise ConfigError(f"pixel_size={self.pixel_size}: expected 4..128 pixels")
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the encoder is a frozen ImageNet-pretrained one (not trained by stage 1)."""
+        return self.backbone != "resnet"
+
+    @property
+    def encoder_size(self) -> int:
+        """The side of the images the encoder sees."""
+        return self.input_size or self.image_size
 
 
 @dataclass
@@ -154,7 +195,11 @@ class AugmentConfig:
 class TrainConfig:
     """Optimisation of both stages; the loss weights name the terms of core/train/losses.py."""
 
-    epochs: int = 20  # the quick preset: about two minutes on a 2-core CPU
+    epochs: int = 20  # the scratch preset: about two minutes on a 2-core CPU
+    # Frozen encoder: augmented views of each training image whose features are computed once
+    # and cached; each step pairs two of them (more views, more variety, a longer start)
+    views: int = 2
+    cache_images: int = 2048  # ... of at most this many normal images (a random subset)
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -193,7 +238,7 @@ class TrainConfig:
                                                            "train.augment"))
         if not isinstance(self.augment, AugmentConfig):
             raise ConfigError(f"augment={self.augment!r}: expected an augmentation section")
-        for name in ("epochs", "batch_size", "seed"):
+        for name in ("epochs", "batch_size", "seed", "views", "cache_images"):
             _require_int(self, name)
         self.shift_negatives = tuple(self.shift_negatives)
         if not set(self.shift_negatives) <= set(SHIFTS):
@@ -202,6 +247,10 @@ class TrainConfig:
             )
         if not 0 < self.shift_fraction <= 1:
             raise ConfigError(f"shift_fraction={self.shift_fraction}: expected 0 < share <= 1")
+        if not 2 <= self.views <= 16:
+            raise ConfigError(f"views={self.views}: expected 2..16 cached views per image")
+        if self.cache_images < 2:
+            raise ConfigError(f"cache_images={self.cache_images}: expected at least 2")
         if self.epochs < 1 or self.batch_size < 2:
             raise ConfigError("epochs must be >= 1 and batch_size >= 2")
         if self.lr <= 0 or self.temperature <= 0:
@@ -453,12 +502,27 @@ def _require_int(obj: Any, name: str) -> None:
 
 
 def preset(name: str, data: DataConfig | None = None) -> RunConfig:
-    """The named preset: `quick` fits a 2-core CPU in minutes, `paper` is a ResNet-18 run.
+    """The named preset. `quick`: memories on the frozen ImageNet-pretrained EfficientNet-Lite0,
+    minutes on a 2-core CPU; `scratch`: the same memories on a small ResNet trained from scratch
+    (the paper's path at CPU scale); `paper`: a ResNet-18 from scratch, GPU-scale epochs.
 
-    The model's input size follows the data: `data.image_size`, else the data set's own.
+    The model's input size follows the data: `data.image_size`, else the data set's own; the
+    pretrained encoder sees images of at least PRETRAINED_INPUT pixels a side.
     """
     data = data or DataConfig()
+    from core.data import DATASETS  # here: core.data itself imports this module
+
+    info = DATASETS.get(data.dataset)
     if name == "quick":
+        if data.image_size is None and info is not None and info.aligned:
+            # fine defects need the resolution (a copy: the caller's config is left alone)
+            data = dataclasses.replace(data, image_size=PRETRAINED_ALIGNED_SIZE)
+        cfg = RunConfig(
+            model=ModelConfig(backbone="efficientnet-lite0", scales=PRETRAINED_SCALES,
+                              memory_size=PRETRAINED_MEMORY, memory_dim=128, head_dim=128),
+            train=TrainConfig(epochs=PRETRAINED_EPOCHS, lr=1e-3),
+            data=data, preset=name)
+    elif name == "scratch":
         cfg = RunConfig(model=ModelConfig(), train=TrainConfig(), data=data, preset=name)
     elif name == "paper":
         cfg = RunConfig(
@@ -470,11 +534,10 @@ def preset(name: str, data: DataConfig | None = None) -> RunConfig:
         )
     else:
         raise ConfigError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
-    from core.data import DATASETS  # here: core.data itself imports this module
-
-    info = DATASETS.get(data.dataset)
     cfg.model.image_size = data.image_size or (info.image_size if info else 32)
     cfg.model.pixel_size = min(32, cfg.model.image_size)
+    if cfg.model.pretrained:
+        cfg.model.input_size = max(PRETRAINED_INPUT, cfg.model.image_size)
     if info is not None and info.aligned:
         cfg.model.local_map = "positional"
         cfg.train.shift_negatives = ("jigsaw", "cutpaste", "scar")

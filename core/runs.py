@@ -226,7 +226,7 @@ def load_model(path: Path, cfg: RunConfig | None = None, device: str = "cpu") ->
         raise RunError(f"{file}: not a readable safetensors file ({err})") from None
     try:
         with torch.device("meta"):  # shapes only: a config.json naming a huge model is free
-            expected = AnoMem(cfg.model).state_dict()
+            expected = AnoMem(cfg.model, pretrained=False).state_dict()
     except (RuntimeError, ValueError, TypeError, OverflowError) as err:
         reason = " ".join(str(err).split())
         raise RunError(f"{path / CONFIG}: describes a model that cannot be built ({reason})"
@@ -248,7 +248,7 @@ def load_model(path: Path, cfg: RunConfig | None = None, device: str = "cpu") ->
                 f"{file}: tensor {k} is {tuple(state[k].shape)} {state[k].dtype}, config.json "
                 f"expects {tuple(v.shape)} {v.dtype}"
             )
-    model = AnoMem(cfg.model)  # as large as the checked weights file, no larger
+    model = AnoMem(cfg.model, pretrained=False)  # as large as the checked weights file
     model.load_state_dict(state)
     return model.to(device).eval()
 

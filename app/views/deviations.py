@@ -51,6 +51,7 @@ widgets.mark_controls(run, f"dev_mark_{index}",
 st.subheader("Which prototype did a position read?")
 c1, c2, c3 = st.columns([2, 3, 3])
 scale = c1.selectbox("Scale", model.scales, key="dev_pos_scale")
+st.caption(explore.describe_scale(model, scale))
 h, w = report.maps[scale].shape
 near = report.nearest[scale]
 row = c2.slider("Row", 0, h - 1, near.row, key=f"dev_row_{scale}_{tag}_{index}")

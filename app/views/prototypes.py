@@ -26,6 +26,7 @@ scale = left.segmented_control("Scale", model.scales, default=model.scales[0],
 order = mid.segmented_control("Order", ["usage", "index"], default="usage",
                               key="proto_order", required=True) or "usage"
 k = right.slider("Patches per prototype", 3, 8, 5, key="proto_k")
+st.caption(explore.describe_scale(model, scale))
 
 patches = state.prototype_patches(run, scale, k)
 images = state.gallery_images(run)

@@ -180,8 +180,11 @@ with st.expander("Configure a run", expanded=has_runs and not running):
         setting = "one-class"
 
     cols = st.columns(3)
-    preset_name = cols[0].selectbox("Preset", PRESETS, key="train_preset",
-                                    help="quick: minutes on a CPU · paper: ResNet-18, GPU")
+    preset_name = cols[0].selectbox(
+        "Preset", PRESETS, key="train_preset",
+        help="quick: memories on a frozen ImageNet-pretrained EfficientNet-Lite0, minutes on a "
+             "CPU · scratch: a small ResNet trained from scratch, as the paper does, minutes "
+             "on a CPU · paper: ResNet-18 from scratch, GPU")
     defaults = preset(preset_name)
     epochs = cols[1].number_input("Epochs", 1, 10_000, defaults.train.epochs,
                                   key=f"train_epochs_{preset_name}")

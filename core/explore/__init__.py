@@ -58,6 +58,7 @@ from core.explore.prototypes import (  # noqa: F401
     PrototypePatches,
     crop,
     crop_window,
+    describe_scale,
     near_duplicates,
     patch_strip,
     top_patches,

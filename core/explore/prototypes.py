@@ -38,7 +38,7 @@ class PrototypePatches:
     """For each prototype of one scale, the positions that read it most strongly."""
 
     scale: str
-    stride: int
+    stride: float  # image pixels per map position (the encoder may see the image resized)
     map_size: tuple[int, int]  # (h, w) of the scale's maps
     hits: list[list[PatchHit]]  # per prototype, strongest first
     usage: np.ndarray  # (N,) positions whose strongest prototype it is
@@ -65,7 +65,19 @@ class PrototypePatches:
         return crop(images, hit, self.stride)
 
 
-def crop_window(row: int, col: int, stride: int, height: int, width: int
+def describe_scale(model: AnoMem, scale: str) -> str:
+    """What a scale is, in words: the encoder stage, its stride, and what a map position
+    covers of the image (the encoder may see the image resized)."""
+    cfg = model.cfg
+    net_stride = model.backbone.stride[scale]
+    side = model.map_size(scale)
+    where = (f"the encoder sees {cfg.image_size} px images at {cfg.encoder_size} px"
+             if cfg.encoder_size != cfg.image_size else f"{cfg.image_size} px images")
+    return (f"{scale}: {cfg.backbone} stage of stride {net_stride}, a {side} x {side} map; "
+            f"one position per {model.stride(scale):g} image pixels ({where})")
+
+
+def crop_window(row: int, col: int, stride: float, height: int, width: int
                 ) -> tuple[int, int, int]:
     """(top, left, side) of the receptive-field crop of a map position (see module doc)."""
     side = int(min(max(RF_STRIDES * stride, MIN_CROP), height, width))
@@ -77,14 +89,14 @@ def crop_window(row: int, col: int, stride: int, height: int, width: int
     return start(row, height), start(col, width), side
 
 
-def crop(images: torch.Tensor, hit: PatchHit, stride: int) -> np.ndarray:
+def crop(images: torch.Tensor, hit: PatchHit, stride: float) -> np.ndarray:
     """Receptive-field crop of `hit` in images (N, C, H, W) as uint8 (side, side, 3)."""
     image = images[hit.image]
     top, left, side = crop_window(hit.row, hit.col, stride, image.shape[-2], image.shape[-1])
     return to_rgb(image[:, top:top + side, left:left + side])
 
 
-def patch_strip(images: torch.Tensor, hits: list[PatchHit], stride: int, tile: int = 48,
+def patch_strip(images: torch.Tensor, hits: list[PatchHit], stride: float, tile: int = 48,
                 gap: int = 2) -> np.ndarray:
     """The crops of `hits` side by side, each upscaled to `tile` pixels: one image per prototype."""
     if not hits:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.config import ModelConfig
+from core.config import BACKBONES, ModelConfig
 from core.model.backbone import build_backbone
 from core.model.detector import AnomalyDetector, Scores
 from core.model.memory import HopfieldMemory, MemoryRead
@@ -30,10 +30,12 @@ class ProjectionHead(nn.Module):
 
 
 class AnoMem(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, pretrained: bool = True) -> None:
+        """`pretrained`: load a pretrained encoder's ImageNet weights; False when a saved run's
+        own weights are loaded over them."""
         super().__init__()
         self.cfg = cfg
-        self.backbone, channels = build_backbone(cfg)
+        self.backbone, channels = build_backbone(cfg, pretrained)
         self.memories = nn.ModuleDict({
             s: HopfieldMemory(channels[s], cfg.memory_size, cfg.memory_dim, cfg.beta,
                               cfg.learn_beta)
@@ -51,7 +53,7 @@ class AnoMem(nn.Module):
         self.pixel_layout = (PixelLayout(cfg.in_channels, min(cfg.layout_grid, cfg.image_size))
                              if cfg.pixel_layout else None)
         # Which of four rotations an image shows, read from its deepest stage, pooled
-        self.deepest = f"layer{self.backbone.last}"
+        self.deepest = max(cfg.scales, key=BACKBONES[cfg.backbone].index)
         self.rotation = nn.Linear(channels[self.deepest], 4) if cfg.rotation else None
         self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank,
                                         cfg.local_weight, cfg.layout_source, positions,
@@ -64,13 +66,26 @@ class AnoMem(nn.Module):
     def scales(self) -> tuple[str, ...]:
         return self.cfg.scales
 
-    def stride(self, scale: str) -> int:
-        """Input pixels per position of `scale`'s maps."""
-        return self.backbone.stride[scale]
+    @property
+    def frozen(self) -> bool:
+        """Whether the encoder is frozen (pretrained): stage 1 then learns on cached features."""
+        return self.cfg.pretrained
+
+    def train(self, mode: bool = True) -> AnoMem:
+        """As nn.Module's, but a frozen encoder stays in eval mode (its batch statistics are
+        ImageNet's)."""
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def stride(self, scale: str) -> float:
+        """Image pixels per position of `scale`'s maps (the encoder may see the image resized)."""
+        return self.backbone.stride[scale] * self.cfg.image_size / self.cfg.encoder_size
 
     def map_size(self, scale: str) -> int:
         """Side of `scale`'s maps for a square input of the configured size."""
-        return max(1, -(-self.cfg.image_size // self.stride(scale)))
+        return max(1, -(-self.cfg.encoder_size // self.backbone.stride[scale]))
 
     def forward(self, images: torch.Tensor) -> dict[str, MemoryRead]:
         """images (B, C, H, W) in [0, 1] -> {scale: MemoryRead} of queries and read-outs."""

@@ -1,4 +1,7 @@
-"""ResNet encoder, trained from scratch, that returns the feature map of every stage.
+"""The encoders: a ResNet trained from scratch (the paper's), or the frozen ImageNet-pretrained
+EfficientNet-Lite0 (core/model/efficientnet.py). Both return {stage name: feature map}.
+
+The ResNet is
 
 Built from torchvision's `BasicBlock`. Inputs up to 64 px get the small-image stem (3x3,
 stride 1, no max-pool, as in CIFAR ResNets) so that 32 px images still have 4x4 maps at
@@ -11,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from core.config import ModelConfig
+from core.config import BACKBONES, ModelConfig
 
 BASE_WIDTHS = (64, 128, 256, 512)
 SMALL_IMAGE_MAX = 64
@@ -73,7 +76,19 @@ def _stage(in_ch: int, width: int, n_blocks: int, stride: int) -> nn.Sequential:
     return nn.Sequential(*blocks)
 
 
-def build_backbone(cfg: ModelConfig) -> tuple[ResNetFeatures, dict[str, int]]:
-    """The encoder and the channel width of each stage, so per-scale heads size themselves."""
-    net = ResNetFeatures(cfg)
-    return net, dict(net.widths)
+def build_backbone(cfg: ModelConfig, pretrained: bool = True) -> tuple[nn.Module, dict[str, int]]:
+    """The encoder and the channel width of each stage, so per-scale heads size themselves.
+
+    Either has `stride`: input pixels of the encoder per map position, by stage. `pretrained`:
+    load the pretrained encoder's ImageNet weights (False when a run's own weights follow).
+    """
+    if cfg.backbone == "resnet":
+        net = ResNetFeatures(cfg)
+        return net, dict(net.widths)
+    from core.model.efficientnet import EfficientNetLite0
+
+    order = BACKBONES[cfg.backbone]
+    last = max(cfg.scales, key=order.index)
+    encoder = EfficientNetLite0(cfg.in_channels, cfg.encoder_size, last, pretrained)
+    encoder.requires_grad_(False)  # frozen: stage 1 learns the memories on its features
+    return encoder.eval(), dict(encoder.widths)

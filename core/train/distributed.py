@@ -103,6 +103,12 @@ class Dist:
             for b in module.buffers():
                 dist.broadcast(b.data, src=0)
 
+    def broadcast_parameters(self, module: torch.nn.Module) -> None:
+        """Copy rank 0's parameters to every rank (after an initialisation from local data)."""
+        if self.enabled:
+            for p in module.parameters():
+                dist.broadcast(p.data, src=0)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

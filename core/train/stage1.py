@@ -29,6 +29,7 @@ from core.train.checkpoint import (
     save_checkpoint,
 )
 from core.train.distributed import Dist
+from core.train.features import FeatureCache, init_memories
 from core.train.losses import LossTerms, MemoryContrastLoss
 from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
 from core.train.shifts import shift
@@ -57,16 +58,22 @@ class ContrastStep(nn.Module):
         super().__init__()
         self.model, self.loss_fn, self.w_rotation = model, loss_fn, w_rotation
 
-    def forward(self, views: torch.Tensor, is_anomaly: torch.Tensor, is_shifted: torch.Tensor,
-                rotated: torch.Tensor | None = None, turns: torch.Tensor | None = None
+    def forward(self, views: torch.Tensor | dict[str, torch.Tensor], is_anomaly: torch.Tensor,
+                is_shifted: torch.Tensor, rotated: torch.Tensor | None = None,
+                turns: torch.Tensor | None = None
                 ) -> tuple[LossTerms, dict[str, torch.Tensor]]:
         """views (2B, C, H, W): view a of B images, then view b -> loss, view a's attention.
+        A frozen encoder's cached features of the views, {scale: (2B, C, h, w)}, stand for them.
 
         `rotated` (R, C, H, W), images turned by `turns` (R,) quarter turns, teach the rotation
         head; they share the backbone pass (and its batch statistics) with the views.
         """
-        model, b, n = self.model, len(is_anomaly), len(views)
-        features = model.backbone(views if rotated is None else torch.cat([views, rotated]))
+        model, b = self.model, len(is_anomaly)
+        if isinstance(views, dict):
+            features, n = views, 2 * b
+        else:
+            n = len(views)
+            features = model.backbone(views if rotated is None else torch.cat([views, rotated]))
         reads = {s: model.memories[s](features[s][:n]) for s in model.scales}
         reads_a = {s: type(r)(*(t[:b] for t in r)) for s, r in reads.items()}
         reads_b = {s: type(r)(*(t[b:] for t in r)) for s, r in reads.items()}
@@ -113,6 +120,28 @@ def make_batch(normals: torch.Tensor, anomalies: torch.Tensor, n_anom: int,
         is_shift = torch.cat([is_shift, torch.ones(n_shift, dtype=torch.bool, device=device)])
         is_anom = torch.cat([is_anom, torch.zeros(n_shift, dtype=torch.bool, device=device)])
     return batch, is_anom, is_shift
+
+
+def cached_batch(cache: FeatureCache, chosen: torch.Tensor, n_anom: int, g: torch.Generator,
+                 shift_fraction: float = 1.0
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """`make_batch` on a frozen encoder's cache: the chosen normals, sampled labelled
+    anomalies and the shifted copies of the first `shift_fraction` normals, two different
+    cached views of each -> ({scale: (2B, C, h, w)}, is_anomaly (B,), is_shifted (B,))."""
+    device = chosen.device
+    parts = [chosen]
+    if n_anom:
+        pick = torch.randint(cache.n_anomaly, (n_anom,), generator=g).to(device)
+        parts.append(pick + cache.n_normal)
+    if cache.n_shifted:
+        parts.append(cache.shifted_index(chosen[:max(1, round(shift_fraction * len(chosen)))]))
+    index = torch.cat(parts)
+    kinds = torch.cat([torch.full((len(p),), k, device=device) for k, p in enumerate(parts)])
+    is_anom = kinds == 1 if n_anom else torch.zeros_like(kinds, dtype=torch.bool)
+    is_shift = kinds == len(parts) - 1 if cache.n_shifted else torch.zeros_like(is_anom)
+    a, b = torch.randperm(cache.views, generator=g)[:2].tolist()
+    view_a, view_b = cache.take(a, index), cache.take(b, index)
+    return ({s: torch.cat([view_a[s], view_b[s]]) for s in view_a}, is_anom, is_shift)
 
 
 class StepPlan:
@@ -169,6 +198,9 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
     normals = dist.shard(normals).to(device)
     anomalies = anomalies.to(device)
+    if model.frozen and len(normals) > tc.cache_images:  # the images stage 1 caches and learns on
+        keep = torch.randperm(len(normals), generator=torch.Generator().manual_seed(tc.seed))
+        normals = normals[keep[:tc.cache_images].sort().values.to(device)]
     n = len(normals)
     bs = min(max(2, tc.batch_size // dist.world), n)  # the global batch stays batch_size
     n_anom = 0 if len(anomalies) == 0 else max(1, bs // 8)  # labelled anomalies per batch
@@ -194,6 +226,14 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
 
     session = time.perf_counter()
     elapsed0 = state.elapsed_s
+    cache = None
+    if model.frozen:  # the encoder's features of every view, once; then only the memories learn
+        g_cache = torch.Generator().manual_seed(tc.seed + 1000 * dist.rank + 1)
+        cache = FeatureCache(model, normals, anomalies, tc, device, g_cache, progress)
+        if not resume:
+            init_memories(model, cache, g_cache)
+            if dist.enabled:  # rank 0's initial memories for all
+                dist.broadcast_parameters(model)
     lr = tc.lr
     while not state.finished and state.epoch < tc.epochs:
         if state.perm is None:
@@ -208,15 +248,20 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
         stop = out_of_time = False
         while state.index < steps_per_epoch:
             i = state.index
-            chosen = normals[perm[i * bs:(i + 1) * bs]]
-            batch, is_anom, is_shift = make_batch(chosen, anomalies, n_anom,
-                                                  tc.shift_negatives, g, tc.shift_fraction)
-            views = torch.cat([augment(batch, tc.augment, g), augment(batch, tc.augment, g)])
             rotated = turns = None
-            if model.rotation is not None:  # view a of the batch's normals (its first rows)
-                rotated, turns = quarter_turns(views[:len(chosen)], g)
-                rotated = rotated.contiguous(memory_format=torch.channels_last)
-            views = views.contiguous(memory_format=torch.channels_last)
+            if cache is not None:
+                views, is_anom, is_shift = cached_batch(cache, perm[i * bs:(i + 1) * bs],
+                                                        n_anom, g, tc.shift_fraction)
+            else:
+                chosen = normals[perm[i * bs:(i + 1) * bs]]
+                batch, is_anom, is_shift = make_batch(chosen, anomalies, n_anom,
+                                                      tc.shift_negatives, g, tc.shift_fraction)
+                views = torch.cat([augment(batch, tc.augment, g),
+                                   augment(batch, tc.augment, g)])
+                if model.rotation is not None:  # view a of the batch's normals (its first rows)
+                    rotated, turns = quarter_turns(views[:len(chosen)], g)
+                    rotated = rotated.contiguous(memory_format=torch.channels_last)
+                views = views.contiguous(memory_format=torch.channels_last)
             out, attention = step_fn(views, is_anom, is_shift, rotated, turns)
 
             state.elapsed_s = elapsed0 + time.perf_counter() - session

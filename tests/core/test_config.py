@@ -222,9 +222,55 @@ def test_presets_build_a_model(name: str) -> None:
     (DataConfig(dataset="mvtec", root="/nowhere", image_size=64), 64),  # the asked size wins
     (DataConfig(dataset="digits", image_size=48), 48),
 ])
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", ["scratch", "paper"])
 def test_presets_size_the_model_from_the_data(name: str, data: DataConfig, size: int) -> None:
     assert preset(name, data).model.image_size == size
+
+
+@pytest.mark.parametrize(("data", "size", "input_size"), [
+    (DataConfig(dataset="mvtec", root="/nowhere"), 224, 224),  # aligned data: finer by default
+    (DataConfig(dataset="mvtec", root="/nowhere", image_size=64), 64, 128),  # asked size wins
+    (DataConfig(dataset="digits"), 32, 128),  # small images: upsampled for the encoder
+    (DataConfig(dataset="folder", root="/nowhere", image_size=160), 160, 160),
+])
+def test_quick_preset_sizes_the_pretrained_encoder_from_the_data(
+        data: DataConfig, size: int, input_size: int) -> None:
+    before = data.image_size
+    cfg = preset("quick", data)
+    assert (cfg.model.image_size, cfg.model.input_size) == (size, input_size)
+    assert cfg.data.image_size in (None, size) and data.image_size == before  # caller's intact
+    assert cfg.model.backbone == "efficientnet-lite0" and cfg.model.pretrained
+
+
+def test_scratch_preset_is_the_small_resnet_the_paper_path_trains() -> None:
+    cfg = preset("scratch")
+    assert (cfg.model.backbone, cfg.model.input_size, cfg.model.pretrained) == ("resnet", 0,
+                                                                                 False)
+    assert cfg.model.scales == ("layer2", "layer3", "layer4")
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"backbone": "vgg"}, "backbone='vgg'"),
+    ({"backbone": "efficientnet-lite0"}, "scales=.*stage3_s8"),  # resnet scale names
+    ({"input_size": 64}, "input_size=64: the resnet encoder"),
+    ({"backbone": "efficientnet-lite0", "scales": ("stage3_s8",), "input_size": 16},
+     "input_size=16"),
+    ({"backbone": "efficientnet-lite0", "scales": ("stage3_s8",), "rotation": True},
+     "rotation=true"),
+])
+def test_model_config_checks_the_encoder(fields: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(**fields)
+
+
+def test_a_version_8_config_reads_as_the_from_scratch_resnet() -> None:
+    raw = preset("scratch").to_dict()
+    raw["version"] = 8
+    del raw["model"]["backbone"], raw["model"]["input_size"]
+    del raw["train"]["views"], raw["train"]["cache_images"]
+    cfg = RunConfig.from_dict(raw)
+    assert (cfg.model.backbone, cfg.model.input_size) == ("resnet", 0)
+    assert cfg.model == preset("scratch").model
 
 
 def test_paper_preset_is_a_resnet18() -> None:
