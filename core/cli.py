@@ -101,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="general suite: normal classes per class-folder data set (default 3)")
     b.add_argument("--no-deep-peer", action="store_true",
                    help="leave out Deep SVDD / Deep SAD (each takes the whole budget per cell)")
+    b.add_argument("--no-feature-peers", action="store_true",
+                   help="leave out DN2, PaDiM and PatchCore on AnoMem's pretrained features")
+    b.add_argument("--preset", default="quick", choices=PRESETS,
+                   help="AnoMem's preset (results are keyed without it: give each its own "
+                        "--out)")
     b.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="a setting for every AnoMem run, e.g. model.rotation=true (repeatable; "
                         "results are keyed without it: give a variant its own --out)")
@@ -287,9 +292,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         paths=tuple(Path(p) for p in args.path),
         classes=tuple(c for c in args.classes.split(",") if c),
         unbalanced_class=args.unbalanced_class, anomaly_class=args.anomaly_class,
-        ratios=ratios, per_set=args.per_set, deep_peer=not args.no_deep_peer, seed=args.seed,
-        device=args.device, overrides=tuple(args.set))
-    with_overrides(preset("quick"), opts.overrides)  # a bad setting fails now, not per cell
+        ratios=ratios, per_set=args.per_set, deep_peer=not args.no_deep_peer,
+        feature_peers=not args.no_feature_peers, seed=args.seed,
+        device=args.device, overrides=tuple(args.set), preset=args.preset)
+    with_overrides(preset(opts.preset), opts.overrides)  # a bad setting fails now, not per cell
     if args.per_set < 1:
         raise CliError(f"--per-set {args.per_set}: expected at least 1 class")
 

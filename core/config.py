@@ -520,7 +520,9 @@ def preset(name: str, data: DataConfig | None = None) -> RunConfig:
         cfg = RunConfig(
             model=ModelConfig(backbone="efficientnet-lite0", scales=PRETRAINED_SCALES,
                               memory_size=PRETRAINED_MEMORY, memory_dim=128, head_dim=128),
-            train=TrainConfig(epochs=PRETRAINED_EPOCHS, lr=1e-3),
+            # stage 2 passes its images through the encoder too: it gets 40 % of a budget
+            train=TrainConfig(epochs=PRETRAINED_EPOCHS, lr=1e-3, shift_fraction=0.5,
+                              stage1_share=0.6),
             data=data, preset=name)
     elif name == "scratch":
         cfg = RunConfig(model=ModelConfig(), train=TrainConfig(), data=data, preset=name)

@@ -11,7 +11,8 @@ meaning more anomalous, so the benchmark computes the same metrics for every det
 - `DeepSVDD`: one-class Deep SVDD (Ruff et al., ICML 2018), which becomes Deep SAD (Ruff et
   al., ICLR 2020) when it is given labelled anomalies: the deep one-class baseline.
 
-The shallow peers ignore labelled anomalies: they are unsupervised.
+The shallow peers ignore labelled anomalies: they are unsupervised. core/bench/feature_peers.py
+adds three peers on AnoMem's own pretrained features; a `MapPeer` also gives anomaly maps.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ class Peer(Protocol):
     def fit(self, normals: torch.Tensor, anomalies: torch.Tensor | None = None) -> None: ...
 
     def score(self, images: torch.Tensor) -> np.ndarray: ...  # (N,), higher = more anomalous
+
+
+@runtime_checkable
+class MapPeer(Peer, Protocol):
+    """A peer that also says where an image is anomalous, for pixel AUROC."""
+
+    def maps(self, images: torch.Tensor) -> np.ndarray: ...  # (N, H, W) at the images' size
 
 
 def make_peers(minutes: float, seed: int, device: str) -> list[Peer]:

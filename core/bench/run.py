@@ -13,7 +13,8 @@ Suites:
 - cifar10-unbalanced: the Deep SAD protocol, labelled anomalies drawn from one anomaly class
   at each ratio, test on all ten classes;
 - mvtec: MVTec AD bottle (DATA/mvtec_ad/bottle), image and pixel AUROC;
-- speed: a stage-1 step against the bare backbone (see core.bench.speed);
+- speed: a stage-1 step of the from-scratch encoder against the bare backbone, and scoring on
+  each encoder (see core.bench.speed);
 - general: every data set at hand, to judge a design choice on all of them at once: the
   built-in shapes and digits, and under DATA Fashion-MNIST, KolektorSDD, MVTec AD bottle and
   CIFAR-10 (a few evenly spaced normal classes each, `--per-set`), one-class, then unbalanced
@@ -35,11 +36,12 @@ import numpy as np
 import torch
 
 from core.bench.ablations import deviation_norm_scores, encoder_knn_scores
-from core.bench.peers import DeepSVDD, Peer, make_peers
-from core.config import DataConfig, RunConfig, preset, with_overrides
+from core.bench.feature_peers import FEATURE_PEERS, make_feature_peers
+from core.bench.peers import DeepSVDD, MapPeer, Peer, make_peers
+from core.config import PRETRAINED_INPUT, DataConfig, RunConfig, preset, with_overrides
 from core.data import DataError, Split, list_classes, load_split
 from core.files import write_atomic
-from core.metrics import image_metrics
+from core.metrics import image_metrics, pixel_auroc
 from core.model.anomem import AnoMem
 from core.pipeline import resume_run, train_run
 from core.runs import (
@@ -126,9 +128,11 @@ class BenchOptions:
     ratios: tuple[float, ...] = (0.01, 0.05, 0.1)
     per_set: int = 3  # general suite: normal classes per class-folder data set
     deep_peer: bool = True  # run Deep SVDD / Deep SAD (it takes the whole budget per cell)
+    feature_peers: bool = True  # run DN2, PaDiM and PatchCore on AnoMem's pretrained features
     seed: int = 0
     device: str = "auto"
     overrides: tuple[str, ...] = ()  # "section.field=value" settings of every AnoMem run
+    preset: str = "quick"  # AnoMem's preset: "scratch" benchmarks the from-scratch encoder
 
 
 @dataclass
@@ -296,9 +300,12 @@ def _path_cells(path: Path, only: tuple[str, ...]) -> list[Cell]:
 
 
 def anomem_config(cell: Cell, opts: BenchOptions) -> RunConfig:
-    """The quick preset trained for the benchmark's time budget (epochs unbounded)."""
-    cfg = preset("quick", cell.data(opts.seed))
-    cfg.train.epochs = UNBOUNDED_EPOCHS
+    """The benchmark's preset within its time budget: a from-scratch encoder trains until the
+    budget is spent (epochs unbounded); memories on a frozen encoder stop at the preset's
+    epochs, or earlier if the budget says so (their loss is flat by then)."""
+    cfg = preset(opts.preset, cell.data(opts.seed))
+    if not cfg.model.pretrained:
+        cfg.train.epochs = UNBOUNDED_EPOCHS
     cfg.train.max_minutes = opts.minutes
     cfg.train.seed, cfg.train.device = opts.seed, opts.device
     return with_overrides(cfg, opts.overrides)
@@ -357,13 +364,15 @@ def run_anomem(cell: Cell, split: Split, opts: BenchOptions,
                "note": "same model, one scale's score"}
     model = load_run(out).model
     device = "cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu"
-    normals = split.train.images[split.train.labels == 0]
-    knn = encoder_knn_scores(model, normals, test.images, device=device)
-    yield _metrics_row(cell, "AnoMem, no memory (encoder + kNN)", "ablation", labels, knn,
-                       test.types, None, "same encoder, pooled queries, cosine kNN k=2")
-    dev = deviation_norm_scores(model, test.images, device=device)
-    yield _metrics_row(cell, "AnoMem, no stage 2 (deviation norm)", "ablation", labels, dev,
-                       test.types, None, "same memory, mean |q - r|, no detector")
+    if not model.frozen:  # on a frozen encoder, DN2 and the scale ablations say as much, and
+        # each of these passes every test image through the encoder again
+        normals = split.train.images[split.train.labels == 0]
+        knn = encoder_knn_scores(model, normals, test.images, device=device)
+        yield _metrics_row(cell, "AnoMem, no memory (encoder + kNN)", "ablation", labels, knn,
+                           test.types, None, "same encoder, pooled queries, cosine kNN k=2")
+        dev = deviation_norm_scores(model, test.images, device=device)
+        yield _metrics_row(cell, "AnoMem, no stage 2 (deviation norm)", "ablation", labels,
+                           dev, test.types, None, "same memory, mean |q - r|, no detector")
     yield from _combination_rows(cell, model, metrics, split, device)
 
 
@@ -394,31 +403,49 @@ def read_history_epochs(out: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in file.read_text().splitlines() if line]
 
 
+def feature_input_size(cell: Cell, opts: BenchOptions) -> int:
+    """The side AnoMem's pretrained encoder reads the cell's images at; for an AnoMem set to a
+    from-scratch encoder (no input size), the side the pretrained preset would use."""
+    model = anomem_config(cell, opts).model
+    return model.input_size or max(PRETRAINED_INPUT, model.image_size)
+
+
 def peers_for(cell: Cell, opts: BenchOptions) -> list[Peer]:
-    """All peers one-class; only Deep SAD (Deep SVDD given the labels) when unbalanced: the
-    shallow peers ignore labels and would repeat their one-class numbers."""
+    """All peers one-class, those on AnoMem's pretrained features last; only Deep SAD (Deep
+    SVDD given the labels) when unbalanced: the other peers ignore labels and would repeat
+    their one-class numbers."""
     device = "cuda" if opts.device != "cpu" and torch.cuda.is_available() else "cpu"
     if cell.setting == "unbalanced":
         return [DeepSVDD(minutes=opts.minutes, seed=opts.seed, device=device, labelled=True)
                 ] if opts.deep_peer else []
     peers = make_peers(opts.minutes, opts.seed, device)
-    return peers if opts.deep_peer else [p for p in peers if not isinstance(p, DeepSVDD)]
+    if not opts.deep_peer:
+        peers = [p for p in peers if not isinstance(p, DeepSVDD)]
+    if opts.feature_peers:
+        peers += make_feature_peers(feature_input_size(cell, opts), opts.seed, device)
+    return peers
 
 
 def run_peer(cell: Cell, split: Split, peer: Peer) -> dict:
-    train = split.train
+    """Fit the peer on the training split, score the test split; the row has pixel AUROC too
+    when the peer gives anomaly maps and the test images have masks."""
+    train, test = split.train, split.test
     normals = train.images[train.labels == 0]
     anomalies = train.images[train.labels == 1]
     start = time.perf_counter()
     peer.fit(normals, anomalies if len(anomalies) else None)
     fit_s = time.perf_counter() - start
-    scores = peer.score(split.test.images)
-    return _metrics_row(cell, peer.name, "peer", split.test.labels.numpy(), scores,
-                        split.test.types, fit_s)
+    scores = peer.score(test.images)
+    pixel = None
+    if isinstance(peer, MapPeer) and test.masks is not None:
+        pixel = pixel_auroc(peer.maps(test.images), test.masks.numpy(),
+                            test.types)["pixel_auroc"]
+    return _metrics_row(cell, peer.name, "peer", test.labels.numpy(), scores, test.types,
+                        fit_s, pixel=pixel)
 
 
 def run_speed(opts: BenchOptions, say: Callable[[str], None]) -> None:
-    from core.bench.speed import measure
+    from core.bench.speed import inference_rate, measure
 
     file = opts.out / "speed.json"
     if file.is_file():
@@ -427,12 +454,17 @@ def run_speed(opts: BenchOptions, say: Callable[[str], None]) -> None:
     data = (DataConfig(dataset=cifar[0], root=cifar[1], max_train=1024, seed=opts.seed)
             if cifar else DataConfig(seed=opts.seed))
     split = load_split(data)
-    cfg = preset("quick", data)
+    cfg = preset("scratch", data)  # stage-1 steps: the encoder that stage 1 trains
     cfg.train.device = opts.device
     say(f"speed: timing stage-1 steps on {data.dataset} ({cfg.model.image_size} px)")
     report = measure(cfg, split.train.images)
+    pretrained = preset("quick", data)
+    pretrained.train.device = opts.device
     write_json(file, {**report.as_dict(), "dataset": data.dataset,
-                      "image_size": cfg.model.image_size})
+                      "image_size": cfg.model.image_size,
+                      "pretrained": {"inference_images_per_s": inference_rate(
+                          pretrained, split.train.images),
+                          "input_size": pretrained.model.input_size}})
 
 
 def bench(opts: BenchOptions, say: Callable[[str], None] = print) -> Results:
@@ -538,17 +570,35 @@ def _types_table(rows: list[dict]) -> str:
 
 
 GENERAL_COLUMNS = ("AnoMem", "AnoMem, fixed weights", "AnoMem, learned weights",
-                   "AnoMem, pixels/knn only", "AnoMem, pixels/layout only",
+                   "AnoMem, pixels/knn only", "AnoMem, pixels/layout only", *FEATURE_PEERS,
                    "kNN (pixels, k=2)", "IForest (16x16 px)",
                    "OCSVM (16x16 px, nu=0.1)", "Deep SVDD")
 SHALLOW = ("kNN (pixels, k=2)", "IForest (16x16 px)", "OCSVM (16x16 px, nu=0.1)")
 
 
+def _means(auroc: dict[tuple[str, str], float], classes: list[str], methods: tuple[str, ...]
+           ) -> list[float]:
+    """Each method's mean AUROC over the classes it ran on; methods that ran on none left out."""
+    return [float(np.mean([auroc[(c, m)] for c in classes if (c, m) in auroc]))
+            for m in methods if any((c, m) in auroc for c in classes)]
+
+
+def _above(ours: list[float], peers: list[float]) -> str:
+    """Whether AnoMem's mean beats the best of the peers' means: yes, tie, no, or – if either
+    side is missing."""
+    if not (ours and peers):
+        return "–"
+    mean, best = np.mean(ours), max(peers)
+    return "yes" if mean > best else "tie" if mean == best else "no"
+
+
 def general_tables(rows: list[dict]) -> str:
-    """The general suite: one-class means per data set beside the peers; unbalanced pairs."""
+    """The general suite: one-class means per data set beside the peers, counting the classes
+    where AnoMem is at or above pixel kNN and at or above the best peer on its own pretrained
+    features; then the unbalanced pairs."""
     one = [r for r in rows if r["setting"] == "one-class"]
     sets = list(dict.fromkeys(r["suite"] for r in one))
-    body, wins, total = [], 0, 0
+    body, wins, total, same_wins, same_total = [], 0, 0, 0, 0
     for suite in sets:
         mine = [r for r in one if r["suite"] == suite]
         classes = list(dict.fromkeys(r["normal_class"] for r in mine))
@@ -561,18 +611,24 @@ def general_tables(rows: list[dict]) -> str:
                  if (c, ANOMEM) in auroc and (c, SHALLOW[0]) in auroc]
         beat = sum(a >= k for a, k in pairs)
         wins, total = wins + beat, total + len(pairs)
-        shallow = [np.mean([auroc[(c, m)] for c in classes if (c, m) in auroc])
-                   for m in SHALLOW if any((c, m) in auroc for c in classes)]
+        same = [(auroc[(c, ANOMEM)], max(auroc[(c, m)] for m in FEATURE_PEERS if (c, m) in auroc))
+                for c in classes
+                if (c, ANOMEM) in auroc and any((c, m) in auroc for m in FEATURE_PEERS)]
+        same_beat = sum(a >= p for a, p in same)
+        same_wins, same_total = same_wins + same_beat, same_total + len(same)
         ours = [auroc[(c, ANOMEM)] for c in classes if (c, ANOMEM) in auroc]
-        above = "–" if not (ours and shallow) else "yes" if np.mean(ours) > max(shallow) \
-            else "tie" if np.mean(ours) == max(shallow) else "no"
         body.append([suite.removeprefix("general/"), ", ".join(classes), *cells,
-                     f"{beat}/{len(pairs)}", above])
+                     f"{beat}/{len(pairs)}", _above(ours, _means(auroc, classes, SHALLOW)),
+                     f"{same_beat}/{len(same)}",
+                     _above(ours, _means(auroc, classes, FEATURE_PEERS))])
     header = ["data set", "normal classes", *GENERAL_COLUMNS, "AnoMem >= kNN",
-              "above best shallow"]
+              "above best shallow", "AnoMem >= best same-backbone",
+              "above best same-backbone"]
     text = ("## General suite, one-class\n\nMean AUROC (%) over the normal classes listed; "
             "`fixed` / `learned` weights and the pixel term alone are ablations of the same "
-            f"model. AnoMem at or above pixel kNN on {wins} of {total} classes.\n\n"
+            f"model. AnoMem at or above pixel kNN on {wins} of {total} classes, and at or above "
+            "the best same-backbone peer (DN2, PaDiM, PatchCore on the frozen EfficientNet-Lite0 "
+            f"features AnoMem reads) on {same_wins} of {same_total}.\n\n"
             + _table(header, body) + "\n")
     unb = [r for r in rows if r["setting"] == "unbalanced"]
     if unb:
@@ -644,7 +700,12 @@ def render_markdown(results: Results, opts: BenchOptions) -> str:
                    f"{s['backbone_images_per_s'] / r:.0f} images/s ({r:.2f}x)"]
                   for f, r in s.get("step_cost_ratio_by_shift_fraction", {}).items()
                   if float(f) < 1),
-                ["inference (scores and maps)", f"{s['inference_images_per_s']:.0f} images/s"],
+                ["inference (scores and maps), from-scratch encoder",
+                 f"{s['inference_images_per_s']:.0f} images/s"],
+                *([f"inference (scores and maps), pretrained encoder at "
+                   f"{s['pretrained']['input_size']} px",
+                   f"{s['pretrained']['inference_images_per_s']:.0f} images/s"]
+                  for _ in [0] if "pretrained" in s),
                 ["share of a step spent making batches and views", f"{s['data_share']:.1%}"],
                 ["peak memory", f"{s['peak_memory_mb']:.0f} MB"],
             ]) + "\n")

@@ -1,4 +1,5 @@
-"""What a stage-1 step costs, against the bare backbone on the same batches.
+"""What a stage-1 step costs, against the bare backbone on the same batches; and what scoring
+costs on each encoder.
 
 All timings run in one process, one after another, on the same images, so their ratios hold
 even on a busy machine where the absolute numbers do not.
@@ -126,3 +127,13 @@ def measure(cfg: RunConfig, images: torch.Tensor, steps: int = 10) -> SpeedRepor
         inference_images_per_s=len(test) / infer_s,
         data_share=prep_s / (prep_s + anomem_s), peak_memory_mb=peak,
     )
+
+
+def inference_rate(cfg: RunConfig, images: torch.Tensor, repeats: int = 3) -> float:
+    """Images per second scored (image scores and maps) by a model of `cfg`, on up to 256
+    uint8 `images`: what a user waits for at inference, encoder included."""
+    device = resolve_device(cfg.train.device)
+    model = AnoMem(cfg.model).to(device, memory_format=torch.channels_last).eval()
+    test = to_float(images[:256].to(device))
+    with torch.no_grad():
+        return len(test) / _timed(lambda: model.score(test), repeats, device)

@@ -133,8 +133,8 @@ def fit_ppca(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
     n, dim = x.shape
     mean = x.mean(0)
     xc = x - mean
-    _, sing, vh = torch.linalg.svd(xc, full_matrices=False)
-    var = sing.pow(2) / (n - 1)
+    vh, var = _principal_directions(xc)
+    var = var / (n - 1)
     r = min(rank, len(var) - 1, dim - 1)
     total = var.sum()
     noise = ((total - var[:r].sum()) / (dim - r)).clamp_min(1e-8 * float(total) / dim + 1e-12)
@@ -143,6 +143,22 @@ def fit_ppca(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
     variances = torch.ones(rank)
     variances[:r] = var[:r].clamp_min(noise)
     return mean, basis, variances, noise
+
+
+def _principal_directions(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Principal directions (K, L) and their sums of squares (K,), largest first, of centred
+    rows xc (M, L), K = min(M, L): the eigenvectors of the smaller of the Gram matrix (M, M)
+    and the scatter matrix (L, L), the eigenproblem solved in float64. What an SVD gives, several
+    times faster than LAPACK's SVD of a wide matrix on a CPU."""
+    x = xc.float()
+    if len(x) < x.shape[1]:
+        val, vec = torch.linalg.eigh((x @ x.T).double())  # ascending
+        val, vec = val.flip(0).clamp_min(0), vec.flip(1).float()
+        directions = (vec.T @ x) / val.sqrt().clamp_min(1e-12).float()[:, None]
+    else:
+        val, vec = torch.linalg.eigh((x.T @ x).double())
+        val, directions = val.flip(0).clamp_min(0), vec.flip(1).T.float()
+    return directions, val.float()
 
 
 def ppca_distance(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor,

@@ -3,7 +3,7 @@
 A frozen pretrained encoder gives the same features for the same pixels at every epoch, so
 `FeatureCache` runs it once over `views` augmented views of every training image (and of a
 shifted copy of each, the pseudo-anomalies of CSI) and keeps the maps in float16. A training
-step then costs only the memories' pass, and an epoch takes seconds instead of minutes.
+step then costs only the memories' pass, on at most STEP_POSITIONS positions of each map.
 
 `init_memories` starts each scale from the cached features rather than from noise: the 1x1
 projection is the PCA of the scale's normal features (what varies most among normals is kept),
@@ -25,8 +25,12 @@ from core.train.augment import augment, to_float
 from core.train.progress import Progress, ProgressFn
 from core.train.shifts import shift
 
+# Positions of each map a training step reads, drawn for each image: the pooled query of a
+# random subset estimates the whole map's without bias, and the stride-8 stage's 16 x 16 maps
+# then cost a quarter (the Hopfield read is most of a step's time)
+STEP_POSITIONS = 64
 INIT_ROWS = 20_000  # feature vectors per scale sampled for the PCA and the k-means++ seeding
-BATCH = 128  # images per encoder pass while caching
+BATCH = 32  # images per encoder pass while caching (smaller batches run faster per image)
 
 
 class FeatureCache:
@@ -75,9 +79,21 @@ class FeatureCache:
         """Instances holding the shifted copies of these normals."""
         return normal_index + self.n_normal + self.n_anomaly
 
-    def take(self, view: int, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{scale: (B, C, h, w) float32} features of instances `index` in view `view`."""
-        return {s: f[view, index].float() for s, f in self.features.items()}
+    def take(self, view: int, index: torch.Tensor, positions: int | None = None,
+             g: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """{scale: (B, C, h, w) float32} features of instances `index` in view `view`; with
+        `positions`, at most that many positions of each map, drawn for each image, as a
+        (B, C, 1, positions) map."""
+        out = {}
+        for s, f in self.features.items():
+            x = f[view, index]
+            if positions is not None and x.shape[2] * x.shape[3] > positions:
+                b, c = x.shape[:2]
+                pick = torch.rand(b, x.shape[2] * x.shape[3], generator=g).argsort(1)
+                pick = pick[:, :positions].to(x.device)
+                x = x.flatten(2).gather(2, pick[:, None, :].expand(-1, c, -1))[:, :, None]
+            out[s] = x.float()
+        return out
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from core.train.checkpoint import (
     save_checkpoint,
 )
 from core.train.distributed import Dist
-from core.train.features import FeatureCache, init_memories
+from core.train.features import STEP_POSITIONS, FeatureCache, init_memories
 from core.train.losses import LossTerms, MemoryContrastLoss
 from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
 from core.train.shifts import shift
@@ -127,7 +127,8 @@ def cached_batch(cache: FeatureCache, chosen: torch.Tensor, n_anom: int, g: torc
                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """`make_batch` on a frozen encoder's cache: the chosen normals, sampled labelled
     anomalies and the shifted copies of the first `shift_fraction` normals, two different
-    cached views of each -> ({scale: (2B, C, h, w)}, is_anomaly (B,), is_shifted (B,))."""
+    cached views of each, at most STEP_POSITIONS positions of each map
+    -> ({scale: (2B, C, h, w) or (2B, C, 1, STEP_POSITIONS)}, is_anomaly (B,), is_shifted (B,))."""
     device = chosen.device
     parts = [chosen]
     if n_anom:
@@ -140,7 +141,8 @@ def cached_batch(cache: FeatureCache, chosen: torch.Tensor, n_anom: int, g: torc
     is_anom = kinds == 1 if n_anom else torch.zeros_like(kinds, dtype=torch.bool)
     is_shift = kinds == len(parts) - 1 if cache.n_shifted else torch.zeros_like(is_anom)
     a, b = torch.randperm(cache.views, generator=g)[:2].tolist()
-    view_a, view_b = cache.take(a, index), cache.take(b, index)
+    view_a = cache.take(a, index, STEP_POSITIONS, g)
+    view_b = cache.take(b, index, STEP_POSITIONS, g)
     return ({s: torch.cat([view_a[s], view_b[s]]) for s in view_a}, is_anom, is_shift)
 
 

@@ -53,6 +53,10 @@ MAP_SHIFTS = ("cutpaste", "scar", "blend")
 CHANGED = 8
 MAP_PIXELS = 20_000
 MAP_MARGIN = 0.005
+# A frozen pretrained encoder: the Gaussians are fitted on the images stage 1 cached
+# (TrainConfig.cache_images), and pseudo-anomalies are made from at most this many held-out
+# normals per kind (the scores are still standardised on all of them)
+FROZEN_PSEUDO_IMAGES = 256
 
 
 @torch.no_grad()
@@ -96,13 +100,17 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
         model.pixels.store(fit.to(device), torch.Generator().manual_seed(tc.seed))
     if model.pixel_layout is not None:  # all of `fit` on every rank: the same Gaussian
         model.pixel_layout.fit(fit.to(device))
+    pseudo_from = calibration
+    if model.frozen:  # an encoder pass costs ~10x the scratch one's: fewer images, same fits
+        fit = _subset(fit, tc.cache_images, tc.seed)
+        pseudo_from = _subset(calibration, FROZEN_PSEUDO_IMAGES, tc.seed)
     _fit_gaussians(model, fit, device, g, dist, progress)
     check_stop()
     _standardise(model, calibration, device, dist)
     check_stop()
-    report = fit_combination(model, calibration, tc, device, g, dist)
+    report = fit_combination(model, pseudo_from, tc, device, g, dist)
     if hasattr(det, "map_weights"):
-        report["maps"] = fit_map_weights(model, calibration, device, g, dist)
+        report["maps"] = fit_map_weights(model, pseudo_from, device, g, dist)
     if len(anomalies):
         _fit_classifier(model, calibration, anomalies, device, dist)
     scores, maxima = [], []
@@ -118,6 +126,14 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     if progress:
         progress(Progress("stage2", 1.0, "detector fitted"))
     return report
+
+
+def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """At most n of `images`, a seeded random choice kept in order."""
+    if len(images) <= n:
+        return images
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[keep.sort().values]
 
 
 def _fit_gaussians(model: AnoMem, fit: torch.Tensor, device: torch.device, g: torch.Generator,

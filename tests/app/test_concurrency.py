@@ -87,7 +87,8 @@ def test_bench_leaves_a_run_another_process_holds(tmp_path: Path):
     (folder / CONFIG).write_text("{}")  # a run that looks broken: the bench would retrain it
     lines: list[str] = []
     try:
-        bench(BenchOptions(out=tmp_path, minutes=0.05, suites=("shapes",), deep_peer=False),
+        bench(BenchOptions(out=tmp_path, minutes=0.05, suites=("shapes",), deep_peer=False,
+                           feature_peers=False, preset="scratch"),
               lines.append)
     finally:
         holder.kill()

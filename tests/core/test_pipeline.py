@@ -26,11 +26,12 @@ def shapes_split():
 TRAINED = {}  # run folder -> the model object train_run saved there, as it was in memory
 
 
-@pytest.fixture(scope="module")
-def one_class_run(tmp_path_factory, shapes_split):
-    cfg = preset("quick", DataConfig())
+@pytest.fixture(scope="module", params=["quick", "scratch"])
+def one_class_run(request, tmp_path_factory, shapes_split):
+    """A short run of each encoder: the pretrained one (quick) and the from-scratch ResNet."""
+    cfg = preset(request.param, DataConfig())
     cfg.train.epochs = 4
-    out = tmp_path_factory.mktemp("runs") / "one-class"
+    out = tmp_path_factory.mktemp("runs") / f"one-class-{request.param}"
 
     def keep(path, cfg, model):
         TRAINED[path] = model
@@ -49,7 +50,8 @@ def test_one_class_run_folder_is_complete(one_class_run):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / HISTORY).read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
-    assert all(0 < r[f"usage_{s}"] <= 1 for r in rows for s in ("layer2", "layer3", "layer4"))
+    scales = load_run(out).config.model.scales
+    assert all(0 < r[f"usage_{s}"] <= 1 for r in rows for s in scales)
     assert rows[-1]["loss"] < rows[0]["loss"]
     required = {"auroc", "auroc_by_type", "aupr", "fpr_at_95_tpr", "pixel_auroc",
                 "train_seconds", "n_train", "n_test"}

@@ -10,20 +10,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.bench import run as bench_run
+from core.bench.feature_peers import FEATURE_PEERS
 from core.bench.run import ANOMEM, COLUMNS, BenchOptions, Cell, Results, bench, plan
 from core.cli import main
+from core.data import ImageSet, Split
 
 pytestmark = pytest.mark.slow
+
+
+def shapes_options(out: Path) -> BenchOptions:
+    """The shapes suite in seconds: AnoMem on the from-scratch encoder (the pretrained one
+    reads every image at 128 px, minutes on a CPU), and without the peers on pretrained
+    features, for the same reason; both have tests of their own."""
+    return BenchOptions(out=out, minutes=0.05, suites=("shapes",), feature_peers=False,
+                        preset="scratch")
 
 
 @pytest.fixture(scope="module")
 def shapes_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("bench")
     lines: list[str] = []
-    bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lines.append)
+    bench(shapes_options(out), lines.append)
     return out, lines
 
 
@@ -73,7 +84,7 @@ def test_a_rerun_computes_nothing_again(shapes_bench, monkeypatch: pytest.Monkey
     monkeypatch.setattr(bench_run, "run_anomem", fail)
     monkeypatch.setattr(bench_run, "run_peer", fail)
     lines: list[str] = []
-    bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lines.append)
+    bench(shapes_options(out), lines.append)
     assert (out / "results.csv").read_bytes() == before
     assert lines[0].startswith("1 cells, 0 (cell, method) pairs to run")
 
@@ -88,7 +99,7 @@ def test_a_missing_row_is_rerun_from_the_saved_model(shapes_bench,
     results.rows = kept
     results.add(next(iter(kept.values())))  # rewrite the CSV without AnoMem's rows
     monkeypatch.setattr(bench_run, "train_run", lambda *a, **k: pytest.fail("retrained"))
-    bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lambda line: None)
+    bench(shapes_options(out), lambda line: None)
     again = Results.load(out / "results.csv").rows
     assert {k: v["auroc"] for k, v in again.items()} == expected
 
@@ -116,7 +127,7 @@ def test_refit_stage2_changes_the_detector_and_nothing_else(shapes_bench, tmp_pa
 
     assert script.drop_anomem_rows(out / "results.csv", {run.name}) == 1
     monkeypatch.setattr(bench_run, "train_run", lambda *a, **k: pytest.fail("retrained"))
-    bench(BenchOptions(out=out, minutes=0.05, suites=("shapes",)), lambda line: None)
+    bench(shapes_options(out), lambda line: None)
     again = {r["method"]: float(r["auroc"]) for r in rows(out)}
     assert again[ANOMEM] == pytest.approx(after, abs=1e-4)  # the CSV keeps 4 decimals
 
@@ -189,7 +200,7 @@ def test_bench_cli_refuses_bad_options(args: list[str], message: str, tmp_path: 
 
 
 def test_a_checkpoint_that_cannot_be_resumed_is_trained_again(tmp_path: Path) -> None:
-    opts = BenchOptions(out=tmp_path, minutes=0.03, suites=("shapes",))
+    opts = BenchOptions(out=tmp_path, minutes=0.03, suites=("shapes",), preset="scratch")
     cell = plan(opts, lambda line: None)[0]
     folder = tmp_path / "runs" / cell.slug
     folder.mkdir(parents=True)
@@ -231,3 +242,90 @@ def test_general_tables_count_wins_and_order_the_unbalanced_pairs() -> None:
     assert [line.split(" | ")[2:4] for line in lines] == [["1", "1%"], ["5", "1%"],
                                                           ["5", "10%"]]
     assert lines[2].rstrip(" |").split(" | ")[5:9] == ["90.0", "95.0", "99.0", "90.0"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the peers on AnoMem's pretrained features
+
+
+def test_one_class_cells_get_the_feature_peers_at_anomem_input_size(tmp_path: Path) -> None:
+    opts = BenchOptions(out=tmp_path, suites=("shapes",))
+    cell = plan(opts, lambda line: None)[0]
+    peers = bench_run.peers_for(cell, opts)
+    assert [p.name for p in peers[-3:]] == list(FEATURE_PEERS)
+    assert [p.name for p in peers[:-3]] == [p.name for p in bench_run.make_peers(1, 0, "cpu")]
+    size = bench_run.anomem_config(cell, opts).model.input_size
+    assert size == 128 and {p.input_size for p in peers[-3:]} == {size}
+    wider = BenchOptions(out=tmp_path, suites=("shapes",), overrides=("model.input_size=160",))
+    assert {p.input_size for p in bench_run.peers_for(cell, wider)[-3:]} == {160}
+    off = BenchOptions(out=tmp_path, suites=("shapes",), feature_peers=False, deep_peer=False)
+    assert not set(FEATURE_PEERS) & {p.name for p in bench_run.peers_for(cell, off)}
+    unbalanced = Cell("x", "digits", None, "0", "unbalanced", 0.1, ("1",))
+    assert [p.name for p in bench_run.peers_for(unbalanced, opts)] == ["Deep SAD"]
+
+
+class BrightnessPeer:
+    """Scores an image by its mean brightness; gives no maps."""
+
+    name = "brightness"
+
+    def fit(self, normals: torch.Tensor, anomalies: torch.Tensor | None = None) -> None:
+        pass
+
+    def score(self, images: torch.Tensor) -> np.ndarray:
+        return images.float().mean(dim=(1, 2, 3)).double().numpy()
+
+
+class BrightnessMapPeer(BrightnessPeer):
+    """The same, with each pixel's brightness as the anomaly map."""
+
+    def maps(self, images: torch.Tensor) -> np.ndarray:
+        return images.float().mean(dim=1).numpy()
+
+
+def masked_split(with_masks: bool = True) -> Split:
+    """4 dark normal images, 4 anomalies with a bright 2x2 patch that their masks mark."""
+    images = torch.full((8, 3, 6, 6), 20, dtype=torch.uint8)
+    masks = torch.zeros(8, 6, 6, dtype=torch.uint8)
+    images[4:, :, 1:3, 2:4] = 250
+    masks[4:, 1:3, 2:4] = 1
+    test = ImageSet(images=images, labels=torch.tensor([0] * 4 + [1] * 4),
+                    types=["normal"] * 4 + ["spot"] * 4, names=[str(i) for i in range(8)],
+                    edge=torch.zeros(8, dtype=torch.bool), masks=masks if with_masks else None)
+    train = ImageSet(images=images[:4], labels=torch.zeros(4, dtype=torch.long),
+                     types=["normal"] * 4, names=["t"] * 4, edge=torch.zeros(4, dtype=torch.bool))
+    return Split(train=train, test=test, dataset="toy", normal_class="normal")
+
+
+def test_run_peer_fills_pixel_auroc_from_maps_on_masked_splits() -> None:
+    cell = Cell("toy", "toy", None, "normal")
+    row = bench_run.run_peer(cell, masked_split(), BrightnessMapPeer())
+    assert row["auroc"] == 1.0 and row["pixel_auroc"] == 1.0
+    assert row["method"] == "brightness" and row["kind"] == "peer"
+    assert bench_run.run_peer(cell, masked_split(with_masks=False),
+                              BrightnessMapPeer())["pixel_auroc"] is None
+    assert bench_run.run_peer(cell, masked_split(), BrightnessPeer())["pixel_auroc"] is None
+
+
+def test_general_tables_put_the_feature_peers_beside_anomem() -> None:
+    def row(cls: str, method: str, auroc: float) -> dict:
+        return {"suite": "general/digits", "dataset": "digits", "normal_class": cls,
+                "setting": "one-class", "ratio": "0.0000", "anomaly_classes": "",
+                "method": method, "kind": "", "auroc": str(auroc), "pixel_auroc": "",
+                "by_type": "", "train_s": "", "note": ""}
+
+    dn2, padim, patchcore = FEATURE_PEERS
+    rows = [row("0", ANOMEM, 0.9), row("0", dn2, 0.8), row("0", patchcore, 0.95),
+            row("3", ANOMEM, 0.7), row("3", dn2, 0.6), row("3", padim, 0.65)]
+    text = bench_run.general_tables(rows)
+    assert "at or above the best same-backbone peer" in text
+    assert "on 1 of 2." in text  # class 0: PatchCore 95 beats AnoMem 90; class 3: AnoMem wins
+    header = next(line for line in text.splitlines() if line.startswith("| data set"))
+    cols = header.strip("| ").split(" | ")
+    line = next(line for line in text.splitlines() if line.startswith("| digits"))
+    cells = dict(zip(cols, line.strip("| ").split(" | "), strict=True))
+    assert cols.index(dn2) == cols.index(ANOMEM) + 5  # after AnoMem and its four ablations
+    assert (cells[ANOMEM], cells[dn2], cells[padim], cells[patchcore]) == (
+        "80.0", "70.0", "65.0", "95.0")
+    assert cells["AnoMem >= best same-backbone"] == "1/2"
+    assert cells["above best same-backbone"] == "no"  # mean 80 against PatchCore's 95

@@ -47,3 +47,24 @@ def test_ratios_follow_the_timed_seconds_exactly(
     assert r.step_cost_ratio_by_shift_fraction == {"0.25": 2.0, "0.5": 2.5, "1": 3.0}
     assert r.data_share == pytest.approx(0.5 / 3.5) and r.inference_images_per_s == 16 / 0.25
     assert next(seconds, None) is None  # every scripted time was used, none more
+
+
+def test_inference_rate_times_scoring_on_either_encoder(
+        make_model_config: Callable[..., ModelConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    from core.bench import speed
+
+    timed: list[int] = []
+
+    def one_second(fn, steps, device):
+        fn()
+        timed.append(steps)
+        return 2.0
+
+    monkeypatch.setattr(speed, "_timed", one_second)
+    images = torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8)
+    for model in (make_model_config(image_size=16),
+                  make_model_config(image_size=16, backbone="efficientnet-lite0", input_size=32,
+                                    scales=("stage3_s8",))):
+        cfg = RunConfig(model=model, train=TrainConfig(device="cpu"), data=DataConfig())
+        assert speed.inference_rate(cfg, images) == 128.0  # 256 images scored in 2 s
+    assert timed == [3, 3]

@@ -23,8 +23,13 @@ def data() -> torch.Tensor:
     return torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=g)
 
 
-def fresh_model(make_model_config: Callable[..., ModelConfig], seed: int) -> AnoMem:
+def fresh_model(make_model_config: Callable[..., ModelConfig], seed: int,
+                pretrained: bool = False) -> AnoMem:
     torch.manual_seed(seed)
+    if pretrained:  # the frozen encoder: stage 1 learns on its cached features
+        return AnoMem(make_model_config(image_size=16, input_size=32, memory_size=6,
+                                        backbone="efficientnet-lite0",
+                                        scales=("stage3_s8", "stage5_s16")))
     return AnoMem(make_model_config(image_size=16, scales=("layer2", "layer3")))
 
 
@@ -47,14 +52,17 @@ def test_checkpoint_after_every_epoch_holds_the_epochs_done(
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
-@pytest.mark.parametrize("stop_at", [2, 3, 7])  # mid-epoch, at an epoch's end, mid-epoch
+@pytest.mark.parametrize(("stop_at", "pretrained"), [
+    (2, False), (3, False), (7, False),  # mid-epoch, at an epoch's end, mid-epoch
+    (2, True), (3, True)])  # the frozen encoder's cache is made again, the same
 def test_stopped_and_resumed_training_matches_an_uninterrupted_one(
-        make_model_config: Callable[..., ModelConfig], tmp_path: Path, stop_at: int) -> None:
+        make_model_config: Callable[..., ModelConfig], tmp_path: Path, stop_at: int,
+        pretrained: bool) -> None:
     empty = torch.empty(0, 3, 16, 16, dtype=torch.uint8)
-    straight = fresh_model(make_model_config, 0)
+    straight = fresh_model(make_model_config, 0, pretrained)
     expected, _ = train_stage1(straight, data(), empty, TC, CPU)
 
-    first = fresh_model(make_model_config, 0)
+    first = fresh_model(make_model_config, 0, pretrained)
     with pytest.raises(TrainingCancelled) as stopped:
         train_stage1(first, data(), empty, TC, CPU, run_dir=tmp_path,
                      should_stop=stop_after(stop_at))
@@ -64,7 +72,7 @@ def test_stopped_and_resumed_training_matches_an_uninterrupted_one(
 
     # Another process would start from other random weights: the checkpoint must replace them.
     torch.manual_seed(123)
-    resumed = fresh_model(make_model_config, 99)
+    resumed = fresh_model(make_model_config, 99, pretrained)
     history, _ = train_stage1(resumed, data(), empty, TC, CPU, run_dir=tmp_path, resume=True)
     assert [r["loss"] for r in history] == pytest.approx([r["loss"] for r in expected])
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(),

@@ -71,6 +71,24 @@ def test_a_cached_batch_flags_its_parts_and_pairs_two_different_views(
     assert any(torch.equal(a[:1], x) for x in both.values())
 
 
+def test_take_draws_positions_of_each_image_from_its_own_map(
+        pretrained_cfg: ModelConfig) -> None:
+    model = AnoMem(pretrained_cfg)
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
+    cache = features.FeatureCache(model, normals, normals[:0], TrainConfig(shift_negatives=()),
+                                  torch.device("cpu"), g)
+    s = "stage3_s8"  # a 4 x 4 map at 32 px
+    full = cache.take(1, torch.arange(4))[s]
+    sampled = cache.take(1, torch.arange(4), positions=5, g=g)[s]
+    assert sampled.shape == (4, full.shape[1], 1, 5)
+    for image in range(4):
+        columns = full[image].flatten(1).T  # (16, C): the image's positions
+        for p in range(5):
+            assert (columns == sampled[image, :, 0, p]).all(1).any()
+    assert cache.take(1, torch.arange(4), positions=16, g=g)[s].shape == full.shape
+
+
 def test_init_memories_projects_by_pca_and_seeds_prototypes_on_normal_queries(
         pretrained_cfg: ModelConfig) -> None:
     model = AnoMem(pretrained_cfg)
