@@ -64,8 +64,8 @@ class ModelConfig:
     # The size the encoder resizes images to (0: image_size). The pretrained encoder sees small
     # images upsampled, as it saw ImageNet's photos.
     input_size: int = 0
-    blocks: tuple[int, ...] = (1, 1, 1, 1)  # BasicBlocks per ResNet stage (ResNet-18: 2,2,2,2)
-    width: float = 0.25  # channel multiplier on (64, 128, 256, 512)
+    blocks: tuple[int, ...] = (1, 1, 1, 1)  # resnet: BasicBlocks per stage (ResNet-18: 2,2,2,2)
+    width: float = 0.25  # resnet: channel multiplier on (64, 128, 256, 512)
     scales: tuple[str, ...] = ("layer2", "layer3", "layer4")  # stages that carry a memory
     memory_size: int = 64  # prototypes per scale
     memory_dim: int = 64  # prototype / query dimension

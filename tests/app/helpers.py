@@ -14,9 +14,10 @@ TINY_MEMORY = 16
 
 
 def tiny_config() -> RunConfig:
-    """A run that trains in seconds on a CPU: one epoch, 200 images, a narrow network."""
+    """A run that trains in seconds on a CPU: one epoch, 200 images, the pretrained encoder
+    reading them at 64 px (not 128), small memories."""
     cfg = preset("quick", DataConfig(dataset="shapes", max_train=200))
-    cfg.model.width = 0.125
+    cfg.model.input_size = 64
     cfg.model.memory_size = TINY_MEMORY
     cfg.model.memory_dim = 16
     cfg.model.head_dim = 16

@@ -25,6 +25,6 @@ def test_umap_shows_samples_by_group_and_prototypes(runs_dir: Path):
     assert sum(traces.values()) == N_TEST
     assert {"normal", "object", "style", "local"} <= set(traces)
     assert any("Select points" in i.value for i in at.info)
-    at.segmented_control(key="umap_scale").set_value("layer2").run()
+    at.segmented_control(key="umap_scale").set_value("stage7_s32").run()
     assert not at.exception
     assert _traces(at)["prototypes"] == TINY_MEMORY

@@ -23,7 +23,7 @@ def _fill(at: AppTest, max_train: int, name: str) -> None:
     at.text_input(key="train_name").input(name)
 
 
-def _wait_until_done(at: AppTest, timeout: float = 90) -> None:
+def _wait_until_done(at: AppTest, timeout: float = 300) -> None:
     """Rerun the page (as its polling fragment would) until the job has ended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -192,6 +192,7 @@ RANGES: dict[tuple[str, ...], tuple[float, float, bool, bool]] = {
     ("model", "local_weight"): (0, 1, True, True),
     ("model", "pixel_size"): (4, 128, True, True),
     ("train", "epochs"): (1, INF, True, True), ("train", "batch_size"): (2, INF, True, True),
+    ("train", "views"): (2, 16, True, True), ("train", "cache_images"): (2, INF, True, True),
     ("train", "lr"): (0, INF, False, True), ("train", "weight_decay"): (0, INF, True, True),
     ("train", "w_rotation"): (0, INF, True, True),
     ("train", "temperature"): (0, INF, False, True),
@@ -221,6 +222,8 @@ def loads(path: tuple[str, ...], value: int | float) -> bool:
         return False
     if path == ("model", "pixel_memory") and not (value == 0 or 2 <= value <= 100_000):
         return False
+    if path == ("model", "input_size"):  # the saved run's from-scratch encoder reads images
+        return value == 0  # at image_size: any other input size is refused
     if path in RANGES:
         lo, hi, lo_in, hi_in = RANGES[path]
         if not ((lo <= value if lo_in else lo < value) and (value <= hi if hi_in else value < hi)):

@@ -19,7 +19,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 4
-TRAIN = ["train", "--epochs", str(EPOCHS), "--max-train", "300", "--device", "cpu"]
+# The from-scratch encoder: its epochs take seconds, so a signal lands mid-training (resuming
+# the pretrained encoder's stage 1 is tested in tests/core/train/test_checkpoint.py)
+TRAIN = ["train", "--preset", "scratch", "--epochs", str(EPOCHS), "--max-train", "300",
+         "--device", "cpu"]
 
 
 def start(*args: str) -> subprocess.Popen:

@@ -120,7 +120,7 @@ def test_a_failed_evaluation_keeps_the_trained_model_and_says_how_to_finish(
         tmp_path, monkeypatch):
     data = DataConfig(max_train=64)
     split = load_split(data)
-    cfg = preset("quick", data)
+    cfg = preset("scratch", data)
     cfg.train.epochs, cfg.train.batch_size = 1, 32
 
     def broken(*args, **kwargs):
