@@ -20,7 +20,7 @@ st.caption(
     "(receptive-field crops, one per image, strongest first). Usage counts the map positions "
     "whose strongest prototype it is."
 )
-left, mid, right = st.columns([2, 2, 3])
+left, mid, right = st.columns([4, 2, 3])  # room for three stage names
 scale = left.segmented_control("Scale", model.scales, default=model.scales[0],
                                key="proto_scale", required=True) or model.scales[0]
 order = mid.segmented_control("Order", ["usage", "index"], default="usage",

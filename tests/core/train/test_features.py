@@ -20,6 +20,17 @@ def pretrained_cfg(make_model_config: Callable[..., ModelConfig]) -> ModelConfig
                              image_size=16, input_size=32, memory_size=6, memory_dim=8)
 
 
+def normal_cache(cfg: ModelConfig, n: int
+                 ) -> tuple[AnoMem, features.FeatureCache, torch.Generator]:
+    """A model and the cache of n random normal images, no shifted copies."""
+    model = AnoMem(cfg)
+    g = torch.Generator().manual_seed(0)
+    normals = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
+    cache = features.FeatureCache(model, normals, normals[:0], TrainConfig(shift_negatives=()),
+                                  torch.device("cpu"), g)
+    return model, cache, g
+
+
 def test_kmeans_pp_spreads_its_picks_over_the_clusters() -> None:
     g = torch.Generator().manual_seed(0)
     centres = torch.eye(4) * 10
@@ -73,11 +84,7 @@ def test_a_cached_batch_flags_its_parts_and_pairs_two_different_views(
 
 def test_take_draws_positions_of_each_image_from_its_own_map(
         pretrained_cfg: ModelConfig) -> None:
-    model = AnoMem(pretrained_cfg)
-    g = torch.Generator().manual_seed(0)
-    normals = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
-    cache = features.FeatureCache(model, normals, normals[:0], TrainConfig(shift_negatives=()),
-                                  torch.device("cpu"), g)
+    model, cache, g = normal_cache(pretrained_cfg, 4)
     s = "stage3_s8"  # a 4 x 4 map at 32 px
     full = cache.take(1, torch.arange(4))[s]
     sampled = cache.take(1, torch.arange(4), positions=5, g=g)[s]
@@ -91,11 +98,7 @@ def test_take_draws_positions_of_each_image_from_its_own_map(
 
 def test_init_memories_projects_by_pca_and_seeds_prototypes_on_normal_queries(
         pretrained_cfg: ModelConfig) -> None:
-    model = AnoMem(pretrained_cfg)
-    g = torch.Generator().manual_seed(0)
-    normals = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=g)
-    cache = features.FeatureCache(model, normals, normals[:0], TrainConfig(shift_negatives=()),
-                                  torch.device("cpu"), g)
+    model, cache, g = normal_cache(pretrained_cfg, 8)
     features.init_memories(model, cache, g)
     for s, memory in model.memories.items():
         maps = cache.take(0, torch.arange(8))[s]
