@@ -95,6 +95,7 @@ def test_unbalanced_setting_end_to_end(tmp_path, shapes_split):
     assert int(split.train.labels.sum()) == 60
     cfg = preset("quick", data)
     cfg.train.epochs = 3
+    cfg.model.input_size = 64  # the encoder at half its default size: a quarter of the time
     metrics = train_run(cfg, tmp_path / "unbalanced", split=split)
     run = load_run(tmp_path / "unbalanced")
     assert bool(run.model.detector.clf_weight.any()), "the labelled anomalies trained no head"
@@ -108,6 +109,7 @@ def test_same_seed_gives_the_same_model(tmp_path):
     split = load_split(data)
     cfg = preset("quick", data)
     cfg.train.epochs, cfg.train.batch_size = 1, 32
+    cfg.model.input_size = 64
     first = train_run(cfg, tmp_path / "a", split=split)
     second = train_run(cfg, tmp_path / "b", split=split)
     assert first["auroc"] == second["auroc"]
