@@ -33,6 +33,15 @@ INIT_ROWS = 20_000  # feature vectors per scale sampled for the PCA and the k-me
 BATCH = 32  # images per encoder pass while caching (smaller batches run faster per image)
 
 
+def subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """At most n of `images`, a seeded random choice kept in order: the images stage 1 caches
+    and stage 2 fits its Gaussians on (the same ones, for the same seed)."""
+    if len(images) <= n:
+        return images
+    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[keep.sort().values.to(images.device)]
+
+
 class FeatureCache:
     """Encoder features of V views of each instance: normals, labelled anomalies, then one
     shifted copy of each normal (when the config asks for shifted negatives).

@@ -29,7 +29,7 @@ from core.train.checkpoint import (
     save_checkpoint,
 )
 from core.train.distributed import Dist
-from core.train.features import STEP_POSITIONS, FeatureCache, init_memories
+from core.train.features import STEP_POSITIONS, FeatureCache, init_memories, subset
 from core.train.losses import LossTerms, MemoryContrastLoss
 from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
 from core.train.shifts import shift
@@ -200,9 +200,8 @@ def train_stage1(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
     opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr)
     normals = dist.shard(normals).to(device)
     anomalies = anomalies.to(device)
-    if model.frozen and len(normals) > tc.cache_images:  # the images stage 1 caches and learns on
-        keep = torch.randperm(len(normals), generator=torch.Generator().manual_seed(tc.seed))
-        normals = normals[keep[:tc.cache_images].sort().values.to(device)]
+    if model.frozen:  # the images stage 1 caches and learns on
+        normals = subset(normals, tc.cache_images, tc.seed)
     n = len(normals)
     bs = min(max(2, tc.batch_size // dist.world), n)  # the global batch stays batch_size
     n_anom = 0 if len(anomalies) == 0 else max(1, bs // 8)  # labelled anomalies per batch

@@ -32,6 +32,7 @@ from core.model.detector import fit_gaussian, fit_positional_gaussians, fit_ppca
 from core.model.memory import MemoryRead
 from core.train.augment import to_float
 from core.train.distributed import Dist
+from core.train.features import subset as cached_subset
 from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
 from core.train.shifts import shift
 
@@ -102,8 +103,8 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
         model.pixel_layout.fit(fit.to(device))
     pseudo_from = calibration
     if model.frozen:  # an encoder pass costs ~10x the scratch one's: fewer images, same fits
-        fit = _subset(fit, tc.cache_images, tc.seed)
-        pseudo_from = _subset(calibration, FROZEN_PSEUDO_IMAGES, tc.seed)
+        fit = cached_subset(fit, tc.cache_images, tc.seed)
+        pseudo_from = cached_subset(calibration, FROZEN_PSEUDO_IMAGES, tc.seed)
     _fit_gaussians(model, fit, device, g, dist, progress)
     check_stop()
     _standardise(model, calibration, device, dist)
@@ -126,14 +127,6 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     if progress:
         progress(Progress("stage2", 1.0, "detector fitted"))
     return report
-
-
-def _subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """At most n of `images`, a seeded random choice kept in order."""
-    if len(images) <= n:
-        return images
-    keep = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
-    return images[keep.sort().values]
 
 
 def _fit_gaussians(model: AnoMem, fit: torch.Tensor, device: torch.device, g: torch.Generator,
