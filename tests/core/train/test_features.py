@@ -20,15 +20,17 @@ def pretrained_cfg(make_model_config: Callable[..., ModelConfig]) -> ModelConfig
                              image_size=16, input_size=32, memory_size=6, memory_dim=8)
 
 
-def normal_cache(cfg: ModelConfig, n: int
-                 ) -> tuple[AnoMem, features.FeatureCache, torch.Generator]:
-    """A model and the cache of n random normal images, no shifted copies."""
+def make_cache(cfg: ModelConfig, n: int, n_anomalies: int = 0, tc: TrainConfig | None = None
+               ) -> tuple[AnoMem, features.FeatureCache, torch.Generator, torch.Tensor]:
+    """A model, the cache of n random normal and n_anomalies random labelled images (no
+    shifted copies unless `tc` asks for them), the generator and the normals."""
     model = AnoMem(cfg)
     g = torch.Generator().manual_seed(0)
     normals = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
-    cache = features.FeatureCache(model, normals, normals[:0], TrainConfig(shift_negatives=()),
-                                  torch.device("cpu"), g)
-    return model, cache, g
+    anomalies = torch.randint(0, 256, (n_anomalies, 3, 16, 16), dtype=torch.uint8, generator=g)
+    cache = features.FeatureCache(model, normals, anomalies,
+                                  tc or TrainConfig(shift_negatives=()), torch.device("cpu"), g)
+    return model, cache, g, normals
 
 
 def test_kmeans_pp_spreads_its_picks_over_the_clusters() -> None:
@@ -43,12 +45,8 @@ def test_kmeans_pp_spreads_its_picks_over_the_clusters() -> None:
 
 def test_the_cache_holds_every_view_of_normals_anomalies_and_shifted_copies(
         pretrained_cfg: ModelConfig) -> None:
-    model = AnoMem(pretrained_cfg)
-    g = torch.Generator().manual_seed(0)
-    normals = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=g)
-    anomalies = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
-    tc = TrainConfig(views=3, shift_negatives=("rotate",))
-    cache = features.FeatureCache(model, normals, anomalies, tc, torch.device("cpu"), g)
+    model, cache, _, normals = make_cache(
+        pretrained_cfg, 5, 2, TrainConfig(views=3, shift_negatives=("rotate",)))
     assert (cache.n_normal, cache.n_anomaly, cache.n_shifted, cache.views) == (5, 2, 5, 3)
     for s in model.scales:
         side = model.map_size(s)
@@ -65,12 +63,7 @@ def test_the_cache_holds_every_view_of_normals_anomalies_and_shifted_copies(
 
 def test_a_cached_batch_flags_its_parts_and_pairs_two_different_views(
         pretrained_cfg: ModelConfig) -> None:
-    model = AnoMem(pretrained_cfg)
-    g = torch.Generator().manual_seed(0)
-    normals = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=g)
-    anomalies = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=g)
-    cache = features.FeatureCache(model, normals, anomalies, TrainConfig(), torch.device("cpu"),
-                                  g)
+    model, cache, g, _ = make_cache(pretrained_cfg, 6, 2, TrainConfig())
     chosen = torch.tensor([4, 1, 3, 0])
     views, is_anom, is_shift = stage1.cached_batch(cache, chosen, 1, g, shift_fraction=0.5)
     assert is_anom.tolist() == [False] * 4 + [True] + [False] * 2
@@ -84,7 +77,7 @@ def test_a_cached_batch_flags_its_parts_and_pairs_two_different_views(
 
 def test_take_draws_positions_of_each_image_from_its_own_map(
         pretrained_cfg: ModelConfig) -> None:
-    model, cache, g = normal_cache(pretrained_cfg, 4)
+    model, cache, g, _ = make_cache(pretrained_cfg, 4)
     s = "stage3_s8"  # a 4 x 4 map at 32 px
     full = cache.take(1, torch.arange(4))[s]
     sampled = cache.take(1, torch.arange(4), positions=5, g=g)[s]
@@ -98,7 +91,7 @@ def test_take_draws_positions_of_each_image_from_its_own_map(
 
 def test_init_memories_projects_by_pca_and_seeds_prototypes_on_normal_queries(
         pretrained_cfg: ModelConfig) -> None:
-    model, cache, g = normal_cache(pretrained_cfg, 8)
+    model, cache, g, _ = make_cache(pretrained_cfg, 8)
     features.init_memories(model, cache, g)
     for s, memory in model.memories.items():
         maps = cache.take(0, torch.arange(8))[s]
