@@ -110,7 +110,7 @@ def show_upload(run: Run, name: str, data: bytes) -> bool:
     """Validate, score and explain one uploaded file; False (with an error) when refused."""
     cfg = run.config.model
     try:
-        array = imageio.validate_upload(data, name, size=cfg.image_size,
+        array = imageio.validate_upload(data, name, size=cfg.shape,
                                         channels=cfg.in_channels)
     except DataError as err:
         st.error(str(err))

@@ -318,7 +318,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from core.train.scoring import score_images
 
     run = load_run(Path(args.run_dir))
-    size, channels = run.config.model.image_size, run.config.model.in_channels
+    size, channels = run.config.model.shape, run.config.model.in_channels
     images, paths = [], []
     for name in args.images:
         path = Path(name)

@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 9
+CONFIG_VERSION = 10
 # The fields each version added, and the values that reproduce a run stored before it.
 ADDED_IN = {
     2: [("model", "local_map", "shared")],
@@ -27,6 +27,7 @@ ADDED_IN = {
     8: [("model", "pixel_layout", False)],
     9: [("model", "backbone", "resnet"), ("model", "input_size", 0), ("train", "views", 2),
         ("train", "cache_images", 2048)],
+    10: [("model", "image_shape", []), ("data", "keep_aspect", False)],
 }
 # Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
@@ -47,6 +48,7 @@ PRETRAINED_INPUT = 128  # smaller images are upsampled to this side
 PRETRAINED_ALIGNED_SIZE = 224  # working size of aligned (MVTec-layout) data sets
 PRETRAINED_MEMORY = 256  # prototypes per scale
 PRETRAINED_EPOCHS = 20
+MAX_SIDE = 1024  # pixels, either side of the images a model reads
 MAX_BLOCKS = 64  # per ResNet stage (ResNet-152 has 36): a stored config cannot ask for more
 
 
@@ -54,15 +56,26 @@ class ConfigError(ValueError):
     """A configuration value is out of range or a stored config cannot be read."""
 
 
+def scaled_shape(shape: tuple[int, int], short_side: int) -> tuple[int, int]:
+    """(height, width) `shape` scaled so that its shorter side is `short_side`: how the
+    encoder resizes an image (core/model/efficientnet.py)."""
+    h, w = shape
+    factor = short_side / min(h, w)
+    return max(1, round(h * factor)), max(1, round(w * factor))
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the encoder, the memories and the detector."""
 
-    image_size: int = 32
+    image_size: int = 32  # side of square images; the shorter side of others
+    # (height, width) of non-square images (a data set read at its aspect: core/data/mvtec.py),
+    # the shorter side being image_size; empty for square ones
+    image_shape: tuple[int, ...] = ()
     in_channels: int = 3
     backbone: str = "resnet"  # one of BACKBONES
-    # The size the encoder resizes images to (0: image_size). The pretrained encoder sees small
-    # images upsampled, as it saw ImageNet's photos.
+    # The size the encoder resizes images to (0: image_size), the shorter side for non-square
+    # images. The pretrained encoder sees small images upsampled, as it saw ImageNet's photos.
     input_size: int = 0
     blocks: tuple[int, ...] = (1, 1, 1, 1)  # resnet: BasicBlocks per stage (ResNet-18: 2,2,2,2)
     width: float = 0.25  # resnet: channel multiplier on (64, 128, 256, 512)
@@ -100,8 +113,16 @@ class ModelConfig:
             raise ConfigError(f"blocks={self.blocks!r}: expected four integers")
         self.blocks = tuple(self.blocks)
         self.scales = tuple(str(s) for s in self.scales)
-        if not 8 <= self.image_size <= 1024:
-            raise ConfigError(f"image_size={self.image_size}: expected 8..1024 pixels")
+        if not 8 <= self.image_size <= MAX_SIDE:
+            raise ConfigError(f"image_size={self.image_size}: expected 8..{MAX_SIDE} pixels")
+        self.image_shape = tuple(self.image_shape)
+        if self.image_shape and (
+                len(self.image_shape) != 2 or min(self.image_shape) != self.image_size
+                or max(self.image_shape) > MAX_SIDE
+                or not all(isinstance(v, int) for v in self.image_shape)):
+            raise ConfigError(f"image_shape={list(self.image_shape)}: expected [] (square) or "
+                              f"[height, width] whose shorter side is image_size="
+                              f"{self.image_size} and longer at most {MAX_SIDE}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"in_channels={self.in_channels}: expected 1 or 3")
         if len(self.blocks) != 4 or min(self.blocks) < 1 or max(self.blocks) > MAX_BLOCKS:
@@ -158,9 +179,20 @@ class ModelConfig:
         return self.backbone != "resnet"
 
     @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) of the images the model reads."""
+        h, w = self.image_shape or (self.image_size, self.image_size)
+        return h, w
+
+    @property
     def encoder_size(self) -> int:
-        """The side of the images the encoder sees."""
+        """The side (the shorter one) of the images the encoder sees."""
         return self.input_size or self.image_size
+
+    @property
+    def encoder_shape(self) -> tuple[int, int]:
+        """(height, width) of the images the encoder sees: the image scaled to encoder_size."""
+        return scaled_shape(self.shape, self.encoder_size)
 
 
 @dataclass
@@ -284,6 +316,9 @@ class DataConfig:
     anomaly_ratio: float = 0.05  # unbalanced: labelled anomalies / normal training images
     anomaly_classes: tuple[str, ...] = ()  # unbalanced: where labelled anomalies come from
     image_size: int | None = None  # None: the data set's native working size
+    # Read a data set whose images are not square at their aspect, image_size being the shorter
+    # side (MVTec-layout categories: core/data/mvtec.py); False squashes them to a square
+    keep_aspect: bool = True
     max_train: int | None = None  # cap on normal training images (None: all)
     seed: int = 0
 
@@ -294,8 +329,8 @@ class DataConfig:
         if not 0 < self.anomaly_ratio <= 1:
             raise ConfigError(f"anomaly_ratio={self.anomaly_ratio}: expected 0 < ratio <= 1")
         if self.image_size is not None and (not isinstance(self.image_size, int)
-                                            or not 8 <= self.image_size <= 1024):
-            raise ConfigError(f"image_size={self.image_size!r}: expected 8..1024 pixels")
+                                            or not 8 <= self.image_size <= MAX_SIDE):
+            raise ConfigError(f"image_size={self.image_size!r}: expected 8..{MAX_SIDE} pixels")
         if self.max_train is not None and (not isinstance(self.max_train, int)
                                            or self.max_train < 4):
             raise ConfigError(f"max_train={self.max_train!r}: expected at least 4 images")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from core.config import RunConfig
-from core.data import Split, load_split
+from core.data import DataError, Split, load_split
 from core.metrics import image_metrics, pixel_auroc
 from core.model.anomem import AnoMem
 from core.runs import (
@@ -44,10 +44,24 @@ from core.train.trainer import (
 )
 
 
+def read_at_data_shape(cfg: RunConfig, split: Split) -> None:
+    """Set the model's image shape to the one the data set was read at (not square for a data
+    set read at its aspect, core/data/mvtec.py); the shorter side is the config's."""
+    h, w = split.train.images.shape[-2:]
+    if min(h, w) != cfg.model.image_size:
+        raise DataError(f"the data set was read at {h} x {w} px, but the model expects a "
+                        f"shorter side of {cfg.model.image_size} px (model.image_size)")
+    cfg.model.image_shape = () if h == w else (h, w)
+
+
 def evaluate(model: AnoMem, split: Split, device: str = "cpu",
              progress: ProgressFn | None = None) -> tuple[dict, ScoredSet]:
     """metrics.json's content for `split.test`, and the scores it was computed from."""
     test = split.test
+    if tuple(test.images.shape[-2:]) != model.cfg.shape:
+        raise DataError("the test images were read at {} x {} px, but the model reads {} x {} "
+                        "px: the data set's images changed since the run was trained".format(
+                            *test.images.shape[-2:], *model.cfg.shape))
     scored = score_images(model, test.images, resolve_device(device), progress=progress,
                           with_maps=test.masks is not None)
     metrics = image_metrics(test.labels.numpy(), scored.image, test.types)
@@ -91,6 +105,8 @@ def train_run(cfg: RunConfig, out: Path, progress: ProgressFn | None = None,
     t0 = time.perf_counter()
     split = split or load_split(cfg.data)  # before creating anything: bad data writes nothing
     split_normals(split.train, cfg.train.holdout, cfg.train.seed)  # enough images to train?
+    if not resume:
+        read_at_data_shape(cfg, split)
     load_s = time.perf_counter() - t0
     cfg.data.normal_class = split.normal_class  # the run names its class even when defaulted
     with run_lock(out) if dist.is_main else nullcontext():

@@ -73,7 +73,7 @@ class Marked:
 def data_identity(cfg: RunConfig) -> str:
     """What makes two runs' images comparable: the data set, its folder and the normal class."""
     d = cfg.data
-    return f"{d.dataset}|{d.root or ''}|{d.normal_class or ''}|{cfg.model.image_size}"
+    return f"{d.dataset}|{d.root or ''}|{d.normal_class or ''}|{cfg.model.shape}"
 
 
 def _check_label(label: str) -> str:
@@ -92,13 +92,13 @@ def mark_file(path: Path, label: str, cfg: RunConfig) -> Marked:
     if len(data) > MAX_UPLOAD_BYTES:
         raise DataError(f"cannot read image {str(path)!r}: {len(data) / 1e6:.1f} MB is over "
                         f"the limit of {MAX_UPLOAD_BYTES / 1e6:.1f} MB")
-    image = read_image(path, cfg.model.image_size, cfg.model.in_channels)
+    image = read_image(path, cfg.model.shape, cfg.model.in_channels)
     return Marked(Mark(str(path), hashlib.sha256(data).hexdigest(), _check_label(label)), image)
 
 
 def mark_upload(name: str, data: bytes, label: str, cfg: RunConfig) -> Marked:
     """An uploaded file marked `label`, checked like any upload (type, bytes, pixels)."""
-    image = validate_upload(data, name, size=cfg.model.image_size,
+    image = validate_upload(data, name, size=cfg.model.shape,
                             channels=cfg.model.in_channels)
     return Marked(Mark(name, hashlib.sha256(data).hexdigest(), _check_label(label)), image)
 

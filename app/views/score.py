@@ -15,7 +15,7 @@ cfg = run.config.model
 st.caption(
     f"Each file is checked (image type, at most {imageio.MAX_UPLOAD_BYTES // 2**20} MB and "
     f"{imageio.MAX_UPLOAD_PIXELS / 1e6:.0f} megapixels), resized to the run's "
-    f"{cfg.image_size}×{cfg.image_size} px and scored against threshold "
+    f"{cfg.shape[1]}×{cfg.shape[0]} px (width × height) and scored against threshold "
     f"{float(run.model.detector.threshold):.3f}."
 )
 # No `type=` filter: Streamlit's own check raises for the whole widget on one wrong suffix;

@@ -126,11 +126,11 @@ def smooth_map(dist: torch.Tensor, size: tuple[int, int], input_size: int) -> to
     """(B, h, w) distances on the feature grid -> (B, H, W) anomaly map at the images' size.
 
     Bilinear upsampling, then a Gaussian blur of BLUR_SIGMA pixels of the input size, scaled
-    to the image's own pixels on each axis (the backbone resizes every image to a square).
+    to the image's own pixels (the backbone resizes an image's shorter side to input_size).
     """
-    height, width = size
+    sigma = BLUR_SIGMA * min(size) / input_size
     up = F.interpolate(dist[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(up, (BLUR_SIGMA * height / input_size, BLUR_SIGMA * width / input_size))
+    return gaussian_blur(up, (sigma, sigma))
 
 
 def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, max_entries: int = 2**24

@@ -2,7 +2,8 @@
 
 Each data set module provides `classes(root) -> list[str]` and
 `load_pools(root, image_size, progress) -> (train Pool, test Pool)` (CIFAR's module serves two
-data sets, hence the function-name suffix); `load_split` applies the one-class or unbalanced
+data sets, hence the function-name suffix), and may provide `shape(root, size) -> (height,
+width)` when its images need not be square; `load_split` applies the one-class or unbalanced
 protocol of `DataConfig` on top. Modules are imported on first use.
 """
 
@@ -42,7 +43,13 @@ class DatasetInfo:
     def classes(self, root: Path | None) -> list[str]:
         return getattr(self._module, f"classes{self.suffix}")(root)
 
-    def load_pools(self, root: Path | None, size: int, progress: Progress) -> tuple[Pool, Pool]:
+    def shape(self, root: Path | None, size: int) -> tuple[int, int]:
+        """(height, width) to read the images at: square unless the module says otherwise."""
+        found = getattr(self._module, f"shape{self.suffix}", None)
+        return found(root, size) if found else (size, size)
+
+    def load_pools(self, root: Path | None, size: int | tuple[int, int],
+                   progress: Progress) -> tuple[Pool, Pool]:
         return getattr(self._module, f"load_pools{self.suffix}")(root, size, progress)
 
 
@@ -112,7 +119,9 @@ def load_split(cfg: DataConfig, progress: Progress = None) -> Split:
             f"{', '.join(classes)}"
         )
     size = cfg.image_size or info.image_size
-    train_pool, test_pool = info.load_pools(root, size, progress)
+    height, width = info.shape(root, size) if cfg.keep_aspect else (size, size)
+    train_pool, test_pool = info.load_pools(root, size if height == width else (height, width),
+                                            progress)
     if cfg.dataset == "shapes":
         from core.data import shapes
 

@@ -18,8 +18,10 @@ Decoding choices:
   multiplied by its alpha, so a fully transparent pixel is black whatever colour it stores.
 * Colour to grey (channels=1) uses PIL's ITU-R 601-2 luma; grey to colour replicates the
   channel.
-* Images are resized straight to size x size (no aspect-ratio crop or padding): LANCZOS when
-  the image is larger than the target in either direction, BILINEAR when it is only enlarged.
+* Images are resized straight to the target, `size` x `size` or (height, width) (no crop or
+  padding; a data set read at its aspect asks for its (height, width): core/data/mvtec.py):
+  LANCZOS when the image is larger than the target in either direction, BILINEAR when it is
+  only enlarged.
   Large JPEGs are first decoded at a reduced DCT scale (`Image.draft`) that stays at least as
   large as the target. Masks use NEAREST.
 * A multi-frame file (GIF, TIFF) contributes its first frame.
@@ -61,6 +63,7 @@ CHUNK = 256  # images per decoding task, and per progress report
 WORKERS = max(2, min(4, os.cpu_count() or 1))
 
 Progress = Callable[[str, float], None] | None
+Size = int | tuple[int, int]  # a square side, or (height, width)
 _OPEN_LOCK = threading.Lock()  # warnings filters are process-wide: one header parse at a time
 
 
@@ -85,25 +88,42 @@ def list_images(folder: Path) -> list[Path]:
     return [Path(path) for path in sorted(files)]
 
 
+def hw(size: Size) -> tuple[int, int]:
+    """(height, width) of a target size: a side gives a square."""
+    if isinstance(size, tuple | list):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
 # ---------------------------------------------------------------------------------------------
 # decoding
 
 
-def read_image(path: Path, size: int, channels: int = 3) -> np.ndarray:
-    """Decode one image file to uint8 (size, size, channels), HWC."""
+def read_image(path: Path, size: Size, channels: int = 3) -> np.ndarray:
+    """Decode one image file to uint8 (H, W, channels), HWC, at `size`."""
     return _decode(Path(path), str(path), size, channels, MAX_PIXELS, mask=False)
 
 
-def read_mask(path: Path, size: int) -> np.ndarray:
-    """Decode a ground-truth mask to uint8 (size, size): 1 where the mask is above 127."""
+def read_mask(path: Path, size: Size) -> np.ndarray:
+    """Decode a ground-truth mask to uint8 (H, W) at `size`: 1 where the mask is above 127."""
     grey = _decode(Path(path), str(path), size, 1, MAX_PIXELS, mask=True)
     return (grey[..., 0] > 127).astype(np.uint8)
+
+
+def declared_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, without decoding it; None when the file
+    cannot be read (its loader says why later)."""
+    try:
+        with _open(Path(path)) as img:
+            return img.size
+    except Exception:  # untrusted bytes: any parser failure means "unknown"
+        return None
 
 
 def decode_bytes(
     data: bytes,
     name: str,
-    size: int | None,
+    size: Size | None,
     channels: int = 3,
     max_pixels: int = MAX_PIXELS,
 ) -> np.ndarray:
@@ -128,7 +148,7 @@ def _open(source: Path | BinaryIO) -> Image.Image:
 def _decode(
     source: Path | BinaryIO,
     name: str,
-    size: int | None,
+    size: Size | None,
     channels: int,
     max_pixels: int,
     *,
@@ -136,7 +156,8 @@ def _decode(
 ) -> np.ndarray:
     if channels not in (1, 3):
         raise ValueError(f"channels={channels}: expected 1 or 3")
-    if size is not None and size < 1:
+    target = None if size is None else hw(size)
+    if target is not None and min(target) < 1:
         raise ValueError(f"size={size}: expected a positive number of pixels")
     try:
         with _open(source) as img:
@@ -149,10 +170,10 @@ def _decode(
                     f"{width * height} pixels, over the limit of {max_pixels} (refused before "
                     "decoding)"
                 )
-            if size is not None and not mask and max(width, height) > size:
-                img.draft(img.mode, (size, size))  # JPEG only: decode at a reduced DCT scale
+            if target is not None and not mask and (width > target[1] or height > target[0]):
+                img.draft(img.mode, target[::-1])  # JPEG only: decode at a reduced DCT scale
             img.load()
-            array = _to_array(img, size, channels, mask)
+            array = _to_array(img, target, channels, mask)
     except DataError:
         raise
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as err:
@@ -180,19 +201,20 @@ def _is_empty(path: Path) -> bool:
         return False
 
 
-def _to_array(img: Image.Image, size: int | None, channels: int, mask: bool) -> np.ndarray:
-    """A loaded image of any mode -> uint8 (H, W, channels), resized when size is given."""
+def _to_array(img: Image.Image, target: tuple[int, int] | None, channels: int,
+              mask: bool) -> np.ndarray:
+    """A loaded image of any mode -> uint8 (H, W, channels), resized to (H, W) = `target`."""
     img = _to_8bit(img)
     if channels == 1 and img.mode == "RGB":
         img = img.convert("L")
-    if size is not None and img.size != (size, size):
+    if target is not None and img.size != target[::-1]:
         if mask:
             resample = Image.Resampling.NEAREST
-        elif img.width > size or img.height > size:
+        elif img.width > target[1] or img.height > target[0]:
             resample = Image.Resampling.LANCZOS
         else:
             resample = Image.Resampling.BILINEAR
-        img = img.resize((size, size), resample)
+        img = img.resize(target[::-1], resample)
     array = np.asarray(img, dtype=np.uint8)
     if array.ndim == 2:
         array = array[..., None]
@@ -246,16 +268,17 @@ def _scale_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, H, W) uint8 -> (N, C, size, size) uint8: bilinear, antialiased when shrinking."""
+def resize_batch(images: torch.Tensor, size: Size) -> torch.Tensor:
+    """(N, C, H, W) uint8 -> uint8 at `size`: bilinear, antialiased when shrinking."""
     n, c, h, w = images.shape
-    if (h, w) == (size, size):
+    target = hw(size)
+    if (h, w) == target:
         return images
-    out = torch.empty((n, c, size, size), dtype=torch.uint8)
-    step = max(1, 2**24 // (c * max(h * w, size * size)))  # ~64 MB of float32 at a time
+    out = torch.empty((n, c, *target), dtype=torch.uint8)
+    step = max(1, 2**24 // (c * max(h * w, target[0] * target[1])))  # ~64 MB of float32
     for start in range(0, n, step):
         x = images[start:start + step].float()
-        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+        y = F.interpolate(x, size=target, mode="bilinear", antialias=True,
                           align_corners=False)
         out[start:start + step] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
@@ -267,19 +290,19 @@ def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_images(
     paths: Sequence[Path],
-    size: int,
+    size: Size,
     channels: int = 3,
     cache_dir: Path | None = None,
     progress: Progress = None,
 ) -> tuple[np.ndarray, list[Path], list[str]]:
-    """Decode many images into uint8 (N, C, size, size), CHW, through the on-disk cache.
+    """Decode many images into uint8 (N, C, H, W) at `size`, through the on-disk cache.
 
     Returns (array, kept paths, messages of skipped files): an unreadable file is left out
     and its message collected, so one bad file does not lose a whole data set.
     """
     paths = [p if isinstance(p, Path) else Path(p) for p in paths]
     if not paths:
-        return np.empty((0, channels, size, size), dtype=np.uint8), [], []
+        return np.empty((0, channels, *hw(size)), dtype=np.uint8), [], []
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     key = cache_key(paths, size, channels)
     cached = _read_cache(cache_dir, key, len(paths), size, channels)
@@ -289,7 +312,7 @@ def load_images(
             progress(f"read {len(kept)} images from the cache", 1.0)
         return array, [paths[i] for i in kept], skipped
 
-    out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
+    out = np.empty((len(paths), channels, *hw(size)), dtype=np.uint8)
     errors: list[str | None] = []
     starts = range(0, len(paths), CHUNK)
 
@@ -317,15 +340,17 @@ def load_images(
     return array, [paths[i] for i in kept], skipped
 
 
-def cache_key(paths: Sequence[Path], size: int, channels: int) -> str:
+def cache_key(paths: Sequence[Path], size: Size, channels: int) -> str:
     """sha256 over every path with its byte size and mtime, the target size and channels.
 
     The cache format, the decoding limit and PIL's version are part of the key too, so an
     entry is only reused when decoding again would give the same result.
     """
     digest = hashlib.sha256()
+    h, w = hw(size)
+    target = str(h) if h == w else f"{h}x{w}"  # a square keeps the key it always had
     head = (f"anomem-images v{CACHE_VERSION} pil {PIL.__version__} max {MAX_PIXELS} "
-            f"size {size} channels {channels} n {len(paths)}\n")
+            f"size {target} channels {channels} n {len(paths)}\n")
     digest.update(head.encode())
     for path in paths:
         try:
@@ -339,7 +364,7 @@ def cache_key(paths: Sequence[Path], size: int, channels: int) -> str:
 
 
 def _read_cache(
-    cache_dir: Path, key: str, n_paths: int, size: int, channels: int
+    cache_dir: Path, key: str, n_paths: int, size: Size, channels: int
 ) -> tuple[np.ndarray, list[int], list[str]] | None:
     """The cached entry for `key`, or None when it is missing or broken in any way."""
     meta_path, data_path = cache_dir / f"{key}.json", cache_dir / f"{key}.npy"
@@ -359,7 +384,7 @@ def _read_cache(
         array = np.load(data_path, allow_pickle=False)
         if not isinstance(array, np.ndarray):
             return None
-        if array.dtype != np.uint8 or array.shape != (len(kept), channels, size, size):
+        if array.dtype != np.uint8 or array.shape != (len(kept), channels, *hw(size)):
             return None
     except Exception:  # a broken cache entry is a miss, never an error
         return None
@@ -403,12 +428,12 @@ MAX_UPLOAD_PIXELS = 40_000_000
 
 
 def validate_upload(data: bytes, name: str, max_bytes: int = MAX_UPLOAD_BYTES,
-                    max_pixels: int = MAX_UPLOAD_PIXELS, size: int | None = None,
+                    max_pixels: int = MAX_UPLOAD_PIXELS, size: Size | None = None,
                     channels: int = 3) -> np.ndarray:
-    """Check an uploaded file (type, bytes, pixels) and decode it to uint8 (size, size, C).
+    """Check an uploaded file (type, bytes, pixels) and decode it to uint8 (H, W, C) at `size`.
 
     Raises DataError with a message naming the file; `size` and `channels` should be the
-    run's `config.model.image_size` and `in_channels`.
+    run's `config.model.shape` and `in_channels`.
     """
     suffix = Path(name).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:

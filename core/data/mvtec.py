@@ -3,8 +3,10 @@
 Training images are all normal ("good"); a test image's class is its folder name ("good" or a
 defect type) and its mask comes from ground_truth/<type>/<stem>_mask.png (255 = defect). Any
 category and resolution reads the same way; grayscale categories are replicated to 3
-channels. A defect image whose mask is missing or unreadable keeps an all-zero mask, with one
-warning listing those images.
+channels. A category whose images are far from square (KolektorSDD's are 205 x 512) is read at
+their aspect (`shape`): thin defects need the resolution along the long side, which squashing
+to a square would take away. A defect image whose mask is missing or unreadable keeps an
+all-zero mask, with one warning listing those images.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.config import MAX_SIDE
 from core.data.base import DataError, Pool
 from core.data.imageio import (
     WORKERS,
     Progress,
+    Size,
+    declared_size,
     describe_skipped,
+    hw,
     list_images,
     load_images,
     read_mask,
@@ -29,6 +35,8 @@ from core.data.imageio import (
 )
 
 GOOD = "good"
+SQUARE_BELOW = 1.25  # a category whose median long / short side is below this is read square
+LONG_SIDE_MULTIPLE = 32  # the long side is rounded to the encoder's deepest stride
 LAYOUT = (
     "an MVTec AD category: ROOT/train/good/*.png, ROOT/test/<good or defect type>/*.png, "
     "ROOT/ground_truth/<defect type>/<name>_mask.png"
@@ -43,8 +51,27 @@ def classes(root: Path | None) -> list[str]:
     return [GOOD]
 
 
-def load_pools(root: Path | None, image_size: int, progress: Progress = None) -> tuple[Pool, Pool]:
-    """(train pool of "good" images, test pool of every type with its (N, S, S) masks)."""
+def shape(root: Path | None, size: int) -> tuple[int, int]:
+    """(height, width) to read the category at: `size` x `size` when its training images are
+    about square, else their median aspect with the shorter side `size` and the longer one
+    rounded to a multiple of LONG_SIDE_MULTIPLE (at most MAX_SIDE). Reads file headers only."""
+    root = _check_root(root)
+    sizes = [s for s in map(declared_size, list_images(root / "train" / GOOD)) if s]
+    if not sizes:
+        return size, size
+    ratio = float(np.median([h / w for w, h in sizes]))
+    if max(ratio, 1 / ratio) < SQUARE_BELOW:
+        return size, size
+    long = size * max(ratio, 1 / ratio)
+    multiple = int(long / LONG_SIDE_MULTIPLE + 0.5) * LONG_SIDE_MULTIPLE  # halves round up
+    long = min(MAX_SIDE, max(size, multiple))
+    return (long, size) if ratio > 1 else (size, long)
+
+
+def load_pools(root: Path | None, image_size: Size, progress: Progress = None
+               ) -> tuple[Pool, Pool]:
+    """(train pool of "good" images, test pool of every type with its (N, H, W) masks), at
+    `image_size`: a side or (height, width)."""
     root = _check_root(root)
     train_paths = list_images(root / "train" / GOOD)
     if not train_paths:
@@ -95,9 +122,9 @@ def _test_types(root: Path) -> dict[str, list[Path]]:
     return found
 
 
-def _read_masks(root: Path, paths: list[Path], kinds: list[str], size: int) -> np.ndarray:
-    """(N, size, size) uint8 masks; zeros for "good" and for defects without a usable mask."""
-    masks = np.zeros((len(paths), size, size), dtype=np.uint8)
+def _read_masks(root: Path, paths: list[Path], kinds: list[str], size: Size) -> np.ndarray:
+    """(N, H, W) uint8 masks; zeros for "good" and for defects without a usable mask."""
+    masks = np.zeros((len(paths), *hw(size)), dtype=np.uint8)
     folders: dict[str, dict[str, Path]] = {}
     for kind in set(kinds) - {GOOD}:
         folders[kind] = {p.stem: p for p in list_images(root / "ground_truth" / kind)}

@@ -70,10 +70,11 @@ def describe_scale(model: AnoMem, scale: str) -> str:
     covers of the image (the encoder may see the image resized)."""
     cfg = model.cfg
     net_stride = model.backbone.stride[scale]
-    side = model.map_size(scale)
-    where = (f"the encoder sees {cfg.image_size} px images at {cfg.encoder_size} px"
-             if cfg.encoder_size != cfg.image_size else f"{cfg.image_size} px images")
-    return (f"{scale}: {cfg.backbone} stage of stride {net_stride}, a {side} x {side} map; "
+    h, w = model.map_size(scale)
+    image, seen = "{} x {}".format(*cfg.shape), "{} x {}".format(*cfg.encoder_shape)
+    where = (f"the encoder sees {image} px images at {seen} px" if seen != image
+             else f"{image} px images")
+    return (f"{scale}: {cfg.backbone} stage of stride {net_stride}, a {h} x {w} map; "
             f"one position per {model.stride(scale):g} image pixels ({where})")
 
 

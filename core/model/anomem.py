@@ -6,6 +6,8 @@ of optimisers or data sets, so a page of the app or a test can build and call it
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,8 +45,8 @@ class AnoMem(nn.Module):
         })
         self.heads = nn.ModuleDict({s: ProjectionHead(cfg.memory_dim, cfg.head_dim)
                                     for s in cfg.scales})
-        grids = {s: min(cfg.layout_grid, self.map_size(s)) for s in cfg.scales}
-        positions = {s: self.map_size(s) ** 2 if cfg.local_map == "positional" else 0
+        grids = {s: min(cfg.layout_grid, *self.map_size(s)) for s in cfg.scales}
+        positions = {s: math.prod(self.map_size(s)) if cfg.local_map == "positional" else 0
                      for s in cfg.scales}
         # The pixel scale: a memory of normal thumbnails and a Gaussian of the image on the
         # layout grid, both fitted by stage 2 (not learnt)
@@ -83,9 +85,10 @@ class AnoMem(nn.Module):
         """Image pixels per position of `scale`'s maps (the encoder may see the image resized)."""
         return self.backbone.stride[scale] * self.cfg.image_size / self.cfg.encoder_size
 
-    def map_size(self, scale: str) -> int:
-        """Side of `scale`'s maps for a square input of the configured size."""
-        return max(1, -(-self.cfg.encoder_size // self.backbone.stride[scale]))
+    def map_size(self, scale: str) -> tuple[int, int]:
+        """(height, width) of `scale`'s maps for an input of the configured shape."""
+        stride = self.backbone.stride[scale]
+        return tuple(max(1, -(-side // stride)) for side in self.cfg.encoder_shape)
 
     def forward(self, images: torch.Tensor) -> dict[str, MemoryRead]:
         """images (B, C, H, W) in [0, 1] -> {scale: MemoryRead} of queries and read-outs."""

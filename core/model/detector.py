@@ -211,7 +211,7 @@ class ScaleDetector(nn.Module):
     def raw_scores(self, layout_map: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
         """(B, 2): mean of the top-k distances of `dist`, and the layout's distance."""
         flat = dist.flatten(1)
-        k = max(1, int(round(self.topk_ratio * flat.shape[1])))
+        k = max(1, round(self.topk_ratio * int(flat.shape[1])))
         local = flat.topk(k, dim=1).values.mean(1)
         layout = ppca_distance(self.layout(layout_map), self.layout_mean, self.layout_basis,
                                self.layout_var, self.layout_noise)
@@ -332,11 +332,12 @@ class AnomalyDetector(nn.Module):
                 extra: torch.Tensor | None = None) -> Scores:
         z, dist_maps = self.features(reads, extra)
         image = z @ self.weights
-        if bool(self.clf_weight.any()):
-            # Labels may only add evidence: the head raises what resembles a labelled anomaly
-            # and never lowers an image the one-class score finds strange.
-            image = image + F.softplus(self.classifier_input(z, reads) @ self.clf_weight
-                                       + self.clf_bias)
+        # Labels may only add evidence: the head raises what resembles a labelled anomaly and
+        # never lowers an image the one-class score finds strange. An untrained head (all zero)
+        # adds nothing; a mask rather than an `if`, so an exported graph keeps both cases.
+        labelled = F.softplus(self.classifier_input(z, reads) @ self.clf_weight + self.clf_bias)
+        image = image + torch.where(self.clf_weight.ne(0).any(), labelled,
+                                    torch.zeros_like(labelled))
         per_scale = {s: z[:, N_SCORES * i:N_SCORES * (i + 1)] @ self.weights[
                          N_SCORES * i:N_SCORES * (i + 1)] * self.units
                      for i, s in enumerate(self.scales)}

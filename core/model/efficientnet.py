@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.config import scaled_shape
+
 # Every MBConv stage's output, named by stage (1..7) and stride: name -> (stage, stride)
 STAGES: dict[str, tuple[int, int]] = {
     "stage1_s2": (1, 2), "stage2_s4": (2, 4), "stage3_s8": (3, 8), "stage4_s16": (4, 16),
@@ -105,7 +107,8 @@ class EfficientNetLite0(nn.Module):
     """Stem and MBConv stages up to `last`; `forward` returns {"stage1_s2": ..., last: ...}.
 
     in_channels: 1 or 3; greyscale images are repeated to three channels. input_size: images
-    are resized to input_size x input_size before the network. pretrained: load the ImageNet
+    are resized so that their shorter side is input_size (the other in proportion: a square
+    image becomes input_size x input_size) before the network. pretrained: load the ImageNet
     weights; False leaves PyTorch's default init, for a run's own weights to be loaded over it.
     Freezing (requires_grad_(False), eval()) is the caller's choice.
     """
@@ -139,11 +142,12 @@ class EfficientNetLite0(nn.Module):
             self.load_state_dict({k: v for k, v in state.items() if not k.startswith(dropped)})
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [0, 1] -> (B, 3, S, S) normalised as the weights expect."""
+        """(B, C, H, W) in [0, 1] -> (B, 3, H', W') at input_size, normalised as the weights
+        expect."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected (B, {self.in_channels}, H, W) images, got "
                              f"{tuple(x.shape)}")
-        size = (self.input_size, self.input_size)
+        size = scaled_shape((int(x.shape[-2]), int(x.shape[-1])), self.input_size)
         if tuple(x.shape[-2:]) != size:  # antialias only matters when shrinking
             shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
             x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=shrink)

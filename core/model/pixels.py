@@ -58,12 +58,17 @@ class PixelMemory(nn.Module):
         self.count.fill_(len(pick))
 
     def distance(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in [0, 1] -> (B,) mean cosine distance to the k nearest stored normals."""
-        n = int(self.count)
-        if n == 0:
-            return torch.zeros(len(images), device=images.device)
-        sims = self.thumbnails(images) @ self.bank[:n].float().T  # (B, D) @ (D, n) -> (B, n)
-        return 1 - sims.topk(min(self.k, n), dim=1).values.mean(1)
+        """(B, C, H, W) in [0, 1] -> (B,) mean cosine distance to the k nearest stored normals
+        (0 while none is stored).
+
+        Empty rows of the bank are masked rather than sliced off, so that the computation never
+        depends on the stored count's value (an exported graph has none to read)."""
+        sims = self.thumbnails(images) @ self.bank.float().T  # (B, D) @ (D, capacity)
+        stored = torch.arange(len(self.bank), device=sims.device) < self.count
+        nearest = sims.masked_fill(~stored, -2.0).topk(min(self.k, len(self.bank)), dim=1).values
+        valid = nearest > -1.5  # fewer than k stored: the mean of those there are
+        mean = (nearest * valid).sum(1) / valid.sum(1).clamp_min(1)
+        return torch.where(self.count > 0, 1 - mean, torch.zeros_like(mean))
 
 
 class PixelLayout(nn.Module):

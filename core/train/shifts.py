@@ -54,13 +54,18 @@ def jigsaw(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.T
 
 
 def rotate90(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Rotate each square image by 90, 180 or 270 degrees (CSI's shifting transformation)."""
+    """Rotate each image by 90, 180 or 270 degrees (CSI's shifting transformation); a quarter
+    turn of a non-square image is resized back to its shape."""
     k = torch.randint(1, 4, (len(x),), generator=generator)
     out = x.clone()
     for turns in (1, 2, 3):
         pick = (k == turns).nonzero().flatten().to(x.device)
         if len(pick):
-            out[pick] = torch.rot90(x[pick], turns, dims=(2, 3))
+            turned = torch.rot90(x[pick], turns, dims=(2, 3))
+            if turned.shape != out[pick].shape:
+                turned = _float_op(turned, lambda f: F.interpolate(
+                    f, size=x.shape[-2:], mode="bilinear", align_corners=False, antialias=True))
+            out[pick] = turned
     return out
 
 

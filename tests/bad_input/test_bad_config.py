@@ -29,7 +29,7 @@ OPTIONAL = {("data", "root"): "str", ("data", "normal_class"): "str",
             ("data", "image_size"): "int", ("data", "max_train"): "int",
             ("train", "max_minutes"): "number", ("lineage", "parent"): "str"}
 LIST_OF = {("data", "anomaly_classes"): "str",  # element kinds of lists stored empty
-           ("lineage", "marks"): "object"}
+           ("lineage", "marks"): "object", ("model", "image_shape"): "int"}
 
 
 def field_paths(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:

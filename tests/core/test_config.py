@@ -263,11 +263,33 @@ def test_model_config_checks_the_encoder(fields: dict, match: str) -> None:
         ModelConfig(**fields)
 
 
+@pytest.mark.parametrize(("shape", "match"), [
+    ((96, 40), r"image_shape=\[96, 40\]: expected .* shorter side is image_size=32"),
+    ((2048, 32), "longer at most 1024"),
+    ((96,), r"image_shape=\[96\]"),
+])
+def test_model_config_checks_the_image_shape(shape: tuple, match: str) -> None:
+    assert ModelConfig(image_size=32, image_shape=(96, 32)).shape == (96, 32)
+    assert ModelConfig(image_size=32, image_shape=(32, 80), input_size=0).encoder_shape == (32, 80)
+    assert ModelConfig(image_size=32).shape == (32, 32)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig(image_size=32, image_shape=shape)
+
+
+def test_a_version_9_config_reads_square_images() -> None:
+    raw = preset("quick", DataConfig(dataset="mvtec", root="x")).to_dict()
+    raw["version"] = 9
+    del raw["model"]["image_shape"], raw["data"]["keep_aspect"]
+    cfg = RunConfig.from_dict(raw)
+    assert cfg.model.shape == (224, 224) and cfg.data.keep_aspect is False
+
+
 def test_a_version_8_config_reads_as_the_from_scratch_resnet() -> None:
     raw = preset("scratch").to_dict()
     raw["version"] = 8
     del raw["model"]["backbone"], raw["model"]["input_size"]
     del raw["train"]["views"], raw["train"]["cache_images"]
+    del raw["model"]["image_shape"], raw["data"]["keep_aspect"]
     cfg = RunConfig.from_dict(raw)
     assert (cfg.model.backbone, cfg.model.input_size) == ("resnet", 0)
     assert cfg.model == preset("scratch").model

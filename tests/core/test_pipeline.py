@@ -10,7 +10,7 @@ import torch
 
 from core import pipeline
 from core.config import DataConfig, preset
-from core.data import load_split
+from core.data import DataError, load_split
 from core.pipeline import evaluate_run, train_run
 from core.runs import CONFIG, HISTORY, METRICS, WEIGHTS, RunError, load_run
 from core.train.scoring import score_images
@@ -135,3 +135,54 @@ def test_a_failed_evaluation_keeps_the_trained_model_and_says_how_to_finish(
     assert (tmp_path / "run" / WEIGHTS).is_file()
     metrics = evaluate_run(tmp_path / "run")  # the promised way to finish the run
     assert (tmp_path / "run" / METRICS).is_file() and 0 <= metrics["auroc"] <= 1
+
+
+def _tall_category(root, rng):
+    """An MVTec-layout category of 24 x 60 px noise photos (width x height, like KolektorSDD's
+    205 x 512); each defect is a bright horizontal scratch one pixel high."""
+    from PIL import Image
+
+    def photo(path, scratch=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = (rng.random((60, 24)) * 60 + 80).astype(np.uint8)
+        if scratch is not None:
+            array[scratch, 4:20] = 255
+        Image.fromarray(array).save(path)
+        return array
+
+    for i in range(40):
+        photo(root / "train" / "good" / f"{i:03d}.png")
+    for i in range(8):
+        photo(root / "test" / "good" / f"{i:03d}.png")
+        row = int(rng.integers(5, 55))
+        photo(root / "test" / "scratch" / f"{i:03d}.png", scratch=row)
+        mask = np.zeros((60, 24), dtype=np.uint8)
+        mask[row, 4:20] = 255
+        (root / "ground_truth" / "scratch").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask).save(root / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
+    return root
+
+
+def test_a_tall_data_set_trains_and_scores_at_its_aspect(tmp_path):
+    """Non-square photos are read at their aspect end to end: the config records the shape,
+    the maps have it, and a reloaded run scores an image file of another size the same way."""
+    from core.data.imageio import read_image
+
+    root = _tall_category(tmp_path / "tall", np.random.default_rng(0))
+    data = DataConfig(dataset="mvtec", root=str(root), image_size=32)
+    cfg = preset("quick", data)
+    cfg.train.epochs, cfg.train.holdout = 2, 0.25
+    cfg.model.input_size = 64
+    metrics = train_run(cfg, tmp_path / "run", explore=False)
+    run = load_run(tmp_path / "run")
+    assert run.config.model.shape == (96, 32)  # 32 x 2.5 = 80 -> a multiple of 32
+    assert json.loads((tmp_path / "run" / CONFIG).read_text())["model"]["image_shape"] == [96, 32]
+    assert run.model.map_size("stage3_s8") == (24, 8)  # the encoder sees 192 x 64 px
+    assert metrics["auroc"] > 0.9 and metrics["pixel_auroc"] > 0.9
+    image = read_image(root / "test" / "scratch" / "000.png", run.config.model.shape, 3)
+    scored = score_images(run.model, torch.from_numpy(image).permute(2, 0, 1)[None])
+    assert scored.pixel_maps.shape == (1, 96, 32)
+    squashed = DataConfig(dataset="mvtec", root=str(root), image_size=32, keep_aspect=False)
+    run.config.data = squashed
+    with pytest.raises(DataError, match=r"read at 32 x 32 px, but the model reads 96 x 32"):
+        pipeline.evaluate(run.model, load_split(squashed))

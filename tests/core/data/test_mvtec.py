@@ -25,9 +25,9 @@ def private_cache(
     monkeypatch.setenv("ANOMEM_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
-def grey(path: Path, value: int, size: int = 20) -> None:
+def grey(path: Path, value: int, size: int = 20, height: int | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("L", (size, size), value).save(path)
+    Image.new("L", (size, height or size), value).save(path)
 
 
 @pytest.fixture
@@ -108,6 +108,49 @@ def test_split_through_the_registry(root: Path) -> None:
     assert split.normal_class == "good" and len(split.train) == 3
     assert split.test.labels.tolist() == [1, 1, 0, 0, 1]
     assert split.test.masks is not None and split.test.masks.shape == (5, 16, 16)
+
+
+@pytest.fixture
+def tall(tmp_path: Path) -> Path:
+    """A category of 20 x 50 images (width x height), like KolektorSDD's 205 x 512 photos; its
+    defect's mask marks a thin horizontal band at 40 % of the height."""
+    base = tmp_path / "commutator"
+    for i in range(4):
+        grey(base / "train" / "good" / f"{i:03d}.png", 100, 20, 50)
+    grey(base / "test" / "good" / "000.png", 100, 20, 50)
+    grey(base / "test" / "crack" / "000.png", 30, 20, 50)
+    mask = np.zeros((50, 20), dtype=np.uint8)
+    mask[19:22, :] = 255
+    (base / "ground_truth" / "crack").mkdir(parents=True)
+    Image.fromarray(mask).save(base / "ground_truth" / "crack" / "000_mask.png")
+    return base
+
+
+@pytest.mark.parametrize(("size", "expected"), [
+    (16, (32, 16)),  # 16 x 2.5 = 40 -> the nearest multiple of 32
+    (32, (96, 32)),  # 80 -> 96
+    (512, (1024, 512)),  # 1280 -> capped at 1024
+])
+def test_a_tall_category_keeps_its_aspect(tall: Path, size: int, expected: tuple) -> None:
+    assert mvtec.shape(tall, size) == expected
+    split = core.data.load_split(DataConfig(dataset="mvtec", root=str(tall), image_size=size))
+    assert split.train.images.shape[-2:] == split.test.images.shape[-2:] == expected
+    assert split.test.masks is not None and split.test.masks.shape[-2:] == expected
+    row = torch.nonzero(split.test.masks[split.test.labels == 1][0].amax(1)).flatten()
+    assert row.float().mean() / expected[0] == pytest.approx(20.5 / 50, abs=0.04)
+    squashed = core.data.load_split(DataConfig(dataset="mvtec", root=str(tall),
+                                               image_size=size, keep_aspect=False))
+    assert squashed.train.images.shape[-2:] == (size, size)
+
+
+def test_wide_and_about_square_categories(root: Path, tmp_path: Path) -> None:
+    assert mvtec.shape(root, 24) == (24, 24)  # square
+    for i in range(3):  # 24 x 20: a ratio of 1.2 is read square
+        grey(root / "train" / "good" / f"{i:03d}.png", 100, 24, 20)
+    assert mvtec.shape(root, 24) == (24, 24)
+    for i in range(3):  # 60 x 20: wide, the width is the long side
+        grey(root / "train" / "good" / f"{i:03d}.png", 100, 60, 20)
+    assert mvtec.shape(root, 16) == (16, 64)  # 48 -> 64
 
 
 @pytest.mark.realdata

@@ -83,7 +83,7 @@ def test_map_size_is_the_side_of_each_scales_maps(
     with torch.no_grad():
         reads = model(torch.rand(1, 3, image_size, image_size))
     for s, read in reads.items():
-        assert read.query.shape[-2:] == (model.map_size(s), model.map_size(s)), s
+        assert read.query.shape[-2:] == model.map_size(s), s
 
 
 @pytest.mark.parametrize(("layout_grid", "expected"), [
@@ -98,7 +98,7 @@ def test_layout_grid_is_capped_by_the_map_size(
     model = AnoMem(cfg)
     for s, grid in expected.items():
         sd = model.detector.per_scale[s]
-        assert sd.grid == grid == min(layout_grid, model.map_size(s))
+        assert sd.grid == grid == min(layout_grid, *model.map_size(s))
         assert sd.layout_basis.shape == (cfg.memory_dim * grid * grid, 7)
     with torch.no_grad():
         reads = model.eval()(torch.rand(2, 3, 32, 32))

@@ -200,7 +200,12 @@ def test_images_are_resized_to_input_size(net: EfficientNetLite0, side: int,
                             antialias=antialias)
     with torch.no_grad():
         assert_same_stages(net(x), net(resized))
-        assert net(torch.rand(1, 3, 200, 150))["stage7_s32"].shape == (1, 320, 4, 4)
+        # a non-square image keeps its aspect: its shorter side goes to 128, 200 to 171
+        tall = torch.rand(1, 3, 200, 150)
+        assert net(tall)["stage7_s32"].shape == (1, 320, 6, 4)  # ceil(171 / 32), 128 / 32
+        wide = F.interpolate(tall.transpose(2, 3), (128, 171), mode="bilinear",
+                             align_corners=False, antialias=True)
+        assert_same_stages(net(tall.transpose(2, 3)), net(wide))
 
 
 def test_greyscale_images_are_repeated_to_rgb() -> None:

@@ -49,8 +49,7 @@ def test_the_cache_holds_every_view_of_normals_anomalies_and_shifted_copies(
         pretrained_cfg, 5, 2, TrainConfig(views=3, shift_negatives=("rotate",)))
     assert (cache.n_normal, cache.n_anomaly, cache.n_shifted, cache.views) == (5, 2, 5, 3)
     for s in model.scales:
-        side = model.map_size(s)
-        assert cache.features[s].shape == (3, 12, model.backbone.widths[s], side, side)
+        assert cache.features[s].shape == (3, 12, model.backbone.widths[s], *model.map_size(s))
         assert cache.features[s].dtype == torch.float16
     # view 0 is the image itself: the encoder's features of the un-augmented normals
     with torch.no_grad():

@@ -77,6 +77,16 @@ def test_rotate90_turns_each_image_by_a_quarter_half_or_three_quarters() -> None
     torch.testing.assert_close(rotate90(x, gen(3)), out, rtol=0, atol=0)
 
 
+def test_rotate90_of_a_non_square_image_is_resized_back_to_its_shape() -> None:
+    x = torch.zeros(30, 1, 8, 4)
+    x[:, :, :2] = 1  # a bright band along the top
+    out = rotate90(x, gen(6))
+    assert out.shape == x.shape
+    half = out[:, 0, 6:].flatten(1).mean(1) > 0.9  # a half turn: the band at the bottom
+    quarter = (out[:, 0, :, 0].mean(1) > 0.75) | (out[:, 0, :, -1].mean(1) > 0.75)  # a side
+    assert half.any() and quarter.any() and bool((half | quarter).all())
+
+
 def test_rotate90_is_never_the_identity_on_an_asymmetric_image() -> None:
     x = torch.zeros(40, 1, 5, 5)
     x[:, :, 0, 1] = 1  # one pixel off every axis of symmetry
