@@ -1,4 +1,5 @@
-"""`anomem`: the headless front end (datasets, train, evaluate, score).
+"""`anomem`: the headless front end (datasets, train, evaluate, bench, refit, report, score,
+export, serve).
 
 Bad input ends with one line on stderr naming the thing and what was expected, and exit
 status 2; no traceback. The CLI only builds the dataclasses of core.config and calls the same
@@ -128,10 +129,34 @@ def _parser() -> argparse.ArgumentParser:
                                                  "name, .csv)")
     rp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
-    s = sub.add_parser("score", help="print one anomaly score per image")
-    s.add_argument("run_dir")
-    s.add_argument("images", nargs="+")
+    s = sub.add_parser(
+        "score", help="score image files and folders: one line per image (path, score, verdict)",
+        description="Score images with a run (PyTorch) or an exported model (.onnx). Folders are "
+                    "searched recursively. Unreadable files are skipped and listed on stderr. "
+                    "Exit status: 0; 1 with --fail-on-anomaly when an image is anomalous; 2 when "
+                    "a file was skipped or the input is bad.")
+    s.add_argument("run_dir", metavar="MODEL", help="a run folder or an exported .onnx file")
+    s.add_argument("images", nargs="+", metavar="PATH", help="image files and folders")
+    s.add_argument("--onnx", help="score with this export of the run (onnxruntime) instead of "
+                                  "PyTorch; it must hold the run's weights")
+    s.add_argument("--csv", help="also write path, score, verdict and each scale's score here")
     s.add_argument("--overlays", help="folder to save heat-map overlays into")
+    s.add_argument("--fail-on-anomaly", action="store_true",
+                   help="exit with status 1 when any image is anomalous")
+
+    x = sub.add_parser("export", help="RUN_DIR as one ONNX model, checked against PyTorch")
+    x.add_argument("run_dir")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--images", help="check on the images of this folder (default: the run's "
+                                    "test images)")
+    x.add_argument("--check", type=int, default=256,
+                   help="test images the check scores (0: all of them; default 256)")
+
+    v = sub.add_parser("serve", help="an HTTP scoring service for a run or an exported model")
+    v.add_argument("run_dir", metavar="MODEL", help="a run folder or an exported .onnx file")
+    v.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: this machine only)")
+    v.add_argument("--port", type=int, default=8000)
     return p
 
 
@@ -308,39 +333,59 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image
+    from core.inference import Detector
+    from core.scoring_files import score_files
 
-    from core.data.imageio import read_image
-    from core.explore import overlay
-    from core.runs import load_run
-    from core.train.scoring import score_images
+    detector = Detector.load(args.run_dir)
+    if args.onnx:
+        exported = Detector.load(args.onnx)
+        if exported.info.weights_sha256 != detector.info.weights_sha256:
+            raise CliError(f"--onnx {args.onnx}: not an export of {args.run_dir} (its weights "
+                           "differ; export it again with anomem export)")
+        detector = exported
+    return score_files(detector, [Path(p) for p in args.images],
+                       csv=Path(args.csv) if args.csv else None,
+                       overlays=Path(args.overlays) if args.overlays else None,
+                       fail_on_anomaly=args.fail_on_anomaly)
 
-    run = load_run(Path(args.run_dir))
-    size, channels = run.config.model.shape, run.config.model.in_channels
-    images, paths = [], []
-    for name in args.images:
-        path = Path(name)
-        if not path.is_file():
-            raise CliError(f"{path}: no such image file")
-        images.append(read_image(path, size, channels))
-        paths.append(path)
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    scored = score_images(run.model, batch)
-    threshold = float(run.model.detector.threshold)
-    out_dir = Path(args.overlays) if args.overlays else None
-    if out_dir:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    pixel_thr = float(run.model.detector.pixel_threshold)
-    for i, path in enumerate(paths):
-        verdict = "anomaly" if scored.image[i] > threshold else "normal"
-        print(f"{path}\t{scored.image[i]:.4f}\t{verdict}")
-        if out_dir and scored.pixel_maps is not None:
-            img = overlay(images[i], scored.pixel_maps[i].astype(np.float32), 0.0,
-                          2 * max(pixel_thr, 1e-6), 0.5)
-            # The position keeps two inputs with the same file name apart.
-            Image.fromarray(img).save(out_dir / f"{i:03d}_{path.stem}_overlay.png")
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from core.export import ExportError, export_run
+    from core.inference import Detector
+
+    images = None
+    if args.images:
+        from core.scoring_files import find_images
+
+        folder = Path(args.images)
+        if not folder.is_dir():
+            raise CliError(f"--images {folder}: not a folder")
+        reader = Detector.load(args.run_dir)
+        arrays = [reader.read(p) for p in find_images([folder])[0]]
+        if not arrays:
+            raise CliError(f"--images {folder}: no image files in it")
+        import numpy as np
+        import torch
+
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    if args.check < 0:
+        raise CliError(f"--check {args.check}: expected a number of images, or 0 for all")
+    try:
+        report = export_run(Path(args.run_dir), Path(args.out), images=images,
+                            sample=args.check or None,
+                            say=lambda m: print(f"anomem: {m}", file=sys.stderr))
+    except ExportError as err:
+        raise CliError(str(err)) from None
+    print(report.summary())
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from core.serve import serve
+
+    if not 0 < args.port < 65536:
+        raise CliError(f"--port {args.port}: expected 1..65535")
+    serve(args.run_dir, host=args.host, port=args.port)
     return 0
 
 
@@ -387,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"datasets": cmd_datasets, "train": cmd_train, "evaluate": cmd_evaluate,
                 "score": cmd_score, "bench": cmd_bench, "refit": cmd_refit,
-                "report": cmd_report}
+                "report": cmd_report, "export": cmd_export, "serve": cmd_serve}
     from core.data.base import DataError
     from core.runs import RunError
     from core.train.trainer import TrainingCancelled

@@ -163,11 +163,15 @@ def _principal_directions(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 def ppca_distance(x: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor,
                   variances: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mahalanobis distance of the rows of x (B, L) under a fitted PPCA Gaussian; (B,)."""
+    """Mahalanobis distance of the rows of x (B, L) under a fitted PPCA Gaussian; (B,).
+
+    The part outside the principal subspace is measured on the residual itself, not as
+    |x|^2 - |proj|^2: that difference of two near-equal sums loses the digits the division by
+    a small noise variance then magnifies (one float rounding apart, two runtimes disagreed)."""
     xc = x - mean
     proj = xc @ basis  # (B, rank)
     inside = (proj.pow(2) / variances).sum(1)
-    outside = (xc.pow(2).sum(1) - proj.pow(2).sum(1)).clamp_min(0) / noise
+    outside = (xc - proj @ basis.T).pow(2).sum(1) / noise
     return (inside + outside).sqrt()
 
 

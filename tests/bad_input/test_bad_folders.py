@@ -118,21 +118,26 @@ def test_folder_loader_refuses_a_class_folder_without_a_readable_image(
 
 @cases("bad image given to anomem score")
 @given(bad=bad_image_files(), stem=STEMS)
-def test_anomem_score_refuses_a_bad_image_and_writes_nothing(
+def test_anomem_score_skips_a_bad_image_names_it_and_exits_2(
         saved_run: Path, image_dir: Path, bad: tuple[str, bytes], stem: str) -> None:
+    """The good image is still scored (a camera's one broken file must not stop a line), the
+    bad one is named on stderr, and the exit status says something was skipped."""
     suffix, data = bad
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / (stem + suffix)
         path.write_bytes(data)
         overlays = Path(tmp) / "overlays"
         before = snapshot(saved_run)
-        code, out, err = run_cli("score", str(saved_run), str(image_dir / "good.png"), str(path),
+        good = str(image_dir / "good.png")
+        code, out, err = run_cli("score", str(saved_run), good, str(path),
                                  "--overlays", str(overlays))
-        assert code == 2 and out == ""
+        assert code == 2 and out.startswith(f"{good}\t") and out.count("\n") == 1
         assert err.startswith(f"anomem: error: cannot read image {str(path)!r}: "), err
         assert err.count("\n") == 1 and err.endswith("\n")
-        assert snapshot(saved_run) == before and not overlays.exists()
-        assert os.listdir(tmp) == [path.name] and path.read_bytes() == data
+        assert snapshot(saved_run) == before
+        assert os.listdir(overlays) == ["000_good_overlay.png"]
+        assert sorted(os.listdir(tmp)) == sorted([path.name, "overlays"])
+        assert path.read_bytes() == data
 
 
 def test_anomem_score_as_a_process_exits_2_with_one_line_and_no_traceback(
