@@ -116,12 +116,14 @@ class Detector:
         self.info, self._backend, self.source = info, backend, source
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> Detector:
+    def load(cls, path: str | Path, device: str = "auto", threads: int | None = None
+             ) -> Detector:
         """A run folder (scored with PyTorch, on CUDA when there is one and `device` is auto)
-        or an exported .onnx file (scored with onnxruntime)."""
+        or an exported .onnx file (scored with onnxruntime on `threads` CPU threads; None: its
+        default, one per core)."""
         path = Path(path)
         if path.is_file() and path.suffix.lower() == ".onnx":
-            return cls.from_onnx(path)
+            return cls.from_onnx(path, threads)
         if path.is_dir():
             return cls.from_run(path, device)
         raise DataError(f"{path}: expected a run folder or an exported .onnx file")
@@ -144,12 +146,16 @@ class Detector:
         return cls(run_info(run), backend, str(path))
 
     @classmethod
-    def from_onnx(cls, path: Path) -> Detector:
+    def from_onnx(cls, path: Path, threads: int | None = None) -> Detector:
         """An exported model (any file name), scored with onnxruntime."""
         import onnxruntime
 
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
         try:
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(str(path), options,
+                                                   providers=["CPUExecutionProvider"])
         except Exception as err:  # a file that is not an ONNX model, or a broken one
             raise DataError(f"{path}: not a readable ONNX model ({' '.join(str(err).split())})"
                             ) from None

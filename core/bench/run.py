@@ -13,8 +13,9 @@ Suites:
 - cifar10-unbalanced: the Deep SAD protocol, labelled anomalies drawn from one anomaly class
   at each ratio, test on all ten classes;
 - mvtec: MVTec AD bottle (DATA/mvtec_ad/bottle), image and pixel AUROC;
-- speed: a stage-1 step of the from-scratch encoder against the bare backbone, and scoring on
-  each encoder (see core.bench.speed);
+- speed: a stage-1 step of the from-scratch encoder against the bare backbone, scoring on
+  each encoder, and a saved detector of each scored with PyTorch and with its ONNX export at
+  batch 1 and 32 (see core.bench.speed);
 - general: every data set at hand, to judge a design choice on all of them at once: the
   built-in shapes and digits, and under DATA Fashion-MNIST, KolektorSDD, MVTec AD bottle and
   CIFAR-10 (a few evenly spaced normal classes each, `--per-set`), one-class, then unbalanced
@@ -445,10 +446,15 @@ def run_peer(cell: Cell, split: Split, peer: Peer) -> dict:
 
 
 def run_speed(opts: BenchOptions, say: Callable[[str], None]) -> None:
-    from core.bench.speed import inference_rate, measure
+    """speed.json: the step costs, the scoring rate of each encoder ("pretrained": the
+    pretrained one's), then a saved detector of each scored with PyTorch and onnxruntime
+    ("deployed"). Each part is written as it is done; a rerun times only what the file lacks
+    (delete it to time everything again)."""
+    from core.bench.speed import BATCHES, deployed_rate, inference_rate, measure
 
     file = opts.out / "speed.json"
-    if file.is_file():
+    speed = read_json(file) if file.is_file() else {}
+    if {"pretrained", "deployed"} <= speed.keys():
         return
     cifar = _cifar(opts.data_root)
     data = (DataConfig(dataset=cifar[0], root=cifar[1], max_train=1024, seed=opts.seed)
@@ -456,15 +462,22 @@ def run_speed(opts: BenchOptions, say: Callable[[str], None]) -> None:
     split = load_split(data)
     cfg = preset("scratch", data)  # stage-1 steps: the encoder that stage 1 trains
     cfg.train.device = opts.device
-    say(f"speed: timing stage-1 steps on {data.dataset} ({cfg.model.image_size} px)")
-    report = measure(cfg, split.train.images)
     pretrained = preset("quick", data)
     pretrained.train.device = opts.device
-    write_json(file, {**report.as_dict(), "dataset": data.dataset,
-                      "image_size": cfg.model.image_size,
-                      "pretrained": {"inference_images_per_s": inference_rate(
-                          pretrained, split.train.images),
-                          "input_size": pretrained.model.input_size}})
+    if not speed:
+        say(f"speed: timing stage-1 steps on {data.dataset} ({cfg.model.image_size} px)")
+        report = measure(cfg, split.train.images)
+        speed = {**report.as_dict(), "dataset": data.dataset, "image_size": cfg.model.image_size}
+    if "pretrained" not in speed:
+        speed["pretrained"] = {"inference_images_per_s": inference_rate(
+            pretrained, split.train.images), "input_size": pretrained.model.input_size}
+        write_json(file, speed)
+    if "deployed" not in speed:
+        say(f"speed: exporting each encoder to ONNX, scoring at batch "
+            f"{' and '.join(map(str, BATCHES))} with PyTorch and onnxruntime")
+        speed["deployed"] = {name: deployed_rate(c, split.train.images).as_dict()
+                             for name, c in (("scratch", cfg), ("pretrained", pretrained))}
+        write_json(file, speed)
 
 
 def bench(opts: BenchOptions, say: Callable[[str], None] = print) -> Results:
@@ -706,7 +719,40 @@ def render_markdown(results: Results, opts: BenchOptions) -> str:
                    f"{s['pretrained']['input_size']} px",
                    f"{s['pretrained']['inference_images_per_s']:.0f} images/s"]
                   for _ in [0] if "pretrained" in s),
+                *_deployed_rows(s.get("deployed", {})),
                 ["share of a step spent making batches and views", f"{s['data_share']:.1%}"],
                 ["peak memory", f"{s['peak_memory_mb']:.0f} MB"],
-            ]) + "\n")
+            ]) + "\n" + _deployed_note(s.get("deployed", {})))
     return "\n".join(parts)
+
+
+ENCODERS = {"scratch": "from-scratch", "pretrained": "pretrained"}  # speed.json's "deployed"
+
+
+def _deployed_rows(deployed: dict) -> list[list[str]]:
+    """One row per encoder and batch size: a saved detector's images/s with PyTorch and with
+    onnxruntime, side by side (`core.bench.speed.deployed_rate`)."""
+    rows = []
+    for name, d in deployed.items():
+        rates = d["images_per_s"]
+        for batch in d["images"]:
+            torch_rate, onnx_rate = rates["pytorch"][batch], rates["onnxruntime"][batch]
+            rows.append([f"saved detector, {ENCODERS.get(name, name)} encoder "
+                         f"({d['backbone']}), batch {batch}",
+                         f"PyTorch {torch_rate:.0f} images/s, onnxruntime {onnx_rate:.0f} "
+                         f"images/s ({onnx_rate / torch_rate:.2f}x)"])
+    return rows
+
+
+def _deployed_note(deployed: dict) -> str:
+    """What the saved-detector rows time, under the speed table."""
+    if not deployed:
+        return ""
+    d = next(iter(deployed.values()))
+    counts = " and ".join(f"{n} images at batch {b}" for b, n in d["images"].items())
+    threads = f"{d['threads']} thread{'s' if d['threads'] != 1 else ''}"
+    return (f"\nSaved detector: `Detector.score` (resizing, scores and maps) on each preset's "
+            f"model saved as a run without training, which costs the same to score (PyTorch on "
+            f"{d['pytorch_device']}, {threads}), and on its checked ONNX export (onnxruntime on "
+            f"the CPU, as many threads); images/s over {counts}, after a warm-up "
+            f"batch; (Nx): onnxruntime's rate over PyTorch's.\n")

@@ -1,5 +1,6 @@
-"""What a stage-1 step costs, against the bare backbone on the same batches; and what scoring
-costs on each encoder.
+"""What a stage-1 step costs, against the bare backbone on the same batches; what scoring
+costs on each encoder; and what a saved detector scores per second with PyTorch and with its
+ONNX export, one image at a time and in batches.
 
 All timings run in one process, one after another, on the same images, so their ratios hold
 even on a busy machine where the absolute numbers do not.
@@ -8,14 +9,19 @@ even on a busy machine where the absolute numbers do not.
 from __future__ import annotations
 
 import resource
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from core.config import RunConfig
+from core.export import export_run
+from core.inference import Detector
 from core.model.anomem import AnoMem
+from core.runs import save_model
 from core.train.allocator import keep_freed_memory
 from core.train.augment import augment, to_float
 from core.train.losses import MemoryContrastLoss
@@ -23,6 +29,8 @@ from core.train.stage1 import ContrastStep, make_batch
 from core.train.trainer import resolve_device
 
 FRACTIONS = (0.25, 0.5, 1.0)  # shares of shifted copies timed besides the config's own
+BATCHES = (1, 32)  # batch sizes a saved detector is timed at: one image per call, and batches
+CHECK_IMAGES = 16  # images the export is checked on against PyTorch
 
 
 @dataclass
@@ -137,3 +145,59 @@ def inference_rate(cfg: RunConfig, images: torch.Tensor, repeats: int = 3) -> fl
     test = to_float(images[:256].to(device))
     with torch.no_grad():
         return len(test) / _timed(lambda: model.score(test), repeats, device)
+
+
+@dataclass
+class DeployedRate:
+    """Images per second that a saved detector scores through `Detector.score` (images resized
+    to its size, scores and maps out), from its run folder (PyTorch) and from its ONNX export
+    (onnxruntime, CPU), at each of `BATCHES`."""
+
+    backbone: str
+    shape: tuple[int, int]  # (height, width) the detector reads
+    pytorch_device: str
+    threads: int  # torch's intra-op threads; onnxruntime keeps its default pool
+    images: dict[str, int]  # batch size -> images timed (after one warm-up batch)
+    images_per_s: dict[str, dict[str, float]]  # backend -> batch size -> images/s
+    export_s: float  # exporting and checking the ONNX model
+    export_relative_diff: float  # largest score difference in the check, relative to spread
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def scoring_rate(detector: Detector, images: torch.Tensor, batch: int) -> float:
+    """Images per second `detector` scores `images` at, `batch` per call, after one warm-up
+    call (onnxruntime and PyTorch both spend their first call settling)."""
+    detector.score(images[:batch], batch_size=batch)
+    start = time.perf_counter()
+    detector.score(images, batch_size=batch)
+    return len(images) / (time.perf_counter() - start)
+
+
+def deployed_rate(cfg: RunConfig, images: torch.Tensor,
+                  batches: tuple[int, ...] = BATCHES) -> DeployedRate:
+    """Save a model of `cfg` as a run, export it to ONNX (checked on the first uint8 `images`),
+    and time both back ends on the same images at each batch size: `max(64, 8 * batch)`
+    images, `images` repeated if there are fewer.
+
+    The model is built, not trained, as for `inference_rate`: what scoring costs does not
+    depend on the weights or on stage 2's statistics (every buffer has a fixed shape and no
+    branch reads a value). Fitting stage 2 would not help either: Gaussians fitted to a random
+    encoder's features magnify float rounding past the export check's tolerance."""
+    device = resolve_device(cfg.train.device)
+    counts = {b: max(64, 8 * b) for b in batches}
+    with tempfile.TemporaryDirectory(prefix="anomem-speed-") as tmp:
+        run, onnx = Path(tmp) / "run", Path(tmp) / "model.onnx"
+        save_model(run, cfg, AnoMem(cfg.model))
+        report = export_run(run, onnx, images=images[:CHECK_IMAGES])
+        detectors = {"pytorch": Detector.load(run, cfg.train.device),
+                     "onnxruntime": Detector.load(onnx, threads=torch.get_num_threads())}
+        timed = {b: images.repeat(-(-n // len(images)), 1, 1, 1)[:n] for b, n in counts.items()}
+        rates = {name: {str(b): scoring_rate(d, timed[b], b) for b in batches}
+                 for name, d in detectors.items()}
+    return DeployedRate(
+        backbone=cfg.model.backbone, shape=cfg.model.shape, pytorch_device=str(device),
+        threads=torch.get_num_threads(), images={str(b): n for b, n in counts.items()},
+        images_per_s=rates, export_s=report.seconds,
+        export_relative_diff=report.relative_diff)
