@@ -264,7 +264,7 @@ def general_cells(opts: BenchOptions, say: Callable[[str], None] = print) -> lis
         picked = [c for c in classes if c in opts.classes] if opts.classes else \
             spread(classes, 1 if dataset == "shapes" else opts.per_set)
         one_class += [Cell(suite, dataset, root, c) for c in picked]
-        if dataset == "shapes":
+        if dataset == "shapes" or not picked:  # `--classes` may name none of this set's
             continue
         normal = picked[0]
         others = [c for c in classes if c != normal]

@@ -164,6 +164,20 @@ def test_plan_of_cifar_and_a_path(tmp_path: Path) -> None:
     assert bench_run.Results.load(tmp_path / "results.csv").has(cells[1], "Deep SAD")
 
 
+def test_general_plan_with_classes_of_one_set_only(tmp_path: Path) -> None:
+    """`--classes good` keeps the MVTec-layout sets and plans nothing for a class-folder set
+    with none of the classes named (no unbalanced cells without a one-class cell)."""
+    for split in ("train", "test"):
+        for c in ("ant", "bee"):
+            folder = tmp_path / "cifar10" / split / c
+            folder.mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(folder / "0.png")
+    opts = BenchOptions(out=tmp_path, data_root=tmp_path, suites=("general",),
+                        classes=("good",), ratios=(0.05,))
+    cells = plan(opts, lambda line: None)
+    assert [c.suite for c in cells if c.suite.endswith("cifar10")] == []
+
+
 def test_unbalanced_report_puts_the_one_class_number_beside_the_ratios(tmp_path: Path) -> None:
     res = Results(tmp_path / "r.csv")
     one = Cell("cifar10", "folder", "x", "airplane")
