@@ -496,7 +496,9 @@ def bench(opts: BenchOptions, say: Callable[[str], None] = print) -> Results:
         methods = [ANOMEM, *peers_for(cell, opts)]
         if all(results.has(cell, m if isinstance(m, str) else m.name) for m in methods):
             continue
-        split = load_split(cell.data(opts.seed))
+        # read as AnoMem's config reads it (the preset may set the size, as the CLI does): every
+        # method of the cell sees the same images
+        split = load_split(anomem_config(cell, opts).data)
         for method in methods:
             name = method if isinstance(method, str) else method.name
             if results.has(cell, name):
