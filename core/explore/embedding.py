@@ -24,10 +24,11 @@ EDGE_CASE = "normal (edge case)"
 
 
 @torch.no_grad()
-def embed_images(model: AnoMem, images: torch.Tensor, batch_size: int = 256
+def embed_images(model: AnoMem, images: torch.Tensor, batch_size: int | None = None
                  ) -> dict[str, np.ndarray]:
     """{scale: (N, D)} pooled unit queries of uint8 images (N, C, H, W), batch by batch."""
     model.eval()
+    batch_size = batch_size or model.inference_batch()
     parts: dict[str, list[np.ndarray]] = {s: [] for s in model.scales}
     for start in range(0, len(images), batch_size):
         for s, v in model.embed(_batch(images[start:start + batch_size])).items():

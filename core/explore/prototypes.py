@@ -123,7 +123,8 @@ def near_duplicates(prototypes: torch.Tensor, threshold: float = DUPLICATE_COSIN
 
 @torch.no_grad()
 def top_patches(model: AnoMem, images: torch.Tensor, scale: str, per_prototype: int = 5,
-                batch_size: int = 256, one_per_image: bool = True) -> PrototypePatches:
+                batch_size: int | None = None, one_per_image: bool = True
+                ) -> PrototypePatches:
     """For each prototype of `scale`, the `per_prototype` positions with the highest attention.
 
     images: uint8 (N, C, H, W). With `one_per_image` each image contributes at most its best
@@ -138,6 +139,7 @@ def top_patches(model: AnoMem, images: torch.Tensor, scale: str, per_prototype: 
     best_idx = torch.empty(n, 0, dtype=torch.long)
     usage = torch.zeros(n, dtype=torch.long)
     h = w = 0
+    batch_size = batch_size or model.inference_batch()
     for start in range(0, len(images), batch_size):
         att = model(_batch(images[start:start + batch_size]))[scale].attention.cpu()  # (b,N,h,w)
         b, _, h, w = att.shape

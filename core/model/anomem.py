@@ -18,6 +18,8 @@ from core.model.detector import AnomalyDetector, Scores
 from core.model.memory import HopfieldMemory, MemoryRead
 from core.model.pixels import PixelLayout, PixelMemory
 
+INFERENCE_PIXELS = 256 * 128 * 128  # encoder input pixels per batch when scoring
+
 
 class ProjectionHead(nn.Module):
     """SimCLR's MLP head; it sees pooled queries and read-outs, never the detector."""
@@ -84,6 +86,13 @@ class AnoMem(nn.Module):
     def stride(self, scale: str) -> float:
         """Image pixels per position of `scale`'s maps (the encoder may see the image resized)."""
         return self.backbone.stride[scale] * self.cfg.image_size / self.cfg.encoder_size
+
+    def inference_batch(self, pixels: int = INFERENCE_PIXELS) -> int:
+        """Images per forward pass without gradients: 256 at 128 x 128 px, fewer for larger
+        inputs, so that the encoder's activations stay within a few GB (a batch of 256
+        KolektorSDD photos at 576 x 224 px took 20 GB)."""
+        h, w = self.cfg.encoder_shape
+        return max(1, min(256, pixels // (h * w)))
 
     def map_size(self, scale: str) -> tuple[int, int]:
         """(height, width) of `scale`'s maps for an input of the configured shape."""

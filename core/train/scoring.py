@@ -24,11 +24,12 @@ class ScoredSet:
 
 @torch.no_grad()
 def score_images(model: AnoMem, images: torch.Tensor, device: torch.device | str = "cpu",
-                 batch_size: int = 256, with_maps: bool = True,
+                 batch_size: int | None = None, with_maps: bool = True,
                  progress: ProgressFn | None = None) -> ScoredSet:
     """Score uint8 images (N, C, H, W) in batches."""
     device = torch.device(device)
     model.eval().to(device)
+    batch_size = batch_size or model.inference_batch()
     image, maps = [], []
     per_scale: dict[str, list] = {s: [] for s in model.scales}
     terms: dict[str, list] = {}

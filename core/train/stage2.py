@@ -61,7 +61,7 @@ FROZEN_PSEUDO_IMAGES = 256
 
 
 @torch.no_grad()
-def reads_of(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int = 256,
+def reads_of(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int | None = None,
              dist: Dist | None = None
              ) -> Iterator[tuple[int, dict[str, MemoryRead], torch.Tensor | None]]:
     """Yields (start index, {scale: MemoryRead}, raw image-level terms (B, E) or None) batch
@@ -72,6 +72,7 @@ def reads_of(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int 
     model.eval()
     if dist is not None:
         images = dist.shard(images)
+    bs = bs or model.inference_batch()
     for i in range(0, len(images), bs):
         x = to_float(images[i:i + bs].to(device))
         yield i, *model.read(x)
@@ -116,8 +117,9 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
         _fit_classifier(model, calibration, anomalies, device, dist)
     scores, maxima = [], []
     mine = dist.shard(calibration)
-    for i in range(0, len(mine), 256):
-        out = model.score(to_float(mine[i:i + 256].to(device)))
+    bs = model.inference_batch()
+    for i in range(0, len(mine), bs):
+        out = model.score(to_float(mine[i:i + bs].to(device)))
         scores.append(out.image.cpu())
         maxima.append(out.pixel_map.flatten(1).max(1).values.cpu())
     det.threshold.copy_(torch.quantile(dist.gather(torch.cat(scores)), tc.threshold_quantile))
