@@ -154,7 +154,11 @@ def _principal_directions(xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if len(x) < x.shape[1]:
         val, vec = torch.linalg.eigh((x @ x.T).double())  # ascending
         val, vec = val.flip(0).clamp_min(0), vec.flip(1).float()
-        directions = (vec.T @ x) / val.sqrt().clamp_min(1e-12).float()[:, None]
+        # directions of (numerically) zero variance are left zero: dividing by their root
+        # would blow float noise up into huge basis columns (duplicate rows make them)
+        inv = torch.where(val > 1e-10 * val[0], val.clamp_min(1e-300).rsqrt(),
+                          torch.zeros_like(val))
+        directions = (vec.T @ x) * inv.float()[:, None]
     else:
         val, vec = torch.linalg.eigh((x.T @ x).double())
         val, directions = val.flip(0).clamp_min(0), vec.flip(1).T.float()
