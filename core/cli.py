@@ -351,7 +351,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from core.export import ExportError, export_run
-    from core.inference import Detector
 
     images = None
     if args.images:
@@ -360,13 +359,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         folder = Path(args.images)
         if not folder.is_dir():
             raise CliError(f"--images {folder}: not a folder")
-        reader = Detector.load(args.run_dir)
-        arrays = [reader.read(p) for p in find_images([folder])[0]]
-        if not arrays:
-            raise CliError(f"--images {folder}: no image files in it")
         import numpy as np
         import torch
 
+        from core.data.imageio import read_image
+        from core.runs import read_config
+
+        model = read_config(Path(args.run_dir)).model
+        arrays = [read_image(p, model.shape, model.in_channels)
+                  for p in find_images([folder])[0]]
+        if not arrays:
+            raise CliError(f"--images {folder}: no image files in it")
         images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if args.check < 0:
         raise CliError(f"--check {args.check}: expected a number of images, or 0 for all")

@@ -30,6 +30,7 @@ from torch import nn
 from core.data.base import DataError
 from core.data.imageio import read_image
 from core.model.anomem import AnoMem
+from core.train.augment import grayscale
 
 # The graph's input and outputs, by name (the ONNX file uses these names)
 INPUT = "images"
@@ -187,6 +188,14 @@ class Detector:
     def score_paths(self, paths: Sequence[str | Path], batch_size: int = BATCH) -> Result:
         """Score image files; an unreadable one is left out and its reason kept in
         `Result.skipped` (the others' paths in `Result.paths`)."""
+        images, kept, skipped = self.read_all(paths)
+        result = self.score(images, batch_size)
+        result.paths, result.skipped = kept, skipped
+        return result
+
+    def read_all(self, paths: Sequence[str | Path]) -> tuple[np.ndarray, list[str], list[str]]:
+        """(uint8 images (N, H, W, C) of the readable files, their paths, the reasons the
+        others could not be read)."""
         images, kept, skipped = [], [], []
         for path in paths:
             try:
@@ -194,9 +203,8 @@ class Detector:
                 kept.append(str(path))
             except DataError as err:
                 skipped.append(str(err))
-        result = self.score(np.stack(images) if images else [], batch_size)
-        result.paths, result.skipped = kept, skipped
-        return result
+        shape = (0, self.info.height, self.info.width, self.info.channels)
+        return (np.stack(images) if images else np.zeros(shape, np.uint8)), kept, skipped
 
     def read(self, path: str | Path) -> np.ndarray:
         """One image file as uint8 (H, W, C) at the detector's size and channels."""
@@ -229,8 +237,7 @@ class Detector:
         if x.shape[1] not in (1, 3):
             raise ValueError(f"expected images with 1 or 3 channels, got {x.shape[1]}")
         if x.shape[1] != c:
-            x = x.expand(-1, 3, -1, -1) if c == 3 else (
-                x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = x.expand(-1, 3, -1, -1) if c == 3 else grayscale(x)
         size = (self.info.height, self.info.width)
         if tuple(x.shape[-2:]) != size:
             shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
@@ -250,14 +257,13 @@ def _as_float(x: torch.Tensor) -> torch.Tensor:
 
 def run_info(run) -> ModelInfo:  # noqa: ANN001 (core.runs.Run: imported lazily)
     """The `ModelInfo` of a saved run."""
-    import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
-    from core.runs import WEIGHTS
+    from core.artefacts import weights_digest
 
     cfg = run.config
     h, w = cfg.model.shape
-    digest = hashlib.sha256((Path(run.path) / WEIGHTS).read_bytes()).hexdigest()
+    digest = weights_digest(run.path)
     try:
         anomem_version = version("anomem")
     except PackageNotFoundError:

@@ -59,16 +59,17 @@ def score_files(detector: Detector, paths: list[Path], csv: Path | None = None,
     with tqdm(total=len(files), desc="score", unit="img", file=sys.stderr,
               disable=None) as bar:  # no bar when stderr is not a terminal
         for start in range(0, len(files), CHUNK):
-            result = detector.score_paths(files[start:start + CHUNK])
-            skipped += result.skipped
-            for i, path in enumerate(result.paths):
+            images, kept, unreadable = detector.read_all(files[start:start + CHUNK])
+            skipped += unreadable
+            result = detector.score(images)
+            for i, path in enumerate(kept):
                 verdict = "anomaly" if result.anomalous[i] else "normal"
                 anomalous += bool(result.anomalous[i])
                 print(f"{path}\t{result.scores[i]:.4f}\t{verdict}", flush=True)
                 rows.append([path, f"{result.scores[i]:.6f}", verdict,
                              *(f"{v:.6f}" for v in result.scale_scores[i])])
                 if overlays is not None:
-                    _save_overlay(detector, Path(path), result.maps[i], overlays,
+                    _save_overlay(detector, images[i], Path(path), result.maps[i], overlays,
                                   start + i)
             bar.update(min(CHUNK, len(files) - start))
     if csv is not None:
@@ -81,15 +82,14 @@ def score_files(detector: Detector, paths: list[Path], csv: Path | None = None,
     return EXIT_ANOMALY if fail_on_anomaly and anomalous else 0
 
 
-def _save_overlay(detector: Detector, path: Path, heat: np.ndarray, folder: Path,
-                  index: int) -> None:
+def _save_overlay(detector: Detector, image: np.ndarray, path: Path, heat: np.ndarray,
+                  folder: Path, index: int) -> None:
     """The image with its anomaly map over it; colours run from 0 to twice the pixel
     threshold, the same scale for every image. The index keeps equal file names apart."""
     from core.explore import overlay
 
     folder.mkdir(parents=True, exist_ok=True)
-    image = overlay(detector.read(path), heat, 0.0, 2 * max(detector.info.pixel_threshold,
-                                                            1e-6), 0.5)
+    image = overlay(image, heat, 0.0, 2 * max(detector.info.pixel_threshold, 1e-6), 0.5)
     with atomic_path(folder / f"{index:03d}_{path.stem}_overlay.png") as tmp:
         Image.fromarray(image).save(tmp, format="PNG")
 
