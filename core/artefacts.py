@@ -3,7 +3,8 @@
 Scoring a large test set, a UMAP per scale and the prototype galleries take seconds to minutes
 on a CPU; a page that recomputed them at every first visit would keep its user waiting. At the
 end of training (and by `anomem evaluate`) they are computed and written next to the weights as
-`explore.safetensors`: the test set's image, per-scale and per-term scores, each scale's UMAP
+`explore.safetensors`: the test set's image, per-scale and per-term scores (and the image
+scores before any lesson, with each image's look-alike descriptor), each scale's UMAP
 coordinates, and each prototype's top gallery patches with its usage. The file records the
 SHA-256 of the weights it was computed from and its format version; a file that does not match
 is ignored and computed again. Older runs (and refits) get theirs on first use.
@@ -32,7 +33,7 @@ from core.train.scoring import ScoredSet, score_images
 LOG = logging.getLogger(__name__)
 
 ARTEFACTS = "explore.safetensors"
-FORMAT = 1  # bump when the layout below changes: older files are then recomputed
+FORMAT = 2  # bump when the layout below changes: older files are then recomputed
 MAX_GALLERY_IMAGES = 2000  # normal training images searched for prototype patches
 MAX_UMAP_POINTS = 5000  # test images placed in each UMAP
 PATCHES_PER_PROTOTYPE = 8  # the most the Prototypes page shows
@@ -86,6 +87,9 @@ def save(run_dir: Path, art: Artefacts) -> None:
     tensors: dict[str, torch.Tensor] = {"scores/image": torch.as_tensor(art.scored.image)}
     tensors |= {f"scores/scale/{s}": torch.as_tensor(v) for s, v in art.scored.per_scale.items()}
     tensors |= {f"scores/term/{k}": torch.as_tensor(v) for k, v in art.scored.terms.items()}
+    if art.scored.untaught is not None and art.scored.descriptors is not None:
+        tensors["scores/untaught"] = torch.as_tensor(art.scored.untaught)
+        tensors["descriptors"] = torch.as_tensor(art.scored.descriptors)
     shapes = {}
     for s, pts in art.umap.items():
         tensors[f"umap/{s}/samples"] = torch.as_tensor(pts.samples, dtype=torch.float32)
@@ -136,7 +140,9 @@ def load(run_dir: Path) -> Artefacts | None:
             image=t["scores/image"].numpy(),
             per_scale={s: t[f"scores/scale/{s}"].numpy() for s in scales},
             terms={k: t[f"scores/term/{k}"].numpy() for k in terms},
-            pixel_maps=None)
+            pixel_maps=None,
+            untaught=t["scores/untaught"].numpy() if "scores/untaught" in t else None,
+            descriptors=t["descriptors"].numpy() if "descriptors" in t else None)
         umap = {s: explore.UmapPoints(t[f"umap/{s}/samples"].numpy(),
                                       t[f"umap/{s}/prototypes"].numpy(),
                                       t[f"umap/{s}/index"].numpy()) for s in scales}

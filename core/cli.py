@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
-    r = sub.add_parser("refit", help="refit stage 2 of RUN_DIR with marked images, as a new run")
+    r = sub.add_parser("refit", help="teach RUN_DIR marked images (lessons for their "
+                       "look-alikes), as a new run")
     r.add_argument("run_dir")
     r.add_argument("--normal", nargs="+", default=[], metavar="FILE",
                    help="images the detector wrongly flags (false alarms)")
@@ -408,13 +409,14 @@ def cmd_refit(args: argparse.Namespace) -> int:
         marks.append(mark_file(Path(name), kind, cfg))
     report = refit_run(Path(args.run_dir), marks, Path(args.out), args.device)
     before, after = report.before, report.after
-    print(f"refitted stage 2 in {report.seconds:.1f} s: {report.n_normal_marks} normal and "
-          f"{report.n_anomaly_marks} anomaly marks; new run {args.out}")
+    print(f"taught in {report.seconds:.1f} s: {report.n_normal_marks} normal and "
+          f"{report.n_anomaly_marks} anomaly marks; new run {args.out} (everything else "
+          "the parent fitted is kept)")
     print(f"test AUROC {before['auroc']:.4f} -> {after['auroc']:.4f}; false-positive rate at "
           f"the threshold {before['fpr_at_threshold']:.1%} -> {after['fpr_at_threshold']:.1%}")
     for kind, value in after["auroc_by_type"].items():
         print(f"  {kind}: {before['auroc_by_type'][kind]:.4f} -> {value:.4f}")
-    print(f"{len(report.changed)} test images changed verdict")
+    print(f"{len(report.changed)} unmarked test images changed verdict")
     return 0
 
 

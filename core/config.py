@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 10
+CONFIG_VERSION = 11
 # The fields each version added, and the values that reproduce a run stored before it.
 ADDED_IN = {
     2: [("model", "local_map", "shared")],
@@ -28,6 +28,7 @@ ADDED_IN = {
     9: [("model", "backbone", "resnet"), ("model", "input_size", 0), ("train", "views", 2),
         ("train", "cache_images", 2048)],
     10: [("model", "image_shape", []), ("data", "keep_aspect", False)],
+    11: [("model", "lessons", 0)],
 }
 # Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
@@ -49,6 +50,7 @@ PRETRAINED_ALIGNED_SIZE = 224  # working size of aligned (MVTec-layout) data set
 PRETRAINED_MEMORY = 256  # prototypes per scale
 PRETRAINED_EPOCHS = 20
 MAX_SIDE = 1024  # pixels, either side of the images a model reads
+MAX_LESSONS = 100_000  # keys of marked images (core/model/lessons.py)
 MAX_BLOCKS = 64  # per ResNet stage (ResNet-152 has 36): a stored config cannot ask for more
 
 
@@ -106,6 +108,8 @@ class ModelConfig:
     # Weigh the scales of the pixel map by how well each finds pasted defects on held-out
     # normals (core/train/stage2.py); false: every scale counts the same
     map_weights: bool = True
+    # Keys of marked images a refit taught the detector (core/model/lessons.py); 0: none
+    lessons: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, list | tuple) or not all(
@@ -147,7 +151,8 @@ class ModelConfig:
             raise ConfigError("rotation=true: the rotation head trains the encoder, and the "
                               f"{self.backbone} encoder is frozen (use backbone=resnet)")
         for name in ("image_size", "in_channels", "input_size", "memory_size", "memory_dim",
-                     "head_dim", "layout_grid", "layout_rank", "pixel_memory", "pixel_size"):
+                     "head_dim", "layout_grid", "layout_rank", "pixel_memory", "pixel_size",
+                     "lessons"):
             _require_int(self, name)
         if self.memory_size < 2 or self.memory_dim < 2:
             raise ConfigError("memory_size and memory_dim must be at least 2")
@@ -170,6 +175,8 @@ class ModelConfig:
         if self.pixel_memory != 0 and not 2 <= self.pixel_memory <= 100_000:
             raise ConfigError(f"pixel_memory={self.pixel_memory}: expected 0 (none) or "
                               "2..100000 stored images")
+        if not 0 <= self.lessons <= MAX_LESSONS:
+            raise ConfigError(f"lessons={self.lessons}: expected 0..{MAX_LESSONS} keys")
         if not 4 <= self.pixel_size <= 128:
             raise ConfigError(f"pixel_size={self.pixel_size}: expected 4..128 pixels")
 

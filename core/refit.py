@@ -10,6 +10,7 @@ set with the marked test images left out of both.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import time
@@ -19,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.config import AugmentConfig, LineageConfig, RunConfig
+from core.config import SHIFTS, AugmentConfig, LineageConfig, RunConfig
 from core.data import NORMAL, DataError, Split, load_split
 from core.data.imageio import MAX_UPLOAD_BYTES, read_image, validate_upload
 from core.metrics import image_metrics
 from core.model.anomem import AnoMem
+from core.model.lessons import choose_reach
 from core.pipeline import evaluate
 from core.runs import (
     CONFIG,
@@ -31,7 +33,6 @@ from core.runs import (
     LOCK,
     METRICS,
     RunError,
-    load_model,
     load_run,
     new_run_dir,
     read_config,
@@ -41,12 +42,14 @@ from core.runs import (
     save_model,
     write_json,
 )
-from core.train.augment import augment
-from core.train.stage2 import fit_detector
+from core.train.augment import augment, to_float
+from core.train.shifts import shift
 from core.train.trainer import resolve_device, split_normals
 
 TEST_PREFIX = "test:"  # a mark's source naming an image of the run's own test set by index
-REPEAT = 8  # a marked normal enters the fit set as this many augmented views of itself
+VIEWS = 8  # keys per marked image: itself and mild augmentations of it
+REFERENCES = 384  # held-out normal training images the keys' reach is measured against
+PSEUDO_IMAGES = 128  # pseudo-anomalies made from them, to rehearse a lesson's cost
 REFIT = "refit.json"  # the new run's before-and-after report
 
 
@@ -117,13 +120,14 @@ class RefitReport:
     """Before (the parent) and after (the refitted run), on the test set less the marks."""
 
     parent: str
-    seconds: float  # stage 2 refit alone
+    seconds: float  # the teaching alone (keys and their reach)
     n_normal_marks: int
     n_anomaly_marks: int
     n_test: int  # test images compared (the marked ones left out)
     before: dict = field(default_factory=dict)  # auroc, auroc_by_type, fpr_at_threshold
     after: dict = field(default_factory=dict)
-    changed: list[dict] = field(default_factory=list)  # test images whose verdict changed
+    changed: list[dict] = field(default_factory=list)  # unmarked test images whose verdict
+    marked: list[dict] = field(default_factory=list)  # changed; the marked test images
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +135,7 @@ class RefitReport:
 
 def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
               ) -> RefitReport:
-    """Refit stage 2 of the finished run `parent` with `marks`; save it as the new run `out`.
+    """Teach the finished run `parent` its `marks`; save the result as the new run `out`.
 
     Refuses, writing nothing, when the parent is training or not finished, when a mark was made
     on another data set, or when there is no mark. The parent is never written.
@@ -152,25 +156,14 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
         raise RunError(f"{out}: already exists (choose a new folder)")
     split = load_split(cfg.data)
     before_model = load_run(parent).model
-    model = load_model(parent, cfg).to(resolve_device(cfg.train.device))
-
-    tc = cfg.train
-    train = split.train
-    fit_idx, cal_idx = split_normals(train, tc.holdout, tc.seed)
-    normals = [m for m in marks if m.mark.label == NORMAL]
-    anomalies = [m for m in marks if m.mark.label != NORMAL]
-    fit = torch.cat([train.images[fit_idx],
-                     _views(normals, tc.seed, tuple(train.images.shape[1:]))])
-    labelled = train.images[np.flatnonzero(train.labels.numpy() == 1)]
-    if anomalies:
-        labelled = torch.cat([labelled, _stack(anomalies)])
+    device_ = resolve_device(cfg.train.device)
     start = time.perf_counter()
-    report = fit_detector(model, fit, train.images[cal_idx], labelled, tc, model_device(model))
+    model, lessons = teach(before_model, marks, split, cfg, device_)
     seconds = time.perf_counter() - start
-    model = model.cpu().eval()
 
     new_cfg = RunConfig.from_dict({
         **cfg.to_dict(),
+        "model": {**cfg.to_dict()["model"], "lessons": model.cfg.lessons},
         "lineage": asdict(LineageConfig(parent=parent.name,
                                         marks=tuple(m.mark.recorded() for m in marks)))})
     with run_lock(out):
@@ -178,14 +171,97 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
             raise RunError(f"{out}: already holds a run (choose a new folder)")
         save_model(out, new_cfg, model)
         metrics, scored = evaluate(model, split, device)
+        parent_metrics = read_json(parent / METRICS) if (parent / METRICS).is_file() else {}
         metrics.update({"dataset": cfg.data.dataset, "normal_class": split.normal_class,
-                        "setting": cfg.data.setting, "n_train": len(train), "stage2": report,
+                        "setting": cfg.data.setting, "n_train": len(split.train),
+                        "stage2": parent_metrics.get("stage2", {}), "lessons": lessons,
                         "refit_seconds": seconds})
         write_json(out / METRICS, metrics)
         result = _compare(parent.name, before_model, model, scored.image, split, marks,
                           seconds, device)
         write_json(out / REFIT, result.as_dict())
     return result
+
+
+@dataclass
+class Context:
+    """What lessons are measured against: held-out normal training images (their descriptors
+    and scores before any lesson) and the reach chosen on them (core/model/lessons.py)."""
+
+    references: torch.Tensor  # (R, dim)
+    scores: torch.Tensor  # (R,)
+    reach: float
+    evidence: dict
+
+
+def lesson_context(parent: AnoMem, split: Split, cfg: RunConfig, device: torch.device
+                   ) -> Context:
+    """Up to REFERENCES held-out normals (those stage 2 standardised its terms on) and
+    PSEUDO_IMAGES pseudo-anomalies made from them, read by `parent`; the reach of marked
+    normals is chosen by rehearsing a lesson on them (`choose_reach`)."""
+    tc = cfg.train
+    _, cal_idx = split_normals(split.train, tc.holdout, tc.seed)
+    if len(cal_idx) > REFERENCES:
+        cal_idx = np.sort(np.random.default_rng(tc.seed).choice(cal_idx, REFERENCES,
+                                                                replace=False))
+    images = split.train.images[cal_idx]
+    scores, references = describe_images(parent, images, device)
+    g = torch.Generator().manual_seed(tc.seed)
+    source = images[torch.randperm(len(images), generator=g)[:PSEUDO_IMAGES]]
+    pseudo_scores, pseudo = describe_images(parent, shift(source, SHIFTS, g), device)
+    reach, evidence = choose_reach(references, scores, pseudo, pseudo_scores,
+                                   float(parent.detector.threshold), tc.seed)
+    return Context(references, scores, reach, evidence)
+
+
+def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
+          device: torch.device) -> tuple[AnoMem, dict]:
+    """A copy of the fitted `parent` with the marks (and the parent's own lessons) as lessons;
+    returns it on the CPU and a summary for metrics.json. Each mark gives VIEWS keys."""
+    parent = parent.to(device).eval()
+    context = lesson_context(parent, split, cfg, device)
+    _, keys = describe_images(parent, _views(marks, cfg.train.seed), device)
+    parent.cpu()
+    anomalous = torch.tensor([m.mark.label != NORMAL for m in marks]).repeat(VIEWS)
+    model = with_lessons(parent, keys, anomalous, context)
+    lessons = model.lessons
+    return model, {
+        "keys": len(lessons.keys), "anomaly_keys": int(lessons.anomalous.sum()),
+        "references": len(context.references), "reach": context.reach,
+        "reach_evidence": context.evidence, "normal_score": float(lessons.normal_score),
+        "alarm_score": float(lessons.alarm_score),
+        "median_radius": float(lessons.radius.median())}
+
+
+def with_lessons(parent: AnoMem, keys: torch.Tensor, anomalous: torch.Tensor,
+                 context: Context) -> AnoMem:
+    """A copy of `parent` (on the CPU) taught the keys (K, dim) of marked images, `anomalous`
+    (K,) saying which are anomalies, besides the lessons the parent already had."""
+    if parent.lessons is not None:  # a refit of a refit keeps what its parent was taught
+        keys = torch.cat([parent.lessons.keys.cpu(), keys])
+        anomalous = torch.cat([parent.lessons.anomalous.cpu(), anomalous])
+    model = AnoMem(dataclasses.replace(parent.cfg, lessons=len(keys)), pretrained=False)
+    state = {k: v for k, v in parent.state_dict().items() if not k.startswith("lessons.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or not all(k.startswith("lessons.") for k in missing):
+        raise RuntimeError(f"lessons: the parent's weights do not fit ({missing}, {unexpected})")
+    assert model.lessons is not None
+    model.lessons.teach(keys, anomalous, context.references, context.scores, context.reach)
+    return model.eval()
+
+
+@torch.no_grad()
+def describe_images(model: AnoMem, images: torch.Tensor, device: torch.device,
+                    batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores before any lesson (N,) and look-alike descriptors (N, dim) of uint8 images."""
+    model.eval()
+    batch = batch or model.inference_batch()
+    scores, descriptors = [], []
+    for i in range(0, len(images), batch):
+        out, desc = model.score_and_describe(to_float(images[i:i + batch].to(device)))
+        scores.append(out.image.cpu())
+        descriptors.append(desc.cpu())
+    return torch.cat(scores), torch.cat(descriptors)
 
 
 def refit_new_run(parent: Path, marks: list[Marked], root: Path, name: str,
@@ -222,50 +298,51 @@ def _stack(marks: list[Marked]) -> torch.Tensor:
     return torch.from_numpy(np.stack([m.image for m in marks])).permute(0, 3, 1, 2).contiguous()
 
 
-def _views(normals: list[Marked], seed: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Each marked normal and REPEAT - 1 mildly augmented views of it, as uint8: ten marks
-    among thousands of normals would otherwise barely move a Gaussian fitted to all of them."""
-    if not normals:
-        return torch.zeros((0, *shape), dtype=torch.uint8)
-    images = _stack(normals)
+def _views(marks: list[Marked], seed: int) -> torch.Tensor:
+    """Each marked image, then VIEWS - 1 rounds of mildly augmented views of them all, as
+    uint8: a lesson should reach the same thing slightly moved, cropped or lit."""
+    images = _stack(marks)
     g = torch.Generator().manual_seed(seed)
     mild = AugmentConfig(crop_scale=(0.85, 1.0))
     views = [images] + [(augment(images, mild, g) * 255).round().to(torch.uint8)
-                        for _ in range(REPEAT - 1)]
+                        for _ in range(VIEWS - 1)]
     return torch.cat(views)
 
 
 def _compare(parent: str, before: AnoMem, after: AnoMem, after_scores: np.ndarray, split: Split,
              marks: list[Marked], seconds: float, device: str) -> RefitReport:
     """Both models on the test set less the marked images; the new model's scores of the
-    whole test set are given (its evaluation computed them already)."""
+    whole test set are given (its evaluation computed them already). The marked test images
+    are reported apart, with their scores before and after."""
     from core.train.scoring import score_images
 
     test = split.test
-    marked = {int(m.mark.source[len(TEST_PREFIX):]) for m in marks
-              if m.mark.source.startswith(TEST_PREFIX)}
-    keep = np.array([i for i in range(len(test)) if i not in marked], dtype=np.int64)
-    images = test.images[torch.from_numpy(keep)]
-    labels = test.labels.numpy()[keep]
-    types = [test.types[i] for i in keep]
+    marked = sorted({int(m.mark.source[len(TEST_PREFIX):]) for m in marks
+                     if m.mark.source.startswith(TEST_PREFIX)})
+    keep = np.setdiff1d(np.arange(len(test)), marked)
+    labels = test.labels.numpy()
+    scores = {"before": score_images(before, test.images, device, with_maps=False).image,
+              "after": after_scores}
+    thresholds = {"before": float(before.detector.threshold),
+                  "after": float(after.detector.threshold)}
+    flagged = {k: scores[k] > thresholds[k] for k in scores}
     rows = {}
-    verdicts = {}
-    for name, model in (("before", before), ("after", after)):
-        s = after_scores[keep] if model is after else score_images(
-            model, images, device, with_maps=False).image
-        m = image_metrics(labels, s, types)
-        flagged = s > float(model.detector.threshold)
+    for name in ("before", "after"):
+        m = image_metrics(labels[keep], scores[name][keep], [test.types[i] for i in keep])
+        normal, anomalous = keep[labels[keep] == 0], keep[labels[keep] == 1]
         rows[name] = {"auroc": m["auroc"], "auroc_by_type": m["auroc_by_type"],
-                      "threshold": float(model.detector.threshold),
-                      "fpr_at_threshold": float(flagged[labels == 0].mean())
-                      if (labels == 0).any() else None,
-                      "tpr_at_threshold": float(flagged[labels == 1].mean())
-                      if (labels == 1).any() else None}
-        verdicts[name] = (flagged, s)
-    changed = [{"index": int(keep[j]), "type": types[j], "name": test.names[keep[j]],
-                "before": float(verdicts["before"][1][j]), "after": float(verdicts["after"][1][j]),
-                "verdict": "anomalous" if verdicts["after"][0][j] else "normal"}
-               for j in np.flatnonzero(verdicts["before"][0] != verdicts["after"][0])]
+                      "threshold": thresholds[name],
+                      "fpr_at_threshold": float(flagged[name][normal].mean())
+                      if len(normal) else None,
+                      "tpr_at_threshold": float(flagged[name][anomalous].mean())
+                      if len(anomalous) else None}
+
+    def entry(i: int) -> dict:
+        return {"index": int(i), "type": test.types[i], "name": test.names[i],
+                "before": float(scores["before"][i]), "after": float(scores["after"][i]),
+                "verdict": "anomalous" if flagged["after"][i] else "normal"}
+
+    changed = [entry(i) for i in keep if flagged["before"][i] != flagged["after"][i]]
     n_normal = sum(m.mark.label == NORMAL for m in marks)
     return RefitReport(parent, seconds, n_normal, len(marks) - n_normal, len(keep),
-                       rows["before"], rows["after"], changed)
+                       rows["before"], rows["after"], changed, [entry(i) for i in marked])

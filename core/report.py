@@ -117,7 +117,7 @@ def build_report(run: Run, split: Split | None = None, scored: ScoredSet | None 
     refit = read_refit_report(run.path)
     if refit is not None:
         sections += [
-            f"<h2>Refitted from {html.escape(refit['parent'])}</h2>",
+            f"<h2>Taught from {html.escape(refit['parent'])}</h2>",
             f"<p>{refit['n_normal_marks']} image(s) marked normal, "
             f"{refit['n_anomaly_marks']} marked anomalous; compared on {refit['n_test']} test "
             f"images (the marked ones left out): AUROC {refit['before']['auroc']:.3f} → "

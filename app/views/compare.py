@@ -112,7 +112,8 @@ if check is not None:
 
 st.subheader("Side by side")
 st.caption(f"Up to {EXAMPLES} images per type, spread from the lowest to the highest score, "
-           "each beside its combined deviation map; ▲ marks those above the threshold.")
+           "each beside its combined deviation map; ▲ marks those above the threshold; #: "
+           "the image's number, as in the list of examples to mark below.")
 widgets.colour_legend(run)
 types_arr = np.asarray(test.types)
 order = explore.type_order(test.types)
@@ -127,8 +128,8 @@ for col, t in zip(st.columns(len(order)), order, strict=True):
             tiles = [widgets.thumb(test.images[i], widgets.THUMB),
                      widgets.thumb(explore.overlay(test.images[i], maps[i], vmin, vmax, 0.5),
                                    widgets.THUMB)]
-            st.image(tiles, caption=[f"{'▲' if scores[i] > threshold else '·'} {scores[i]:.2f}",
-                                     "map"])
+            st.image(tiles, caption=[
+                f"#{i} · {'▲' if scores[i] > threshold else '·'} {scores[i]:.2f}", "map"])
 
 shown = [i for t in order for i in picks[t]]
 pick = st.selectbox("Example to mark", shown, key=f"cmp_mark_pick_{state.run_tag(run)}",

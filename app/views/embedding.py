@@ -11,6 +11,11 @@ from core.refit import mark_test_image
 
 MAX_THUMBS = 24
 
+
+def selection_key(scale: str) -> str:
+    return f"umap_selection_{scale}"
+
+
 st.title("UMAP")
 run = widgets.require_run()
 split = widgets.require_split(run)
@@ -35,11 +40,17 @@ fig, trace_index = charts.umap_figure(points, groups, hover, patches.usage)
 event = st.plotly_chart(fig, key=f"umap_chart_{scale}", on_select="rerun",
                         selection_mode=("points", "box", "lasso"))
 
-selected = []
+clicked = []
 for point in (event.selection.points if event else []):
     curve, i = point.get("curve_number"), point.get("point_index")
     if curve is not None and i is not None and curve < len(trace_index):
-        selected.append(int(trace_index[curve][i]))
+        clicked.append(int(trace_index[curve][i]))
+# The page's selection: what the chart last reported, kept until the chart reports another
+# (sample indices >= 0, prototypes as -1 - index)
+if st.session_state.get(f"umap_event_{scale}") != clicked:
+    st.session_state[f"umap_event_{scale}"] = clicked
+    st.session_state[selection_key(scale)] = clicked
+selected = list(st.session_state.get(selection_key(scale), []))
 samples = [i for i in selected if i >= 0]
 protos = sorted({-1 - i for i in selected if i < 0})
 

@@ -8,7 +8,7 @@ import streamlit as st
 from app import charts, state, widgets
 from core import explore
 from core.data import DataError
-from core.refit import data_identity
+from core.refit import TEST_PREFIX, data_identity
 from core.runs import RunError
 
 SHARED_SHOWN = 6
@@ -23,11 +23,21 @@ labels = {str(s.path): f"{s.name} · {s.dataset} · {s.normal_class} · {s.setti
           for s in usable}
 paths = list(labels)
 first = st.session_state.get(state.RUN_KEY)
+# A refit opens beside its parent, the parent as A: the signs then read as the Teach page's
+parent = None
+if first in paths:
+    name = state.load_run_at(first).config.lineage.parent
+    parent = next((p for p in paths if name is not None and p != first
+                   and state.load_run_at(p).path.name == name), None)
+default_a = parent or first
 left, right = st.columns(2)
-path_a = left.selectbox("Run A", paths, index=paths.index(first) if first in paths else 0,
+path_a = left.selectbox("Run A", paths,
+                        index=paths.index(default_a) if default_a in paths else 0,
                         format_func=labels.get, key="runs_a")
 others = [p for p in paths if p != path_a]
-path_b = right.selectbox("Run B", others, format_func=labels.get, key="runs_b")
+path_b = right.selectbox("Run B", others,
+                         index=others.index(first) if parent and first in others else 0,
+                         format_func=labels.get, key="runs_b")
 try:
     run_a, run_b = state.load_run_at(path_a), state.load_run_at(path_b)
 except RunError as err:
@@ -74,9 +84,12 @@ if data_identity(run_a.config) != data_identity(run_b.config):
     st.stop()
 test = split_a.test
 picks = explore.disagreements(scored_a.image, scored_b.image, SHARED_SHOWN)
+marked = {int(m["source"][len(TEST_PREFIX):]): f"marked {m['label']} in {run.path.name}"
+          for run in (run_a, run_b) for m in run.config.lineage.marks
+          if m["source"].startswith(TEST_PREFIX)}
 st.caption("Ranked by how far apart the two runs place each image among the test set (the "
            "scores' scales differ). Each row: the image, A's map, B's map; ▲ is above that "
-           "run's threshold.")
+           "run's threshold; ✎ an image marked to teach one of them.")
 maps_a = state.combined_maps_of(run_a, tuple(picks))
 maps_b = state.combined_maps_of(run_b, tuple(picks))
 for i in picks:
@@ -92,4 +105,5 @@ for i in picks:
         captions.append(f"{name}: {'▲' if above else '·'} {scored.image[i]:.2f} "
                         f"(above {rank:.0%} of the test set)")
     st.image([widgets.thumb(test.images[i], widgets.MAP_TILE), *row],
-             caption=[f"#{i} · {test.types[i]}", *captions], width=widgets.MAP_TILE)
+             caption=[f"#{i} · {test.types[i]}" + (f" · ✎ {marked[i]}" if i in marked else ""),
+                      *captions], width=widgets.MAP_TILE)

@@ -1,19 +1,24 @@
-"""Teach: the images marked on the other pages refit the detector's stage 2 as a new run.
+"""Teach: the images marked on the other pages become lessons of a new run.
 
 Marks are made on the Deviation maps, Compare, UMAP and Score pages (`widgets.mark_controls`)
-and kept per run in the session. A refit (core/refit.py) re-uses the run's encoder and
-memories, takes seconds, and saves a new run; the page then opens it and shows before and after.
+and kept per run in the session. Before teaching, the page foresees which test images the
+marks would move (their look-alikes); a refit (core/refit.py) keeps everything the run fitted,
+adds the lessons, takes seconds, and saves a new run; the page then opens it and shows before
+and after, the marked images apart from the others.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import streamlit as st
+import torch
 
 from app import state, widgets
 from core.data import NORMAL, DataError, Split
-from core.refit import TEST_PREFIX, read_refit_report, refit_new_run
+from core.refit import TEST_PREFIX, read_refit_report, refit_new_run, teach
 from core.runs import Run, RunError
+from core.train.trainer import resolve_device
 
 PER_ROW = 6
 CHANGED_SHOWN = 24
@@ -22,11 +27,13 @@ CHANGED_SHOWN = 24
 def before_after(run: Run, report: dict, split: Split | None) -> None:
     """What the refit changed on the test set (its marked images left out of both)."""
     before, after = report["before"], report["after"]
-    st.subheader(f"Refitted from {report['parent']}")
+    st.subheader(f"Taught from {report['parent']}")
     st.caption(f"{report['n_normal_marks']} image(s) marked normal and "
-               f"{report['n_anomaly_marks']} marked anomalous; stage 2 refitted in "
-               f"{report['seconds']:.1f} s. Compared on {report['n_test']} test images, the "
-               "marked ones left out of both runs.")
+               f"{report['n_anomaly_marks']} marked anomalous, taught in "
+               f"{report['seconds']:.1f} s. Everything the parent fitted is kept as it was "
+               "(its Gaussians, the weighting of its terms, the scales of its map and its "
+               "thresholds): only the look-alikes of the marks score differently. Compared on "
+               f"{report['n_test']} test images, the marked ones left out of both runs.")
     cols = st.columns(3)
     for col, key, name, better in (
             (cols[0], "auroc", "Test AUROC", 1),
@@ -53,16 +60,75 @@ def before_after(run: Run, report: dict, split: Split | None) -> None:
             "before": st.column_config.NumberColumn("AUROC before", format="%.3f"),
             "after": st.column_config.NumberColumn("AUROC after", format="%.3f"),
             "change": st.column_config.NumberColumn("Change", format="%+.3f")})
+    marked = report.get("marked", [])
+    if marked:
+        st.markdown(f"**The {len(marked)} marked test image(s)**, before → after:")
+        changes(marked, split)
     changed = report["changed"]
-    st.markdown(f"**{len(changed)} test image(s) changed verdict** at the thresholds "
+    st.markdown(f"**{len(changed)} other test image(s) changed verdict** at the thresholds "
                 f"({before['threshold']:.3f} before, {after['threshold']:.3f} after).")
-    if changed and split is not None:
-        shown = changed[:CHANGED_SHOWN]
-        st.image([widgets.thumb(split.test.images[c["index"]]) for c in shown],
-                 caption=[f"#{c['index']} · {c['type']} · {c['before']:.2f}→{c['after']:.2f}"
-                          f" · now {c['verdict']}" for c in shown], width=widgets.THUMB)
-        if len(changed) > CHANGED_SHOWN:
-            st.caption(f"Showing the first {CHANGED_SHOWN}.")
+    changes(changed, split)
+
+
+def changes(entries: list[dict], split: Split | None) -> None:
+    """Thumbnails of test images with their scores before and after and their verdict."""
+    if not entries or split is None:
+        return
+    shown = entries[:CHANGED_SHOWN]
+    st.image([widgets.thumb(split.test.images[c["index"]]) for c in shown],
+             caption=[f"#{c['index']} · {c['type']} · {c['before']:.2f}→{c['after']:.2f}"
+                      f" · now {c['verdict']}" for c in shown], width=widgets.THUMB)
+    if len(entries) > CHANGED_SHOWN:
+        st.caption(f"Showing the first {CHANGED_SHOWN} of {len(entries)}.")
+
+
+def foresee(run: Run) -> None:
+    """Which test images the marks would move, before anything is saved: the lessons are
+    made as a refit would make them and applied to the test set's cached descriptors."""
+    marks = state.marks_of(run)
+    st.subheader("What the marks would change")
+    if not marks:
+        return
+    scored = state.scored_test_set(run)
+    if scored.untaught is None or scored.descriptors is None:
+        st.info("This run's saved explorer data predates lessons; open the Deviation maps page "
+                "once to compute it again.")
+        return
+    if not st.button("Foresee", key=f"teach_foresee_{state.run_tag(run)}",
+                     icon=":material/visibility:"):
+        st.caption("Finds the test images the marks would reach (their look-alikes) and the "
+                   "verdicts that would change, without saving anything.")
+        return
+    try:
+        split = state.split_of(run)
+        with st.spinner("Making the lessons…"):
+            child, _ = teach(run.model, marks, split, run.config,
+                             resolve_device(run.config.train.device))
+    except (DataError, RunError) as err:
+        st.error(f"Cannot foresee: {err}")
+        return
+    assert child.lessons is not None
+    with torch.no_grad():
+        after = child.lessons(torch.from_numpy(scored.untaught),
+                              torch.from_numpy(scored.descriptors)).numpy()
+    threshold = float(run.model.detector.threshold)
+    marked = {int(m.mark.source[len(TEST_PREFIX):]) for m in marks
+              if m.mark.source.startswith(TEST_PREFIX)}
+    moved = np.flatnonzero(np.abs(after - scored.image) > 1e-6)
+    entries = [{"index": int(i), "type": split.test.types[i], "before": float(scored.image[i]),
+                "after": float(after[i]),
+                "verdict": "anomalous" if after[i] > threshold else "normal"} for i in moved]
+    flips = [e for e in entries if (e["before"] > threshold) != (e["after"] > threshold)]
+    st.markdown(f"**{len(moved)} test image(s) would score differently**, "
+                f"{sum(e['index'] in marked for e in entries)} of them marked; "
+                f"**{len(flips)} would change verdict**:")
+    changes([e for e in flips if e["index"] in marked], split)
+    changes([e for e in flips if e["index"] not in marked], split)
+    look_alikes = sorted((e for e in entries if e["index"] not in marked),
+                         key=lambda e: -abs(e["after"] - e["before"]))
+    if look_alikes:
+        st.markdown("The unmarked images moved most (the marks' closest look-alikes):")
+        changes(look_alikes, split)
 
 
 def marks_panel(run: Run) -> None:
@@ -98,11 +164,14 @@ def marks_panel(run: Run) -> None:
 def refit_form(run: Run) -> None:
     marks = state.marks_of(run)
     st.subheader("Refit")
-    st.caption("Fits stage 2 again on this run's encoder and memories: marked normals join "
-               "the normal images the detector is fitted on (with a few augmented views "
-               "each), marked anomalies become labelled anomalies. This run is not changed; "
-               "the result is a new run, opened here once saved.")
-    name = st.text_input("New run name", f"{run.path.name}-refit", key="teach_name")
+    st.caption("Teaches a copy of this run its marks: each marked image (and a few mildly "
+               "augmented views of it) becomes a lesson for its look-alikes, the images "
+               "nearer to it than any normal training image is. A marked normal's look-alikes "
+               "score like a typical normal, a marked anomaly's at least like an alarm; "
+               "everything else keeps its score. This run is not changed; the result is a new "
+               "run, opened here once saved.")
+    name = st.text_input("New run name", f"{run.path.name}-taught",
+                         key=f"teach_name_{state.run_tag(run)}")
     if st.button(f"Refit with {len(marks)} mark(s)", key="teach_refit", type="primary",
                  icon=":material/school:", disabled=not marks or not name.strip()):
         try:
@@ -131,4 +200,5 @@ if refit_report is not None:
     with st.container(border=True):
         before_after(run, refit_report, split)
 marks_panel(run)
+foresee(run)
 refit_form(run)

@@ -15,6 +15,7 @@ from torch import nn
 from core.config import BACKBONES, ModelConfig
 from core.model.backbone import build_backbone
 from core.model.detector import AnomalyDetector, Scores
+from core.model.lessons import Lessons, describe
 from core.model.memory import HopfieldMemory, MemoryRead
 from core.model.pixels import PixelLayout, PixelMemory
 
@@ -65,6 +66,8 @@ class AnoMem(nn.Module):
                                         pixel_layout=self.pixel_layout is not None,
                                         rotation=self.rotation is not None,
                                         map_weights=cfg.map_weights)
+        # What marked images taught a refit (core/refit.py), keyed by look-alike descriptors
+        self.lessons = (Lessons(cfg.lessons, self.descriptor_dim) if cfg.lessons else None)
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -137,10 +140,25 @@ class AnoMem(nn.Module):
             total = total - F.log_softmax(self.rotation_logits(features).float(), dim=1)[:, k]
         return total / 4
 
+    @property
+    def descriptor_dim(self) -> int:
+        """Length of an image's look-alike descriptor (core/model/lessons.py)."""
+        return 2 * len(self.scales) * self.cfg.memory_dim
+
     def score(self, images: torch.Tensor) -> Scores:
         """Anomaly scores and maps of a batch; needs a fitted detector (stage 2)."""
         reads, extra = self.read(images)
-        return self.detector(reads, images.shape[-2:], extra)
+        scores = self.detector(reads, images.shape[-2:], extra)
+        if self.lessons is None:
+            return scores
+        return scores._replace(image=self.lessons(scores.image, describe(reads, scores.maps)))
+
+    def score_and_describe(self, images: torch.Tensor) -> tuple[Scores, torch.Tensor]:
+        """The detector's scores before any lesson, and the images' look-alike descriptors
+        (B, descriptor_dim)."""
+        reads, extra = self.read(images)
+        scores = self.detector(reads, images.shape[-2:], extra)
+        return scores, describe(reads, scores.maps)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -47,6 +47,11 @@ N_SCORES = len(TERMS)
 PIXEL_TERM = "pixels/knn"  # the pixel scale's terms (core/model/pixels.py), when present
 PIXEL_LAYOUT_TERM = "pixels/layout"
 ROTATION_TERM = "rotation/loss"  # the rotation head's loss over an image's rotations, when present
+# The least variance a positional Gaussian allows in any direction, relative to the mean
+# variance over all positions (see `fit_positional_gaussians`). Chosen on the defects stage 2
+# pastes into held-out normals (benchmarks/README.md): of 0, 1e-3 ... 100, the smallest whose
+# mean pseudo-defect pixel AUROC on MVTec AD bottle and KolektorSDD is within 0.005 of the best
+POSITIONAL_FLOOR = 1.0
 
 
 class Scores(NamedTuple):
@@ -77,22 +82,28 @@ def fit_positional_gaussians(x: torch.Tensor, chunk: int = 64
     """One Gaussian per position of maps x (N, D, H, W): mean (H*W, D), precision (H*W, D, D).
 
     The same estimator as `fit_gaussian`, batched over positions, so the shrinkage comes from
-    the training maps alone even with fewer images than dimensions.
+    the training maps alone even with fewer images than dimensions. Every covariance gets a
+    floor of POSITIONAL_FLOOR times the mean variance over all positions: where the training
+    images barely vary (a plain background), the Gaussian would otherwise be so narrow that
+    float rounding alone, magnified by its precision, lit up the map (an exported model and
+    PyTorch disagreed there by hundreds of standard deviations).
     """
     if x.ndim != 4 or len(x) < 2:
         raise ValueError(f"expected at least two maps (N, D, H, W), got {tuple(x.shape)}")
     n, dim, h, w = x.shape
     rows = x.detach().double().cpu().permute(2, 3, 0, 1).reshape(h * w, n, dim)
-    fitted = [_ledoit_wolf(part) for part in rows.split(chunk)]
+    floor = POSITIONAL_FLOOR * float(rows.var(1, correction=0).mean())
+    fitted = [_ledoit_wolf(part, floor) for part in rows.split(chunk)]
     return (torch.cat([m for m, _ in fitted]).float(),
             torch.cat([p for _, p in fitted]).float())
 
 
-def _ledoit_wolf(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ledoit_wolf(rows: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Means (P, D) and precisions (P, D, D) of P sets of rows (P, N, D), in float64.
 
     Each covariance is shrunk towards a scaled identity by the Ledoit-Wolf formula (as
-    scikit-learn's `ledoit_wolf`), plus a 1e-6 relative ridge so it always inverts. Written
+    scikit-learn's `ledoit_wolf`), plus a 1e-6 relative ridge so it always inverts, plus
+    `floor` (an absolute variance) on its diagonal. Written
     here because it is batched over the P sets (one per map position): scikit-learn fits one.
     """
     n, dim = rows.shape[1:]
@@ -107,7 +118,7 @@ def _ledoit_wolf(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shrink = torch.where(delta > 0, torch.minimum(beta, delta) / delta.clamp_min(1e-300),
                          torch.zeros_like(delta))
     shrunk = (1 - shrink)[:, None, None] * cov + (shrink * mu)[:, None, None] * eye
-    shrunk = shrunk + eye * 1e-6 * mu.clamp_min(1e-12)[:, None, None]
+    shrunk = shrunk + eye * (1e-6 * mu.clamp_min(1e-12) + floor)[:, None, None]
     return mean[:, 0], torch.linalg.inv(shrunk)
 
 

@@ -20,6 +20,10 @@ class ScoredSet:
     per_scale: dict[str, np.ndarray]  # scale -> (N,)
     terms: dict[str, np.ndarray]  # "layer2/local", ... -> (N,) standardised term scores
     pixel_maps: np.ndarray | None  # (N, H, W) float16, or None when not asked for
+    # What the Teach page needs to foresee a lesson's effect (core/model/lessons.py): the image
+    # scores before any lesson the model has, and each image's look-alike descriptor
+    untaught: np.ndarray | None = None  # (N,)
+    descriptors: np.ndarray | None = None  # (N, dim)
 
 
 @torch.no_grad()
@@ -30,11 +34,15 @@ def score_images(model: AnoMem, images: torch.Tensor, device: torch.device | str
     device = torch.device(device)
     model.eval().to(device)
     batch_size = batch_size or model.inference_batch()
-    image, maps = [], []
+    image, maps, untaught, descriptors = [], [], [], []
     per_scale: dict[str, list] = {s: [] for s in model.scales}
     terms: dict[str, list] = {}
     for i in range(0, len(images), batch_size):
-        out = model.score(to_float(images[i:i + batch_size].to(device)))
+        out, described = model.score_and_describe(to_float(images[i:i + batch_size].to(device)))
+        untaught.append(out.image.cpu())
+        descriptors.append(described.cpu())
+        if model.lessons is not None:
+            out = out._replace(image=model.lessons(out.image, described))
         image.append(out.image.cpu())
         for s, v in out.per_scale.items():
             per_scale[s].append(v.cpu())
@@ -50,6 +58,8 @@ def score_images(model: AnoMem, images: torch.Tensor, device: torch.device | str
         per_scale={s: torch.cat(v).numpy() for s, v in per_scale.items()},
         terms={k: torch.cat(v).numpy() for k, v in terms.items()},
         pixel_maps=torch.cat(maps).numpy() if with_maps else None,
+        untaught=torch.cat(untaught).numpy(),
+        descriptors=torch.cat(descriptors).numpy(),
     )
 
 

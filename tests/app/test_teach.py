@@ -1,4 +1,4 @@
-"""Teach page: marks made on the other pages refit stage 2 as a new run, shown before/after."""
+"""Teach page: marks made on the other pages become a new run's lessons, shown before/after."""
 
 from __future__ import annotations
 
@@ -58,7 +58,14 @@ def test_marks_from_two_pages_refit_into_a_new_run_shown_before_and_after(own_ru
     assert f"normal · test image #{sample}" in captions
     assert any(c.startswith("anomaly: odd shape · test image #") for c in captions)
 
-    at.text_input(key="teach_name").input("taught").run()
+    (foresee,) = [b for b in at.button if b.key and b.key.startswith("teach_foresee_")]
+    foresee.click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "would score differently" in texts(at) and "2 of them marked" in texts(at)
+
+    (name,) = [t for t in at.text_input if t.key and t.key.startswith("teach_name_")]
+    assert name.value == "tiny-taught"
+    name.input("taught").run()
     at.button(key="teach_refit").click().run()
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
@@ -66,8 +73,11 @@ def test_marks_from_two_pages_refit_into_a_new_run_shown_before_and_after(own_ru
     assert set(runs) == {"tiny", "taught"} and runs["taught"].complete
     assert at.sidebar.selectbox(key="run_path").value == str(own_runs / "taught")
     # The new run is opened: its before-and-after report, and no marks left to use.
-    assert "Refitted from tiny" in texts(at)
+    assert "Taught from tiny" in texts(at)
     assert "Marked images (0)" in texts(at)
+    assert "The 2 marked test image(s)" in texts(at)
+    (name,) = [t for t in at.text_input if t.key and t.key.startswith("teach_name_")]
+    assert name.value == "taught-taught"  # the next refit proposes a name of its own
     report = json.loads((own_runs / "taught" / REFIT).read_text())
     assert report["n_normal_marks"] == 1 and report["n_anomaly_marks"] == 1
     assert "changed verdict" in texts(at)
@@ -76,6 +86,14 @@ def test_marks_from_two_pages_refit_into_a_new_run_shown_before_and_after(own_ru
     config = json.loads((own_runs / "taught" / "config.json").read_text())
     assert config["lineage"]["parent"] == "tiny"
     assert [m["source"] for m in config["lineage"]["marks"]][0] == f"test:{sample}"
+
+    # Compare runs opened on the refit puts its parent first (the Teach page's signs) and
+    # flags the marked images among those the two runs disagree on
+    at.switch_page("views/runs.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.selectbox(key="runs_a").value == str(own_runs / "tiny")
+    assert at.selectbox(key="runs_b").value == str(own_runs / "taught")
 
 
 def test_a_mark_can_be_removed_and_marking_again_relabels(own_runs: Path):

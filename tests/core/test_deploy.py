@@ -17,6 +17,7 @@ from core.data import load_split
 from core.export import ExportError, export_run
 from core.inference import Detector, ModelInfo
 from core.pipeline import train_run
+from core.refit import mark_test_image, refit_run
 from core.runs import load_run, save_model
 from core.train.scoring import score_images
 
@@ -138,3 +139,21 @@ def test_a_failed_export_leaves_nothing_behind(trained: Path, tmp_path: Path,
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ExportError, match="ending in .onnx"):
         export_run(trained, tmp_path / "model.bin")
+
+
+def test_a_taught_run_exports_with_its_lessons(trained: Path, test_images: torch.Tensor,
+                                               tmp_path: Path) -> None:
+    split = load_split(load_run(trained).config.data)
+    cfg = load_run(trained).config
+    scores = score_images(load_run(trained).model, split.test.images[:64]).image
+    worst = int(np.argmax(scores))
+    marks = [mark_test_image(cfg, split, worst, "normal"),
+             mark_test_image(cfg, split, int(np.argmin(scores)), "local")]
+    refit_run(trained, marks, tmp_path / "taught")
+    images = torch.cat([split.test.images[worst:worst + 1], test_images])
+    export_run(tmp_path / "taught", tmp_path / "taught.onnx", images=images)
+    taught = Detector.load(tmp_path / "taught.onnx")
+    lessons = load_run(tmp_path / "taught").model.lessons
+    assert lessons is not None
+    assert taught.score(images[:1]).scores[0] == pytest.approx(float(lessons.normal_score),
+                                                               abs=1e-4)

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.cli import EXIT_BAD_INPUT, main
 from core.config import DataConfig
 from core.data import DataError, load_split
 from core.pipeline import train_run
-from core.refit import REFIT, mark_test_image, mark_upload, refit_run
+from core.refit import REFIT, VIEWS, mark_test_image, mark_upload, refit_run
 from core.runs import CHECKPOINT, CONFIG, RunError, load_run, run_lock
 from tests.app.helpers import tiny_config
 
@@ -63,12 +64,15 @@ def test_refit_saves_a_new_run_and_leaves_the_parent_alone(parent: Path, split, 
     assert set(report.after["auroc_by_type"]) == set(report.before["auroc_by_type"])
     saved = json.loads((tmp_path / "child" / REFIT).read_text())
     assert saved["parent"] == "parent" and saved["before"] == report.before
-    # stage 1 is the parent's, bit for bit; stage 2 was fitted again with a labelled head
+    # everything the parent fitted is kept bit for bit; the marks became lessons
     p_state, c_state = load_run(parent).model.state_dict(), child.model.state_dict()
+    assert set(c_state) - set(p_state) == {f"lessons.{b}" for b in (
+        "keys", "radius", "anomalous", "normal_score", "alarm_score")}
     for key in p_state:
-        if key.startswith(("backbone.", "memories.", "heads.")):
-            assert np.array_equal(p_state[key].numpy(), c_state[key].numpy()), key
-    assert bool(child.model.detector.clf_weight.any())
+        assert np.array_equal(p_state[key].numpy(), c_state[key].numpy()), key
+    lessons = child.model.lessons
+    assert len(lessons.keys) == 4 * VIEWS and int(lessons.anomalous.sum()) == VIEWS
+    assert child.config.model.lessons == 4 * VIEWS
 
 
 def test_bad_marks_are_refused_and_nothing_is_written(parent: Path, split, tmp_path: Path,
@@ -127,3 +131,34 @@ def test_the_cli_refits_with_files(parent: Path, tmp_path: Path,
                                                           (str(anomaly), "object")]
     data = io.BytesIO(normal.read_bytes())
     assert Image.open(data).size == (32, 32)
+
+
+@torch.no_grad()
+def test_a_marked_false_alarm_clears_its_look_alike_and_a_refit_keeps_its_parents_lessons(
+        parent: Path, split, tmp_path: Path):
+    run = load_run(parent)
+    cfg, model = run.config, run.model
+    test = split.test
+    images = test.images.float() / 255
+    normal = np.flatnonzero(test.labels.numpy() == 0)
+    scores = model.score(images[normal]).image
+    worst = int(normal[int(scores.argmax())])  # the most alarming normal
+    look_alike = (images[worst:worst + 1] * 0.97).clamp(0, 1)  # a little darker
+    before = float(model.score(look_alike).image[0])
+    refit_run(parent, [mark_test_image(cfg, split, worst, "normal")], tmp_path / "child")
+    child = load_run(tmp_path / "child").model
+    assert child.lessons is not None
+    assert float(child.score(images[worst:worst + 1]).image[0]) == pytest.approx(
+        float(child.lessons.normal_score), abs=1e-4)
+    assert float(child.score(look_alike).image[0]) < before
+    # elsewhere far from the mark, scores are the parent's
+    far = child.lessons.reach(child.score_and_describe(images)[1])[0] == 0
+    assert far.any()
+    assert torch.allclose(child.score(images[far]).image, model.score(images[far]).image)
+
+    other = int(normal[int(scores.argmin())])
+    refit_run(tmp_path / "child", [mark_test_image(cfg, split, other, "normal")],
+              tmp_path / "grandchild")
+    grandchild = load_run(tmp_path / "grandchild").model
+    assert grandchild.lessons is not None and len(grandchild.lessons.keys) == 2 * VIEWS
+    assert torch.equal(grandchild.lessons.keys[:VIEWS], child.lessons.keys)

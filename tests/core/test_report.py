@@ -60,7 +60,7 @@ def test_a_refitted_run_reports_its_parent(run_dir: Path, tmp_path: Path):
     child = tmp_path / "child"
     refit_run(run_dir, [mark_test_image(run.config, split, 0, "normal")], child)
     assert main(["report", str(child), "--out", str(tmp_path / "child.html")]) == 0
-    assert f"Refitted from {run_dir.name}" in (tmp_path / "child.html").read_text()
+    assert f"Taught from {run_dir.name}" in (tmp_path / "child.html").read_text()
 
 
 @pytest.mark.parametrize(("args", "needle"), [

@@ -462,20 +462,27 @@ def test_layout_term_flags_normal_parts_in_the_wrong_place() -> None:
     assert scores.image.argmax().item() == 0
 
 
-def test_positional_gaussians_match_ledoit_wolf_at_every_position() -> None:
+def test_positional_gaussians_are_ledoit_wolf_with_a_floor_at_every_position() -> None:
     from sklearn.covariance import ledoit_wolf
+
+    from core.model.detector import POSITIONAL_FLOOR
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(20, 5, 3, 2, generator=g) * torch.arange(1, 6.0)[None, :, None, None]
     x[:, :, 0, 0] += 4.0  # positions differ
+    x[:, :, 2, 1] *= 1e-4  # a position where the images barely vary (a plain background)
     mean, precision = fit_positional_gaussians(x, chunk=4)
     assert mean.shape == (6, 5) and precision.shape == (6, 5, 5)
+    rows = x.permute(2, 3, 0, 1).reshape(6, 20, 5).double()
+    floor = POSITIONAL_FLOOR * float(rows.var(1, correction=0).mean())
     for p in range(6):
-        rows = x.permute(2, 3, 0, 1).reshape(6, 20, 5)[p].double().numpy()
-        cov, _ = ledoit_wolf(rows)
-        np.testing.assert_allclose(mean[p].numpy(), rows.mean(0), atol=1e-5)
+        cov, _ = ledoit_wolf(rows[p].numpy())
+        cov = cov + np.eye(5) * (floor + 1e-6 * np.trace(cov) / 5)
+        np.testing.assert_allclose(mean[p].numpy(), rows[p].mean(0).numpy(), atol=1e-5)
         np.testing.assert_allclose(precision[p].numpy(), np.linalg.inv(cov), rtol=1e-3,
-                                   atol=1e-4)
+                                   atol=1e-5)
+    # the quiet position is no sharper than the floor allows: float noise stays noise
+    assert float(torch.linalg.eigvalsh(precision[5].double()).max()) <= 1 / floor
 
 
 def test_positional_distance_is_each_positions_own_mahalanobis() -> None:
