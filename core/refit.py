@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import artefacts
 from core.config import SHIFTS, AugmentConfig, LineageConfig, RunConfig
 from core.data import NORMAL, DataError, Split, load_split
 from core.data.imageio import MAX_UPLOAD_BYTES, read_image, validate_upload
@@ -43,6 +44,7 @@ from core.runs import (
     write_json,
 )
 from core.train.augment import augment, to_float
+from core.train.scoring import ScoredSet, score_images
 from core.train.shifts import shift
 from core.train.trainer import resolve_device, split_normals
 
@@ -166,21 +168,63 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
         "model": {**cfg.to_dict()["model"], "lessons": model.cfg.lessons},
         "lineage": asdict(LineageConfig(parent=parent.name,
                                         marks=tuple(m.mark.recorded() for m in marks)))})
+    parent_metrics = read_json(parent / METRICS) if (parent / METRICS).is_file() else {}
     with run_lock(out):
         if (out / CONFIG).exists():
             raise RunError(f"{out}: already holds a run (choose a new folder)")
         save_model(out, new_cfg, model)
-        metrics, scored = evaluate(model, split, device)
-        parent_metrics = read_json(parent / METRICS) if (parent / METRICS).is_file() else {}
+        saved = artefacts.load(parent)
+        if saved is not None and _reusable(saved.scored, parent_metrics, len(split.test)):
+            # Lessons change image scores alone, and only through what the parent's explorer
+            # data holds: the test set is not scored again, the pages' data carried over
+            assert model.lessons is not None
+            scored = _taught(saved.scored, model)
+            metrics = _taught_metrics(parent_metrics, scored, split, model)
+            artefacts.save(out, artefacts.Artefacts(scored, saved.umap, saved.patches))
+            before_scores = saved.scored.image
+        else:
+            metrics, scored = evaluate(model, split, device)
+            before_scores = None
         metrics.update({"dataset": cfg.data.dataset, "normal_class": split.normal_class,
                         "setting": cfg.data.setting, "n_train": len(split.train),
                         "stage2": parent_metrics.get("stage2", {}), "lessons": lessons,
                         "refit_seconds": seconds})
         write_json(out / METRICS, metrics)
         result = _compare(parent.name, before_model, model, scored.image, split, marks,
-                          seconds, device)
+                          seconds, device, before_scores)
         write_json(out / REFIT, result.as_dict())
     return result
+
+
+def _reusable(scored: ScoredSet, metrics: dict, n_test: int) -> bool:
+    """Whether a parent's saved test scores can stand in for scoring its test set again."""
+    return (scored.untaught is not None and scored.descriptors is not None
+            and len(scored.image) == n_test and "auroc_by_scale" in metrics)
+
+
+@torch.no_grad()
+def _taught(scored: ScoredSet, model: AnoMem) -> ScoredSet:
+    """The parent's scored test set with `model`'s lessons applied to its image scores."""
+    assert model.lessons is not None and scored.untaught is not None \
+        and scored.descriptors is not None
+    image = model.lessons(torch.from_numpy(scored.untaught),
+                          torch.from_numpy(scored.descriptors)).numpy()
+    return dataclasses.replace(scored, image=image)
+
+
+def _taught_metrics(parent: dict, scored: ScoredSet, split: Split, model: AnoMem) -> dict:
+    """metrics.json of a taught run from its parent's: the image-level metrics computed on the
+    taught scores; the maps, the scales' and the terms' scores are the parent's own."""
+    test = split.test
+    labels = test.labels.numpy()
+    metrics = {**parent, **image_metrics(labels, scored.image, test.types)}
+    threshold = float(model.detector.threshold)
+    flagged = scored.image > threshold
+    metrics["tpr_at_threshold"] = float(flagged[labels == 1].mean()) if (labels == 1).any() \
+        else None
+    metrics["fpr_at_threshold"] = float(flagged[labels == 0].mean()) if (labels == 0).any() \
+        else None
+    return metrics
 
 
 @dataclass
@@ -310,19 +354,19 @@ def _views(marks: list[Marked], seed: int) -> torch.Tensor:
 
 
 def _compare(parent: str, before: AnoMem, after: AnoMem, after_scores: np.ndarray, split: Split,
-             marks: list[Marked], seconds: float, device: str) -> RefitReport:
+             marks: list[Marked], seconds: float, device: str,
+             before_scores: np.ndarray | None = None) -> RefitReport:
     """Both models on the test set less the marked images; the new model's scores of the
-    whole test set are given (its evaluation computed them already). The marked test images
-    are reported apart, with their scores before and after."""
-    from core.train.scoring import score_images
-
+    whole test set are given (its evaluation computed them already), the parent's when
+    known. The marked test images are reported apart, with their scores before and after."""
     test = split.test
     marked = sorted({int(m.mark.source[len(TEST_PREFIX):]) for m in marks
                      if m.mark.source.startswith(TEST_PREFIX)})
     keep = np.setdiff1d(np.arange(len(test)), marked)
     labels = test.labels.numpy()
-    scores = {"before": score_images(before, test.images, device, with_maps=False).image,
-              "after": after_scores}
+    if before_scores is None:
+        before_scores = score_images(before, test.images, device, with_maps=False).image
+    scores = {"before": before_scores, "after": after_scores}
     thresholds = {"before": float(before.detector.threshold),
                   "after": float(after.detector.threshold)}
     flagged = {k: scores[k] > thresholds[k] for k in scores}

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from core import artefacts
 from core.cli import EXIT_BAD_INPUT, main
 from core.config import DataConfig
 from core.data import DataError, load_split
-from core.pipeline import train_run
+from core.pipeline import evaluate, train_run
 from core.refit import REFIT, VIEWS, mark_test_image, mark_upload, refit_run
 from core.runs import CHECKPOINT, CONFIG, RunError, load_run, run_lock
 from tests.app.helpers import tiny_config
@@ -73,6 +74,13 @@ def test_refit_saves_a_new_run_and_leaves_the_parent_alone(parent: Path, split, 
     lessons = child.model.lessons
     assert len(lessons.keys) == 4 * VIEWS and int(lessons.anomalous.sum()) == VIEWS
     assert child.config.model.lessons == 4 * VIEWS
+    # the test set was not scored again: the parent's explorer data, taught, says what a full
+    # evaluation would, and the child's explorer data is written from it
+    full, _ = evaluate(child.model, split)
+    saved = json.loads((tmp_path / "child" / "metrics.json").read_text())
+    for key in ("auroc", "aupr", "fpr_at_threshold", "pixel_auroc", "auroc_by_scale"):
+        assert saved[key] == pytest.approx(full[key], abs=1e-6), key
+    assert artefacts.load(tmp_path / "child") is not None
 
 
 def test_bad_marks_are_refused_and_nothing_is_written(parent: Path, split, tmp_path: Path,
