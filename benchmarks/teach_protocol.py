@@ -133,7 +133,7 @@ def timed_refit(t: Trial, run_dir: Path, out_dir: Path) -> dict:
     marked = np.sort(np.random.default_rng(0).choice(
         alarms, min(MAX_NORMAL_MARKS, len(alarms)), replace=False))
     marks = [mark_test_image(t.run.config, t.split, int(i), NORMAL) for i in marked]
-    out = out_dir / f"{run_dir.name}-taught"
+    out = out_dir / "runs" / f"{run_dir.name}-taught"
     start = time.perf_counter()
     report = refit_run(run_dir, marks, out)
     wall = time.perf_counter() - start

@@ -130,6 +130,7 @@ class RefitReport:
     after: dict = field(default_factory=dict)
     changed: list[dict] = field(default_factory=list)  # unmarked test images whose verdict
     marked: list[dict] = field(default_factory=list)  # changed; the marked test images
+    lessons: dict = field(default_factory=dict)  # what `teach` made: keys, reach, evidence
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -192,6 +193,7 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
         write_json(out / METRICS, metrics)
         result = _compare(parent.name, before_model, model, scored.image, split, marks,
                           seconds, device, before_scores)
+        result.lessons = lessons
         write_json(out / REFIT, result.as_dict())
     return result
 

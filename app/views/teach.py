@@ -34,6 +34,19 @@ def before_after(run: Run, report: dict, split: Split | None) -> None:
                "(its Gaussians, the weighting of its terms, the scales of its map and its "
                "thresholds): only the look-alikes of the marks score differently. Compared on "
                f"{report['n_test']} test images, the marked ones left out of both runs.")
+    lessons = report.get("lessons") or {}
+    evidence = (lessons.get("reach_evidence") or {}).get("reaches", {})
+    if lessons:
+        chosen = evidence.get(str(lessons["reach"]), {})
+        why = (f": rehearsed on held-out normals, marking half of their false alarms, it "
+               f"reached {chosen['alarms_reached']:.0%} of the other false alarms and "
+               f"{chosen['ordinary_reached']:.0%} of the ordinary normals, the best contrast "
+               f"of the reaches tried, at a cost of {chosen['auroc_loss']:+.4f} pseudo-anomaly "
+               "AUROC" if chosen.get("alarms_reached") is not None else
+               ": too few held-out false alarms to rehearse a longer one")
+        st.caption(f"{lessons['keys']} lesson keys. A marked normal reaches "
+                   f"{lessons['reach']:g} times its distance to the nearest held-out normal"
+                   f"{why}; a marked anomaly reaches that nearest normal and no further.")
     cols = st.columns(3)
     for col, key, name, better in (
             (cols[0], "auroc", "Test AUROC", 1),
