@@ -99,9 +99,9 @@ def foresee(run: Run) -> None:
     """Which test images the marks would move, before anything is saved: the lessons are
     made as a refit would make them and applied to the test set's cached descriptors."""
     marks = state.marks_of(run)
-    st.subheader("What the marks would change")
     if not marks:
         return
+    st.subheader("What the marks would change")
     scored = state.scored_test_set(run)
     if scored.untaught is None or scored.descriptors is None:
         st.info("This run's saved explorer data predates lessons; open the Deviation maps page "
@@ -178,8 +178,9 @@ def refit_form(run: Run) -> None:
     marks = state.marks_of(run)
     st.subheader("Refit")
     st.caption("Teaches a copy of this run its marks: each marked image (and a few mildly "
-               "augmented views of it) becomes a lesson for its look-alikes, the images "
-               "nearer to it than any normal training image is. A marked normal's look-alikes "
+               "augmented views of it) becomes a lesson for its look-alikes, the images about "
+               "as near to it as its nearest normal training image, or a little further where "
+               "a rehearsal on held-out normals shows that it pays. A marked normal's look-alikes "
                "score like a typical normal, a marked anomaly's at least like an alarm; "
                "everything else keeps its score. This run is not changed; the result is a new "
                "run, opened here once saved.")
