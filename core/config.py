@@ -348,8 +348,8 @@ MARK_FIELDS = ("source", "sha256", "label")
 
 @dataclass
 class LineageConfig:
-    """Where a run comes from: trained from scratch (no parent), or its parent's stage 1 with
-    stage 2 refitted on marked images (core/refit.py). Each mark is a dict of MARK_FIELDS:
+    """Where a run comes from: trained from scratch (no parent), or its parent (all of it) with
+    the lessons of marked images added (core/refit.py). Each mark is a dict of MARK_FIELDS:
     the image's path, upload name or test-set index, its SHA-256, and "normal" or a type."""
 
     parent: str | None = None

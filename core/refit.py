@@ -1,11 +1,15 @@
-"""Teach a detector: marked images refit stage 2 in seconds; stage 1 is left as it is.
+"""Teach a detector: marked images become lessons for their look-alikes, in seconds.
 
 A mark is an image and what it is: "normal" (a false alarm) or the name of an anomaly type.
-`refit_run` fits stage 2 again (core/train/stage2.py) on the parent run's encoder and memories,
-with the marked normals added to the normal fit set and the marked anomalies used as labelled
-anomalies, and saves the result as a new run whose config records its parent and every mark.
-The parent run is never written. The report compares the parent and the new run on the test
-set with the marked test images left out of both.
+`refit_run` keeps everything the parent run fitted (its encoder, memories, Gaussians, weights,
+map scales and thresholds) and adds lessons (core/model/lessons.py): each marked image and
+mild augmentations of it become keys whose look-alikes score like a normal (marked normals) or
+at least like an alarm (marked anomalies), each key reaching about as far as the nearest normal
+reference image (marked normals somewhat further where a rehearsal on held-out normals shows
+that it pays). Only look-alikes of the marks move: the refit changes no choice of stage 2.
+The result is saved as a new run whose config records its parent and every mark; the parent is
+never written. The report compares the parent and the new run on the test set with the marked
+test images left out of both.
 """
 
 from __future__ import annotations
@@ -334,10 +338,6 @@ def read_refit_report(run_dir: Path) -> dict | None:
     if not isinstance(report, dict) or not {"before", "after", "changed"} <= set(report):
         raise RunError(f"{path}: not a refit report (expected before, after and changed)")
     return report
-
-
-def model_device(model: AnoMem) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _stack(marks: list[Marked]) -> torch.Tensor:

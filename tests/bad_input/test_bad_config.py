@@ -191,6 +191,7 @@ RANGES: dict[tuple[str, ...], tuple[float, float, bool, bool]] = {
     ("model", "layout_rank"): (1, 4096, True, True),
     ("model", "local_weight"): (0, 1, True, True),
     ("model", "pixel_size"): (4, 128, True, True),
+    ("model", "lessons"): (0, 100_000, True, True),
     ("train", "epochs"): (1, INF, True, True), ("train", "batch_size"): (2, INF, True, True),
     ("train", "views"): (2, 16, True, True), ("train", "cache_images"): (2, INF, True, True),
     ("train", "lr"): (0, INF, False, True), ("train", "weight_decay"): (0, INF, True, True),
@@ -209,7 +210,7 @@ RANGES: dict[tuple[str, ...], tuple[float, float, bool, bool]] = {
 # Fields that size a tensor of the weights file: another value cannot match it
 SHAPES = {("model", k) for k in ("image_size", "in_channels", "width", "memory_size",
                                  "memory_dim", "head_dim", "layout_grid", "layout_rank",
-                                 "pixel_memory", "pixel_size")}
+                                 "pixel_memory", "pixel_size", "lessons")}
 
 
 def loads(path: tuple[str, ...], value: int | float) -> bool:
