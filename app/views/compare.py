@@ -129,7 +129,7 @@ for col, t in zip(st.columns(len(order)), order, strict=True):
                      widgets.thumb(explore.overlay(test.images[i], maps[i], vmin, vmax, 0.5),
                                    widgets.THUMB)]
             st.image(tiles, caption=[
-                f"#{i} · {'▲' if scores[i] > threshold else '·'} {scores[i]:.2f}", "map"])
+                f"#{i} · {'▲ ' if scores[i] > threshold else ''}{scores[i]:.2f}", "map"])
 
 shown = [i for t in order for i in picks[t]]
 pick = st.selectbox("Example to mark", shown, key=f"cmp_mark_pick_{state.run_tag(run)}",
