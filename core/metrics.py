@@ -43,6 +43,14 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray, types: list[str]) -> d
     }
 
 
+def at_threshold(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
+    """The share of anomalies and of normal images scoring above `threshold` (None for a
+    class the labels do not hold)."""
+    labels, flagged = np.asarray(labels).astype(bool), np.asarray(scores) > threshold
+    return {"tpr_at_threshold": float(flagged[labels].mean()) if labels.any() else None,
+            "fpr_at_threshold": float(flagged[~labels].mean()) if (~labels).any() else None}
+
+
 def pixel_auroc(maps: np.ndarray, masks: np.ndarray, types: list[str],
                 max_pixels: int = 4_000_000, seed: int = 0) -> dict:
     """Pixel AUROC over normal images and the types that carry masks.

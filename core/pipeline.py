@@ -14,7 +14,7 @@ import numpy as np
 
 from core.config import RunConfig
 from core.data import DataError, Split, load_split
-from core.metrics import image_metrics, pixel_auroc
+from core.metrics import at_threshold, image_metrics, pixel_auroc
 from core.model.anomem import AnoMem
 from core.runs import (
     CONFIG,
@@ -79,11 +79,8 @@ def evaluate(model: AnoMem, split: Split, device: str = "cpu",
         for k, v in scored.terms.items()
     }
     threshold = float(model.detector.threshold)
-    flagged = scored.image > threshold
-    labels = test.labels.numpy().astype(bool)
     metrics["threshold"] = threshold
-    metrics["tpr_at_threshold"] = float(flagged[labels].mean()) if labels.any() else None
-    metrics["fpr_at_threshold"] = float(flagged[~labels].mean()) if (~labels).any() else None
+    metrics.update(at_threshold(test.labels.numpy(), scored.image, threshold))
     metrics["n_test"] = len(test)
     return metrics, scored
 

@@ -28,7 +28,7 @@ from core import artefacts
 from core.config import SHIFTS, AugmentConfig, LineageConfig, RunConfig
 from core.data import NORMAL, DataError, Split, load_split
 from core.data.imageio import MAX_UPLOAD_BYTES, read_image, validate_upload
-from core.metrics import image_metrics
+from core.metrics import at_threshold, image_metrics
 from core.model.anomem import AnoMem
 from core.model.lessons import choose_reach
 from core.pipeline import evaluate
@@ -47,7 +47,7 @@ from core.runs import (
     save_model,
     write_json,
 )
-from core.train.augment import augment, to_float
+from core.train.augment import augment
 from core.train.scoring import ScoredSet, score_images
 from core.train.shifts import shift
 from core.train.trainer import resolve_device, split_normals
@@ -77,6 +77,11 @@ class Mark:
 class Marked:
     mark: Mark
     image: np.ndarray  # uint8 (H, W, C) at the run's size
+
+
+def test_index(source: str) -> int | None:
+    """The test-set index a mark's source names ("test:12" -> 12), None for a file or upload."""
+    return int(source[len(TEST_PREFIX):]) if source.startswith(TEST_PREFIX) else None
 
 
 def data_identity(cfg: RunConfig) -> str:
@@ -183,7 +188,7 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
             # Lessons change image scores alone, and only through what the parent's explorer
             # data holds: the test set is not scored again, the pages' data carried over
             assert model.lessons is not None
-            scored = _taught(saved.scored, model)
+            scored = taught(saved.scored, model)
             metrics = _taught_metrics(parent_metrics, scored, split, model)
             artefacts.save(out, artefacts.Artefacts(scored, saved.umap, saved.patches))
             before_scores = saved.scored.image
@@ -209,8 +214,9 @@ def _reusable(scored: ScoredSet, metrics: dict, n_test: int) -> bool:
 
 
 @torch.no_grad()
-def _taught(scored: ScoredSet, model: AnoMem) -> ScoredSet:
-    """The parent's scored test set with `model`'s lessons applied to its image scores."""
+def taught(scored: ScoredSet, model: AnoMem) -> ScoredSet:
+    """A scored set (with its scores before any lesson and its descriptors) with `model`'s
+    lessons applied to its image scores: what `model` would score, without scoring again."""
     assert model.lessons is not None and scored.untaught is not None \
         and scored.descriptors is not None
     image = model.lessons(torch.from_numpy(scored.untaught),
@@ -223,14 +229,8 @@ def _taught_metrics(parent: dict, scored: ScoredSet, split: Split, model: AnoMem
     taught scores; the maps, the scales' and the terms' scores are the parent's own."""
     test = split.test
     labels = test.labels.numpy()
-    metrics = {**parent, **image_metrics(labels, scored.image, test.types)}
-    threshold = float(model.detector.threshold)
-    flagged = scored.image > threshold
-    metrics["tpr_at_threshold"] = float(flagged[labels == 1].mean()) if (labels == 1).any() \
-        else None
-    metrics["fpr_at_threshold"] = float(flagged[labels == 0].mean()) if (labels == 0).any() \
-        else None
-    return metrics
+    return {**parent, **image_metrics(labels, scored.image, test.types),
+            **at_threshold(labels, scored.image, float(model.detector.threshold))}
 
 
 @dataclass
@@ -300,18 +300,12 @@ def with_lessons(parent: AnoMem, keys: torch.Tensor, anomalous: torch.Tensor,
     return model.eval()
 
 
-@torch.no_grad()
-def describe_images(model: AnoMem, images: torch.Tensor, device: torch.device,
-                    batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def describe_images(model: AnoMem, images: torch.Tensor, device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores before any lesson (N,) and look-alike descriptors (N, dim) of uint8 images."""
-    model.eval()
-    batch = batch or model.inference_batch()
-    scores, descriptors = [], []
-    for i in range(0, len(images), batch):
-        out, desc = model.score_and_describe(to_float(images[i:i + batch].to(device)))
-        scores.append(out.image.cpu())
-        descriptors.append(desc.cpu())
-    return torch.cat(scores), torch.cat(descriptors)
+    scored = score_images(model, images, device, with_maps=False)
+    assert scored.untaught is not None and scored.descriptors is not None
+    return torch.from_numpy(scored.untaught), torch.from_numpy(scored.descriptors)
 
 
 def refit_new_run(parent: Path, marks: list[Marked], root: Path, name: str,
@@ -362,8 +356,7 @@ def _compare(parent: str, before: AnoMem, after: AnoMem, after_scores: np.ndarra
     whole test set are given (its evaluation computed them already), the parent's when
     known. The marked test images are reported apart, with their scores before and after."""
     test = split.test
-    marked = sorted({int(m.mark.source[len(TEST_PREFIX):]) for m in marks
-                     if m.mark.source.startswith(TEST_PREFIX)})
+    marked = sorted({i for m in marks if (i := test_index(m.mark.source)) is not None})
     keep = np.setdiff1d(np.arange(len(test)), marked)
     labels = test.labels.numpy()
     if before_scores is None:
@@ -375,13 +368,9 @@ def _compare(parent: str, before: AnoMem, after: AnoMem, after_scores: np.ndarra
     rows = {}
     for name in ("before", "after"):
         m = image_metrics(labels[keep], scores[name][keep], [test.types[i] for i in keep])
-        normal, anomalous = keep[labels[keep] == 0], keep[labels[keep] == 1]
         rows[name] = {"auroc": m["auroc"], "auroc_by_type": m["auroc_by_type"],
                       "threshold": thresholds[name],
-                      "fpr_at_threshold": float(flagged[name][normal].mean())
-                      if len(normal) else None,
-                      "tpr_at_threshold": float(flagged[name][anomalous].mean())
-                      if len(anomalous) else None}
+                      **at_threshold(labels[keep], scores[name][keep], thresholds[name])}
 
     def entry(i: int) -> dict:
         return {"index": int(i), "type": test.types[i], "name": test.names[i],

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import streamlit as st
 
 from app import charts, state, widgets
 from core import explore
 from core.data import DataError
-from core.refit import TEST_PREFIX, data_identity
+from core.refit import data_identity, test_index
 from core.runs import RunError
 
 SHARED_SHOWN = 6
@@ -28,7 +30,7 @@ parent = None
 if first in paths:
     name = state.load_run_at(first).config.lineage.parent
     parent = next((p for p in paths if name is not None and p != first
-                   and state.load_run_at(p).path.name == name), None)
+                   and Path(p).name == name), None)
 default_a = parent or first
 left, right = st.columns(2)
 path_a = left.selectbox("Run A", paths,
@@ -84,9 +86,9 @@ if data_identity(run_a.config) != data_identity(run_b.config):
     st.stop()
 test = split_a.test
 picks = explore.disagreements(scored_a.image, scored_b.image, SHARED_SHOWN)
-marked = {int(m["source"][len(TEST_PREFIX):]): f"marked {m['label']} in {run.path.name}"
+marked = {i: f"marked {m['label']} in {run.path.name}"
           for run in (run_a, run_b) for m in run.config.lineage.marks
-          if m["source"].startswith(TEST_PREFIX)}
+          if (i := test_index(m["source"])) is not None}
 st.caption("Ranked by how far apart the two runs place each image among the test set (the "
            "scores' scales differ). Each row: the image, A's map, B's map; ▲ is above that "
            "run's threshold; ✎ an image marked to teach one of them.")

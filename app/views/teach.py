@@ -12,11 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import streamlit as st
-import torch
 
 from app import state, widgets
 from core.data import NORMAL, DataError, Split
-from core.refit import TEST_PREFIX, read_refit_report, refit_new_run, teach
+from core.refit import read_refit_report, refit_new_run, taught, teach, test_index
 from core.runs import Run, RunError
 from core.train.trainer import resolve_device
 
@@ -120,13 +119,9 @@ def foresee(run: Run) -> None:
     except (DataError, RunError) as err:
         st.error(f"Cannot foresee: {err}")
         return
-    assert child.lessons is not None
-    with torch.no_grad():
-        after = child.lessons(torch.from_numpy(scored.untaught),
-                              torch.from_numpy(scored.descriptors)).numpy()
+    after = taught(scored, child).image
     threshold = float(run.model.detector.threshold)
-    marked = {int(m.mark.source[len(TEST_PREFIX):]) for m in marks
-              if m.mark.source.startswith(TEST_PREFIX)}
+    marked = {test_index(m.mark.source) for m in marks} - {None}
     moved = np.flatnonzero(np.abs(after - scored.image) > 1e-6)
     entries = [{"index": int(i), "type": split.test.types[i], "before": float(scored.image[i]),
                 "after": float(after[i]),
@@ -160,8 +155,8 @@ def marks_panel(run: Run) -> None:
             m = marks[i]
             with col:
                 source = m.mark.source
-                where = f"test image #{source[len(TEST_PREFIX):]}" \
-                    if source.startswith(TEST_PREFIX) else source
+                index = test_index(source)
+                where = source if index is None else f"test image #{index}"
                 label = "normal" if m.mark.label == NORMAL else f"anomaly: {m.mark.label}"
                 st.image(widgets.thumb(m.image), caption=f"{label} · {where}",
                          width=widgets.THUMB)

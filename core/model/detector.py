@@ -128,6 +128,13 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     return ((d @ precision) * d).sum(-1).clamp_min(0).sqrt()
 
 
+def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (N, M) between the rows of a (N, D) and b (M, D). Written
+    out rather than `torch.cdist`, which the ONNX exporter cannot translate. Squared: the root
+    of a distance near zero (an image and its own key) would magnify float rounding."""
+    return (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T).clamp_min(0)
+
+
 def fit_ppca(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, ...]:
     """Probabilistic PCA (Tipping & Bishop 1999) of the rows of x (M, L).
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.model.detector import squared_distances
 from core.model.memory import MemoryRead
 
 
@@ -38,13 +39,6 @@ def describe(reads: dict[str, MemoryRead], maps: dict[str, torch.Tensor]) -> tor
         at_peak = q.gather(2, peak[:, None, None].expand(-1, q.shape[1], 1))[:, :, 0]
         parts += [F.normalize(q.mean(2), dim=1), F.normalize(at_peak, dim=1)]
     return torch.cat(parts, dim=1) / len(parts) ** 0.5
-
-
-def squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (N, M) between the rows of a (N, D) and b (M, D). Written
-    out rather than `torch.cdist`, which the ONNX exporter cannot translate. Squared: the root
-    of a distance near zero (an image and its own key) would magnify float rounding."""
-    return (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T).clamp_min(0)
 
 
 class Lessons(nn.Module):

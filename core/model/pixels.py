@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.model.detector import fit_gaussian, mahalanobis
+from core.model.detector import fit_gaussian, mahalanobis, squared_distances
 
 
 class PixelMemory(nn.Module):
@@ -74,11 +74,11 @@ class PixelMemory(nn.Module):
         centre = bank.sum(0) / self.count.clamp_min(1)
         a = self.thumbnails(images) - centre
         b = (bank - centre) * stored[:, None]
-        half_sq = (a.pow(2).sum(1, keepdim=True) + b.pow(2).sum(1) - 2 * a @ b.T) / 2
+        half_sq = squared_distances(a, b) / 2
         nearest = half_sq.masked_fill(~stored, 4.0).topk(min(self.k, len(self.bank)), dim=1,
                                                          largest=False).values
         valid = nearest < 3.0  # fewer than k stored: the mean of those there are
-        mean = (nearest.clamp_min(0) * valid).sum(1) / valid.sum(1).clamp_min(1)
+        mean = (nearest * valid).sum(1) / valid.sum(1).clamp_min(1)
         return torch.where(self.count > 0, mean, torch.zeros_like(mean))
 
 
