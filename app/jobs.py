@@ -1,8 +1,11 @@
 """Training in a background thread, so the Train page stays responsive while a run trains.
 
-`JobBoard` holds at most one running `TrainingJob` per app process (the app keeps the board in
+A `BackgroundJob` runs one ready callable, `work(progress=..., should_stop=...) -> metrics`, in
+a daemon thread on a run folder; it knows nothing of configs, training or resuming. `JobBoard`
+builds that callable from `core.pipeline.train_run` (a new run) or `resume_run` (a stopped one)
+and holds at most one running job per app process (the app keeps the board in
 `st.cache_resource`, so the job survives reruns, page switches and a closed tab). The page polls
-`TrainingJob.snapshot()`; the thread never calls Streamlit.
+`BackgroundJob.snapshot()`; the thread never calls Streamlit.
 
 Stage 1 checkpoints after every epoch, so a run whose app was shut down mid-training, or that
 was stopped from the page, stays in its folder as a resumable run (`JobBoard.resume`).
@@ -10,6 +13,7 @@ was stopped from the page, stays in its folder as a resumable run (`JobBoard.res
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
@@ -18,7 +22,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from core.config import ConfigError, DataConfig, RunConfig, preset
 from core.data.base import DataError
@@ -32,7 +36,7 @@ from core.runs import (
     run_lock,
 )
 from core.train.checkpoint import CHECKPOINT
-from core.train.trainer import Progress, TrainingCancelled
+from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
 
 LOG = logging.getLogger(__name__)
 FIRST_RUN_MINUTES = 2  # what the quick preset takes on a 2-core CPU (shown, not enforced)
@@ -41,7 +45,14 @@ STAGE_SPAN = {"data": (0.0, 0.0), "stage1": (0.0, 0.8), "stage2": (0.8, 0.9),
               "evaluate": (0.9, 0.95), "explore": (0.95, 1.0)}
 EXPECTED_ERRORS = (ConfigError, DataError, RunError, ValueError, OSError)
 
-TrainFn = Callable[..., dict]
+TrainFn = Callable[..., dict]  # train_run(cfg, out, ...) or resume_run(path, ...), or a fake
+
+
+class Work(Protocol):
+    """What a job runs: reports through `progress`, polls `should_stop` (TrainingCancelled
+    when it does stop) and returns the run's metrics."""
+
+    def __call__(self, *, progress: ProgressFn, should_stop: StopFn) -> dict: ...
 
 
 def make_config(dataset: str = "shapes", root: str | None = None,
@@ -95,22 +106,19 @@ class JobState:
         return self.status == "running"
 
 
-class TrainingJob:
-    """One `train_run` (or `resume_run`) in a daemon thread, with progress, history rows and
-    a stop button.
+class BackgroundJob:
+    """A ready `work` callable in a daemon thread on the run folder `out`, with progress,
+    history rows and a stop button.
 
-    A stopped run keeps its checkpoint and can be resumed. A run that failed or was stopped
-    before its first checkpoint is deleted, so it never shows up as a broken run; one that
-    failed after saving its weights is kept (they are usable).
+    A stopped run keeps its checkpoint and can be resumed. When the job made the folder
+    (`new_folder`), a run that failed or was stopped before its first checkpoint is deleted,
+    so it never shows up as a broken run; one that failed after saving its weights is kept
+    (they are usable). A folder that existed before the job is never deleted.
     """
 
-    def __init__(self, cfg: RunConfig | None, out: Path, train_fn: TrainFn | None = None,
-                 resume: bool = False, held: ExitStack | None = None) -> None:
-        from core.pipeline import resume_run, train_run
-
-        if train_fn is None:
-            train_fn = resume_run if resume else train_run
-        self.cfg, self.out, self._train_fn, self.resume = cfg, Path(out), train_fn, resume
+    def __init__(self, work: Work, out: Path, *, new_folder: bool = False,
+                 held: ExitStack | None = None) -> None:
+        self.out, self._work, self._new_folder = Path(out), work, new_folder
         # The run's lock, taken when its folder was created and released when the job ends,
         # so no other process can write into the folder while the data loads or delete it.
         self._held = held or ExitStack()
@@ -123,15 +131,15 @@ class TrainingJob:
         self._error: str | None = None
         self._notes: list[str] = []
         self._started, self._ended = time.monotonic(), None
-        self._thread = threading.Thread(target=self._run, name=f"train-{self.out.name}",
+        self._thread = threading.Thread(target=self._run, name=f"job-{self.out.name}",
                                         daemon=True)
 
-    def start(self) -> TrainingJob:
+    def start(self) -> BackgroundJob:
         self._thread.start()
         return self
 
     def cancel(self) -> None:
-        """Ask the trainer to stop after its current step."""
+        """Ask the work to stop after its current step."""
         self._stop.set()
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -184,20 +192,15 @@ class TrainingJob:
             # The lock is released before the job reports its end: a page that sees the job
             # ended must also see the run free to resume or delete.
             with self._held:
-                ending = self._train()
+                ending = self._do_work()
         finally:
             data_log.removeHandler(notes)
             self._finish(*ending)
 
-    def _train(self) -> tuple[str, str, str | None, dict | None]:
-        """Train, and say how the job ended: (status, message, error, metrics)."""
+    def _do_work(self) -> tuple[str, str, str | None, dict | None]:
+        """Run the work, and say how the job ended: (status, message, error, metrics)."""
         try:
-            if self.resume:
-                metrics = self._train_fn(self.out, progress=self._on_progress,
-                                         should_stop=self._stop.is_set)
-            else:
-                metrics = self._train_fn(self.cfg, self.out, progress=self._on_progress,
-                                         should_stop=self._stop.is_set)
+            metrics = self._work(progress=self._on_progress, should_stop=self._stop.is_set)
         except TrainingCancelled:
             self._discard()
             if (self.out / CHECKPOINT).is_file():
@@ -213,13 +216,14 @@ class TrainingJob:
         return "done", "training finished", None, metrics
 
     def _discard(self) -> None:
-        """Delete the folder unless it holds weights or a checkpoint to resume from.
+        """Delete the folder this job made unless it holds weights or a checkpoint to resume
+        from.
 
         The job still holds the run's lock here and takes it once more to re-check the files
         (`delete_run` would refuse: the job's own hold counts as a second holder), so a folder
         another process holds is never touched.
         """
-        if self.resume or not self.out.is_dir():
+        if not self._new_folder or not self.out.is_dir():
             return  # an existing run: never delete what was there before this job
         if (self.out / WEIGHTS).exists() or (self.out / CHECKPOINT).exists():
             return
@@ -248,15 +252,18 @@ class JobBoard:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._current: TrainingJob | None = None
+        self._current: BackgroundJob | None = None
 
     @property
-    def current(self) -> TrainingJob | None:
+    def current(self) -> BackgroundJob | None:
         return self._current
 
     def start(self, cfg: RunConfig, root: Path, name: str,
-              train_fn: TrainFn | None = None) -> TrainingJob:
-        """Create the run folder and start training; RuntimeError if a job is running."""
+              train_fn: TrainFn | None = None) -> BackgroundJob:
+        """Create the run folder and train `cfg` there with `train_fn` (default
+        `core.pipeline.train_run`); RuntimeError if a job is running."""
+        if train_fn is None:
+            from core.pipeline import train_run as train_fn  # looked up now: tests replace it
         with self._lock:
             if self._current is not None and self._current.running:
                 raise RuntimeError(
@@ -265,11 +272,15 @@ class JobBoard:
             out = new_run_dir(Path(root), name)
             held = ExitStack()
             held.enter_context(run_lock(out))  # before any other process can find the folder
-            self._current = TrainingJob(cfg, out, train_fn, held=held).start()
+            work = functools.partial(train_fn, cfg, out)
+            self._current = BackgroundJob(work, out, new_folder=True, held=held).start()
             return self._current
 
-    def resume(self, path: Path, train_fn: TrainFn | None = None) -> TrainingJob:
-        """Continue a stopped run in its own folder; RuntimeError if a job is running."""
+    def resume(self, path: Path, train_fn: TrainFn | None = None) -> BackgroundJob:
+        """Continue a stopped run in its own folder with `train_fn` (default
+        `core.pipeline.resume_run`); RuntimeError if a job is running."""
+        if train_fn is None:
+            from core.pipeline import resume_run as train_fn  # looked up now: tests replace it
         with self._lock:
             if self._current is not None and self._current.running:
                 raise RuntimeError(
@@ -280,6 +291,6 @@ class JobBoard:
             if files_state(path) != STOPPED:  # checked under the lock, which is now ours
                 held.close()
                 raise RunError(f"{path}: no checkpoint to resume from (or already finished)")
-            self._current = TrainingJob(None, Path(path), train_fn, resume=True,
-                                        held=held).start()
+            work = functools.partial(train_fn, Path(path))
+            self._current = BackgroundJob(work, Path(path), held=held).start()
             return self._current

@@ -1,4 +1,5 @@
-"""app/jobs.py: the background training job, with a fake trainer so no model is trained."""
+"""app/jobs.py: the background job and the board that trains with it, with a fake trainer so
+no model is trained."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from app import jobs
-from core.config import ConfigError, DataConfig, preset
+from core.config import ConfigError, DataConfig, RunConfig, preset
 from core.data.base import DataError
-from core.runs import WEIGHTS, is_locked, run_lock
+from core.runs import CONFIG, WEIGHTS, RunError, is_locked, run_lock
+from core.train.checkpoint import CHECKPOINT
 from core.train.trainer import Progress, TrainingCancelled
 
 
@@ -41,7 +43,7 @@ def test_progress_fraction_spans_the_stages(tmp_path: Path):
     seen = []
     release = threading.Event()
 
-    def fake_train(cfg, out, progress, should_stop):
+    def work(progress, should_stop):
         progress(Progress("stage1", 0.5, "epoch 1", _row(1)))
         seen.append(job.snapshot().fraction)
         progress(Progress("stage2", 0.5, "fitting"))
@@ -49,7 +51,7 @@ def test_progress_fraction_spans_the_stages(tmp_path: Path):
         release.wait(5)
         return {}
 
-    job = jobs.TrainingJob(jobs.make_config(), tmp_path / "r", fake_train)
+    job = jobs.BackgroundJob(work, tmp_path / "r")
     job.start()
     release.set()
     assert job.wait(10)
@@ -90,10 +92,10 @@ def test_cancel_stops_the_trainer_and_removes_the_unsaved_run(tmp_path: Path):
      (KeyError("boom"), "KeyError: 'boom'")],
 )
 def test_failure_becomes_a_message(tmp_path: Path, error: Exception, message: str):
-    def fake_train(cfg, out, progress, should_stop):
+    def work(progress, should_stop):
         raise error
 
-    job = jobs.TrainingJob(jobs.make_config(), tmp_path / "f", fake_train).start()
+    job = jobs.BackgroundJob(work, tmp_path / "f").start()
     assert job.wait(10)
     snap = job.snapshot()
     assert snap.status == "failed" and snap.error == message
@@ -125,13 +127,13 @@ def test_data_warnings_of_the_job_reach_its_snapshot(tmp_path: Path):
 
     warned, other_done = threading.Event(), threading.Event()
 
-    def fake_train(cfg, out, progress, should_stop):
+    def work(progress, should_stop):
         warn_skipped(["'broken.png': truncated file"], "'/data'")
         warned.set()
         assert other_done.wait(10)
         return {}
 
-    job = jobs.TrainingJob(jobs.make_config(), tmp_path / "w", fake_train).start()
+    job = jobs.BackgroundJob(work, tmp_path / "w").start()
     assert warned.wait(10)
     other = threading.Thread(target=lambda: warn_skipped(["'x.png': other"], "'/y'"))
     other.start()
@@ -151,11 +153,57 @@ def test_a_job_seen_ended_has_released_its_run(tmp_path: Path):
     released_late = threading.Event()
     held.callback(released_late.wait, 0.5)  # runs before the lock is released: a slow release
 
-    def fake_train(cfg, out, progress, should_stop):
+    def work(progress, should_stop):
         return {}
 
-    job = jobs.TrainingJob(jobs.make_config(), out, fake_train, held=held).start()
+    job = jobs.BackgroundJob(work, out, held=held).start()
     while job.running:
         threading.Event().wait(0.005)
     assert not is_locked(out)
     assert job.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("saved", "ending", "status"),
+    [(CHECKPOINT, TrainingCancelled([]), "stopped"), (WEIGHTS, KeyError("late"), "failed")],
+)
+def test_a_new_run_that_saved_something_is_kept(tmp_path: Path, saved: str, ending: Exception,
+                                                status: str):
+    """Stopped after a checkpoint (resumable) or failed after its weights (usable): kept."""
+    cfg = RunConfig()
+    given = []
+
+    def fake_train(cfg, out, progress, should_stop):
+        given.append((cfg, out))
+        (Path(out) / saved).write_bytes(b"")
+        raise ending
+
+    job = jobs.JobBoard().start(cfg, tmp_path, "kept", train_fn=fake_train)
+    assert job.wait(10)
+    assert given == [(cfg, tmp_path / "kept")]
+    assert job.snapshot().status == status
+    assert (tmp_path / "kept" / saved).is_file() and not is_locked(tmp_path / "kept")
+
+
+def test_resume_works_in_the_stopped_folder_and_never_deletes_it(tmp_path: Path):
+    run = tmp_path / "stopped"
+    run.mkdir()
+    (run / CONFIG).write_text("{}")
+    (run / CHECKPOINT).write_bytes(b"")
+    given = []
+
+    def fake_resume(path, progress, should_stop):
+        given.append(path)
+        (Path(path) / CHECKPOINT).unlink()  # a folder left with nothing to resume still stays
+        raise DataError("the data moved")
+
+    board = jobs.JobBoard()
+    job = board.resume(run, train_fn=fake_resume)
+    assert job.wait(10)
+    assert given == [run]
+    snap = job.snapshot()
+    assert snap.status == "failed" and snap.error == "the data moved"
+    assert (run / CONFIG).is_file() and not is_locked(run)
+    with pytest.raises(RunError, match="no checkpoint to resume from"):
+        board.resume(run, train_fn=fake_resume)  # nothing to resume any more: refused
+    assert given == [run] and not is_locked(run) and (run / CONFIG).is_file()
