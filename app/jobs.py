@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,13 +86,23 @@ def first_run_config() -> RunConfig:
     return make_config()
 
 
+class JobStatus(StrEnum):
+    """How a job stands: running, or how it ended."""
+
+    RUNNING = "running"
+    DONE = "done"  # the work returned its metrics
+    FAILED = "failed"
+    STOPPED = "stopped"  # stopped from the page; its checkpoint is kept, so it resumes
+    CANCELLED = "cancelled"  # stopped before any checkpoint: nothing kept
+
+
 @dataclass(frozen=True)
 class JobState:
     """A consistent copy of a job's progress, safe to read from a page."""
 
     name: str
     path: Path
-    status: str  # "running", "done", "failed", "stopped" (resumable) or "cancelled"
+    status: JobStatus
     stage: str
     fraction: float  # of the whole job, 0..1
     message: str
@@ -103,7 +114,7 @@ class JobState:
 
     @property
     def running(self) -> bool:
-        return self.status == "running"
+        return self.status == JobStatus.RUNNING
 
 
 class BackgroundJob:
@@ -124,7 +135,7 @@ class BackgroundJob:
         self._held = held or ExitStack()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._status, self._stage, self._fraction = "running", "data", 0.0
+        self._status, self._stage, self._fraction = JobStatus.RUNNING, "data", 0.0
         self._message = "loading the data"
         self._rows: list[dict[str, Any]] = []
         self._metrics: dict | None = None
@@ -150,7 +161,7 @@ class BackgroundJob:
     @property
     def running(self) -> bool:
         with self._lock:
-            return self._status == "running"
+            return self._status == JobStatus.RUNNING
 
     def snapshot(self) -> JobState:
         with self._lock:
@@ -170,13 +181,13 @@ class BackgroundJob:
             if p.row is not None:
                 self._rows.append(dict(p.row))
 
-    def _finish(self, status: str, message: str, error: str | None = None,
+    def _finish(self, status: JobStatus, message: str, error: str | None = None,
                 metrics: dict | None = None) -> None:
         with self._lock:
             self._status, self._message, self._error = status, message, error
             self._metrics = metrics
             self._ended = time.monotonic()
-            if status == "done":
+            if status == JobStatus.DONE:
                 self._fraction = 1.0
 
     def _note(self, message: str) -> None:
@@ -187,7 +198,7 @@ class BackgroundJob:
         notes = _ThreadNotes(threading.get_ident(), self._note)
         data_log = logging.getLogger("core.data")
         data_log.addHandler(notes)
-        ending: tuple = ("failed", "training failed", "the job ended unexpectedly", None)
+        ending: tuple = (JobStatus.FAILED, "training failed", "the job ended unexpectedly", None)
         try:
             # The lock is released before the job reports its end: a page that sees the job
             # ended must also see the run free to resume or delete.
@@ -197,23 +208,23 @@ class BackgroundJob:
             data_log.removeHandler(notes)
             self._finish(*ending)
 
-    def _do_work(self) -> tuple[str, str, str | None, dict | None]:
+    def _do_work(self) -> tuple[JobStatus, str, str | None, dict | None]:
         """Run the work, and say how the job ended: (status, message, error, metrics)."""
         try:
             metrics = self._work(progress=self._on_progress, should_stop=self._stop.is_set)
         except TrainingCancelled:
             self._discard()
             if (self.out / CHECKPOINT).is_file():
-                return "stopped", "training stopped: resumable", None, None
-            return "cancelled", "training cancelled", None, None
+                return JobStatus.STOPPED, "training stopped: resumable", None, None
+            return JobStatus.CANCELLED, "training cancelled", None, None
         except EXPECTED_ERRORS as err:
             self._discard()
-            return "failed", "training failed", str(err), None
+            return JobStatus.FAILED, "training failed", str(err), None
         except Exception as err:  # a bug must still end as a message on the page
             LOG.exception("training job %s failed", self.out.name)
             self._discard()
-            return "failed", "training failed", f"{type(err).__name__}: {err}", None
-        return "done", "training finished", None, metrics
+            return JobStatus.FAILED, "training failed", f"{type(err).__name__}: {err}", None
+        return JobStatus.DONE, "training finished", None, metrics
 
     def _discard(self) -> None:
         """Delete the folder this job made unless it holds weights or a checkpoint to resume

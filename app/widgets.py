@@ -10,6 +10,7 @@ import streamlit as st
 import torch
 
 from app import state
+from app.jobs import JobStatus
 from core import explore
 from core.data import NORMAL, DataError, Split, imageio
 from core.refit import Marked, mark_upload
@@ -147,7 +148,7 @@ def run_picker() -> list[RunSummary]:
     by_path = {str(s.path): s for s in usable}
     if job is not None:  # a run that just finished training becomes the selected one
         snap = job.snapshot()
-        if snap.status == "done" and str(snap.path) not in st.session_state.announced_jobs:
+        if snap.status == JobStatus.DONE and str(snap.path) not in st.session_state.announced_jobs:
             st.session_state.announced_jobs.append(str(snap.path))
             if str(snap.path) in labels:
                 st.session_state[state.RUN_KEY] = str(snap.path)

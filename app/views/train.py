@@ -44,17 +44,17 @@ def progress_panel() -> None:
     elif st.session_state.train_watching == str(snap.path):
         st.session_state.train_watching = None
         st.rerun()  # let the sidebar pick up the finished run
-    elif snap.status == "done":
+    elif snap.status == jobs.JobStatus.DONE:
         auroc = (snap.metrics or {}).get("auroc")
         score = "n/a" if auroc is None else f"{auroc:.3f}"
         st.success(f"Run **{snap.name}** finished in {snap.seconds:.0f} s (test AUROC "
                    f"{score}). It is selected in the sidebar: open any page to explore it.")
-    elif snap.status == "failed":
+    elif snap.status == jobs.JobStatus.FAILED:
         st.error(f"Training of **{snap.name}** failed: {snap.error}")
-    elif snap.status == "stopped":
+    elif snap.status == jobs.JobStatus.STOPPED:
         st.warning(f"Training of **{snap.name}** was stopped; its checkpoint is kept: resume "
                    "it under *Stopped runs* below.")
-    elif snap.status == "cancelled":
+    elif snap.status == jobs.JobStatus.CANCELLED:
         st.warning(f"Training of **{snap.name}** was cancelled; nothing was saved.")
     for note in snap.notes:
         st.warning(note)

@@ -33,7 +33,7 @@ def test_job_reports_progress_rows_and_metrics(tmp_path: Path):
     job = board.start(jobs.make_config(), tmp_path, "my run", train_fn=fake_train)
     assert job.wait(10)
     snap = job.snapshot()
-    assert snap.status == "done" and not snap.running
+    assert snap.status is jobs.JobStatus.DONE and not snap.running
     assert snap.name == "my-run" and snap.path == tmp_path / "my-run"
     assert [r["epoch"] for r in snap.rows] == [1, 2]
     assert snap.metrics == {"auroc": 0.9} and snap.fraction == 1.0
@@ -77,13 +77,13 @@ def test_cancel_stops_the_trainer_and_removes_the_unsaved_run(tmp_path: Path):
         board.start(jobs.make_config(), tmp_path, "other", train_fn=fake_train)
     job.cancel()
     assert job.wait(10)
-    assert job.snapshot().status == "cancelled"
+    assert job.snapshot().status == jobs.JobStatus.CANCELLED
     assert not (tmp_path / "c").exists()
     assert not (tmp_path / "other").exists()
     # Once the first job has ended, the board accepts a new one.
     quick = board.start(jobs.make_config(), tmp_path, "next",
                         train_fn=lambda cfg, out, progress, should_stop: {})
-    assert quick.wait(10) and quick.snapshot().status == "done"
+    assert quick.wait(10) and quick.snapshot().status == jobs.JobStatus.DONE
 
 
 @pytest.mark.parametrize(
@@ -98,7 +98,7 @@ def test_failure_becomes_a_message(tmp_path: Path, error: Exception, message: st
     job = jobs.BackgroundJob(work, tmp_path / "f").start()
     assert job.wait(10)
     snap = job.snapshot()
-    assert snap.status == "failed" and snap.error == message
+    assert snap.status == jobs.JobStatus.FAILED and snap.error == message
 
 
 def test_make_config_applies_the_page_values():
@@ -165,10 +165,11 @@ def test_a_job_seen_ended_has_released_its_run(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("saved", "ending", "status"),
-    [(CHECKPOINT, TrainingCancelled([]), "stopped"), (WEIGHTS, KeyError("late"), "failed")],
+    [(CHECKPOINT, TrainingCancelled([]), jobs.JobStatus.STOPPED),
+     (WEIGHTS, KeyError("late"), jobs.JobStatus.FAILED)],
 )
 def test_a_new_run_that_saved_something_is_kept(tmp_path: Path, saved: str, ending: Exception,
-                                                status: str):
+                                                status: jobs.JobStatus):
     """Stopped after a checkpoint (resumable) or failed after its weights (usable): kept."""
     cfg = RunConfig()
     given = []
@@ -202,7 +203,7 @@ def test_resume_works_in_the_stopped_folder_and_never_deletes_it(tmp_path: Path)
     assert job.wait(10)
     assert given == [run]
     snap = job.snapshot()
-    assert snap.status == "failed" and snap.error == "the data moved"
+    assert snap.status == jobs.JobStatus.FAILED and snap.error == "the data moved"
     assert (run / CONFIG).is_file() and not is_locked(run)
     with pytest.raises(RunError, match="no checkpoint to resume from"):
         board.resume(run, train_fn=fake_resume)  # nothing to resume any more: refused
