@@ -22,12 +22,11 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from core.artefacts import ARTEFACTS
-from core.bench.run import ANOMEM, Cell, Results
+from core.bench.results import ANOMEM, Results
+from core.bench.suites import Cell
 from core.config import RunConfig, with_overrides
 from core.data import load_split
 from core.files import write_atomic
@@ -36,7 +35,7 @@ from core.pipeline import evaluate
 from core.runs import (
     FINISHED,
     METRICS,
-    WEIGHTS,
+    load_model,
     read_config,
     read_json,
     run_lock,
@@ -44,11 +43,8 @@ from core.runs import (
     save_model,
     write_json,
 )
-from core.train.stage2 import fit_detector
-from core.train.trainer import resolve_device, split_normals
-
-# What stage 2 fits; every other tensor of a run is stage 1's and is kept as it is.
-STAGE2 = ("detector.", "pixels.", "pixel_layout.")
+from core.train.stage2 import fit_stage2
+from core.train.trainer import resolve_device
 
 
 def refit(run: Path, overrides: list[str], device: str) -> tuple[float, float]:
@@ -58,19 +54,15 @@ def refit(run: Path, overrides: list[str], device: str) -> tuple[float, float]:
         cfg: RunConfig = with_overrides(read_config(run), overrides)
         split = load_split(cfg.data)
         model = AnoMem(cfg.model)
-        # the encoder, memories and heads; the detector and the pixel scale are fitted below
-        stage1 = {k: v for k, v in load_file(run / WEIGHTS).items() if not k.startswith(STAGE2)}
-        missing, unexpected = model.load_state_dict(stage1, strict=False)
-        assert not unexpected, unexpected
-        assert all(k.startswith(STAGE2) for k in missing)
+        # the encoder, memories and heads; the detector and the image-level terms are fitted
+        missing, unexpected = model.load_state_dict(load_model(run).stage1_state(),
+                                                    strict=False)
+        assert not unexpected and set(missing) == set(model.state_dict()) - set(
+            model.stage1_state()), (missing, unexpected)
         dev = resolve_device(device)
         model = model.to(dev, memory_format=torch.channels_last)
-        tc, train = cfg.train, split.train
-        fit_idx, cal_idx = split_normals(train, tc.holdout, tc.seed)
-        anomalies = train.images[np.flatnonzero(train.labels.numpy() == 1)]
         start = time.perf_counter()
-        report = fit_detector(model, train.images[fit_idx], train.images[cal_idx], anomalies,
-                              tc, dev)
+        report = fit_stage2(model, split.train, cfg.train, dev)
         seconds = time.perf_counter() - start
         model = model.cpu().to(memory_format=torch.contiguous_format).eval()
         metrics, _ = evaluate(model, split, device)

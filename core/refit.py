@@ -50,7 +50,8 @@ from core.runs import (
 from core.train.augment import augment
 from core.train.scoring import ScoredSet, score_images
 from core.train.shifts import shift
-from core.train.trainer import resolve_device, split_normals
+from core.train.stage2 import split_normals
+from core.train.trainer import resolve_device
 
 TEST_PREFIX = "test:"  # a mark's source naming an image of the run's own test set by index
 VIEWS = 8  # keys per marked image: itself and mild augmentations of it

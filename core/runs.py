@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from core.config import ConfigError, RunConfig
 from core.files import atomic_path, write_atomic
-from core.model.anomem import AnoMem
+from core.model.anomem import AnoMem, upgrade_state
 
 WEIGHTS, CONFIG, METRICS, HISTORY = "model.safetensors", "config.json", "metrics.json", \
     "history.jsonl"
@@ -221,7 +221,7 @@ def load_model(path: Path, cfg: RunConfig | None = None, device: str = "cpu") ->
     if not file.is_file():
         raise RunError(f"{file}: missing (expected the weights of an anomem run)")
     try:
-        state = load_file(file, device="cpu")
+        state = upgrade_state(load_file(file, device="cpu"))
     except (SafetensorError, OSError, ValueError) as err:
         raise RunError(f"{file}: not a readable safetensors file ({err})") from None
     try:

@@ -25,7 +25,7 @@ DEFAULT_CMAP = "Inferno"
 def combined_scales(model: AnoMem) -> list[str]:
     """The scales the combined map weighs: all of them, unless stage 2 kept a subset (the one
     that best outlined defects pasted into held-out normals)."""
-    weights = getattr(model.detector, "map_weights", None)
+    weights = model.detector.map_weights
     if weights is None:
         return list(model.scales)
     return [s for s, w in zip(model.scales, weights.tolist(), strict=True) if w > 0]

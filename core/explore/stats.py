@@ -11,7 +11,7 @@ import pandas as pd
 
 from core.data.base import NORMAL
 from core.metrics import auroc
-from core.train.stage2 import CHECK_MARGIN, CHECK_TOLERANCE, uninformative
+from core.train.weighting import CHECK_MARGIN, CHECK_TOLERANCE, uninformative
 
 
 def edge_cases(scores: np.ndarray, labels: np.ndarray, threshold: float, k: int = 8

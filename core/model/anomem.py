@@ -18,8 +18,39 @@ from core.model.detector import AnomalyDetector, Scores
 from core.model.lessons import Lessons, describe
 from core.model.memory import HopfieldMemory, MemoryRead
 from core.model.pixels import PixelLayout, PixelMemory
+from core.model.terms import ImageTerm, ImageTerms, RotationTerm
 
 INFERENCE_PIXELS = 256 * 128 * 128  # encoder input pixels per batch when scoring
+
+
+# Tensors of weights saved before the Gaussians and the image-level terms were modules of their
+# own: (old name, new name), the scale or term in between left as is (`upgrade_state`)
+_RENAMED_SUFFIXES = (
+    (".mean", ".local.mean"), (".precision", ".local.precision"),
+    (".layout_mean", ".layout.mean"), (".layout_basis", ".layout.basis"),
+    (".layout_var", ".layout.variances"), (".layout_noise", ".layout.noise"))
+_RENAMED = {
+    "pixels.bank": "terms.pixels.bank", "pixels.count": "terms.pixels.count",
+    "pixel_layout.mean": "terms.pixel_layout.gaussian.mean",
+    "pixel_layout.precision": "terms.pixel_layout.gaussian.precision",
+    "rotation.weight": "terms.rotation.head.weight", "rotation.bias": "terms.rotation.head.bias",
+    **{f"detector.{old}_{kind}": f"terms.{new}.{kind}"
+       for old, new in (("pixel", "pixels"), ("pixel_layout", "pixel_layout"),
+                        ("rotation", "rotation")) for kind in ("loc", "scale")}}
+
+
+def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict saved by an earlier version, with its tensors under today's names (the
+    values are the same); a current one is returned as it is."""
+    out = {}
+    for key, value in state.items():
+        new = _RENAMED.get(key, key)
+        if key.startswith("detector.per_scale."):
+            for old, suffix in _RENAMED_SUFFIXES:
+                if key.endswith(old) and key.count(".") == 3:  # detector.per_scale.S.name
+                    new = key[:-len(old)] + suffix
+        out[new] = value
+    return out
 
 
 class ProjectionHead(nn.Module):
@@ -51,20 +82,21 @@ class AnoMem(nn.Module):
         grids = {s: min(cfg.layout_grid, *self.map_size(s)) for s in cfg.scales}
         positions = {s: math.prod(self.map_size(s)) if cfg.local_map == "positional" else 0
                      for s in cfg.scales}
-        # The pixel scale: a memory of normal thumbnails and a Gaussian of the image on the
-        # layout grid, both fitted by stage 2 (not learnt)
-        self.pixels = (PixelMemory(cfg.in_channels, cfg.pixel_size, cfg.pixel_memory)
-                       if cfg.pixel_memory else None)
-        self.pixel_layout = (PixelLayout(cfg.in_channels, min(cfg.layout_grid, cfg.image_size))
-                             if cfg.pixel_layout else None)
-        # Which of four rotations an image shows, read from its deepest stage, pooled
+        # The image-level terms, in the order of the detector's last columns: the pixel
+        # scale (fitted by stage 2, not learnt) and the rotation head (learnt in stage 1)
         self.deepest = max(cfg.scales, key=BACKBONES[cfg.backbone].index)
-        self.rotation = nn.Linear(channels[self.deepest], 4) if cfg.rotation else None
+        terms: dict[str, ImageTerm] = {}
+        if cfg.pixel_memory:
+            terms["pixels"] = PixelMemory(cfg.in_channels, cfg.pixel_size, cfg.pixel_memory)
+        if cfg.pixel_layout:
+            terms["pixel_layout"] = PixelLayout(cfg.in_channels,
+                                                min(cfg.layout_grid, cfg.image_size))
+        if cfg.rotation:
+            terms["rotation"] = RotationTerm(channels[self.deepest], self.deepest)
+        self.terms = ImageTerms(terms)
         self.detector = AnomalyDetector(cfg.memory_dim, cfg.topk_ratio, grids, cfg.layout_rank,
                                         cfg.local_weight, cfg.layout_source, positions,
-                                        pixel=self.pixels is not None,
-                                        pixel_layout=self.pixel_layout is not None,
-                                        rotation=self.rotation is not None,
+                                        image_terms=self.terms.names,
                                         map_weights=cfg.map_weights)
         # What marked images taught a refit (core/refit.py), keyed by look-alike descriptors
         self.lessons = (Lessons(cfg.lessons, self.descriptor_dim) if cfg.lessons else None)
@@ -107,38 +139,28 @@ class AnoMem(nn.Module):
         features = self.backbone(images)
         return {s: self.memories[s](features[s]) for s in self.scales}
 
-    def read(self, images: torch.Tensor) -> tuple[dict[str, MemoryRead], torch.Tensor | None]:
-        """The memory reads of every scale and the raw image-level terms (B, E) the detector
-        adds to them: the pixel distances (kNN, layout), then the rotation loss (None when it
-        has none of them).
+    def read(self, images: torch.Tensor, standardised: bool = True
+             ) -> tuple[dict[str, MemoryRead], torch.Tensor | None]:
+        """The memory reads of every scale and the image-level terms (B, E) the detector adds
+        to them, in the order of `terms` (None when it has none); standardised on held-out
+        normals unless stage 2 asks for the raw values to calibrate them.
         The backbone runs once for the reads and the upright rotation."""
         features = self.backbone(images)
         reads = {s: self.memories[s](features[s]) for s in self.scales}
-        extra = []
-        if self.pixels is not None:
-            extra.append(self.pixels.distance(images))
-        if self.pixel_layout is not None:
-            extra.append(self.pixel_layout.distance(images))
-        if self.rotation is not None:
-            extra.append(self.rotation_loss(images, features))
-        return reads, torch.stack(extra, dim=1) if extra else None
+        raw = self.terms.raw(images, features, self.backbone)
+        return reads, (self.terms.standardise(raw) if standardised else raw)
 
-    def rotation_logits(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, 4) logits of the rotation head on the deepest stage's pooled features."""
-        assert self.rotation is not None, "this model has no rotation head"
-        return self.rotation(features[self.deepest].mean(dim=(2, 3)))
+    @property
+    def rotation(self) -> RotationTerm | None:
+        """The rotation head, when the model has one (stage 1 teaches it)."""
+        return self.terms["rotation"] if "rotation" in self.terms else None  # noqa: SIM401
 
-    def rotation_loss(self, images: torch.Tensor,
-                      upright: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """(B,) the head's cross-entropy over an image's four rotations, averaged: low where the
-        image looks like the normal data's upright content (GEOM's score, Golan & El-Yaniv
-        2018). `upright`: the backbone's features of `images`, to save one pass."""
-        total = torch.zeros(len(images), device=images.device)
-        for k in range(4):
-            features = upright if k == 0 and upright is not None else \
-                self.backbone(torch.rot90(images, k, dims=(2, 3)))
-            total = total - F.log_softmax(self.rotation_logits(features).float(), dim=1)[:, k]
-        return total / 4
+    def stage1_state(self) -> dict[str, torch.Tensor]:
+        """The tensors stage 1 learns (encoder, memories, heads, rotation head): all but what
+        stage 2 fits (the detector, the image-level terms' buffers) and the lessons."""
+        fitted = {f"terms.{name}" for name, _ in self.terms.named_buffers()}
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith(("detector.", "lessons.")) and k not in fitted}
 
     @property
     def descriptor_dim(self) -> int:

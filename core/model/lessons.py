@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.model.detector import squared_distances
+from core.model.gaussians import squared_distances
 from core.model.memory import MemoryRead
 
 

@@ -13,19 +13,24 @@ at least as good as pixels, and stage 2 decides how much it counts.
 layout grid and scored under a Gaussian fitted to normal images (Ledoit-Wolf shrinkage, as the
 local terms). It sees an image's coarse arrangement of brightness and colour, where kNN
 compares fine detail and ignores global brightness (cosine similarity).
+
+Both are image-level terms (core/model/terms.py): stage 2 fits them on the normal images it
+fits the scales' Gaussians on.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from core.model.detector import fit_gaussian, mahalanobis, squared_distances
+from core.model.gaussians import Gaussian, squared_distances
+from core.model.terms import Encoder, Features, ImageTerm
 
 
-class PixelMemory(nn.Module):
+class PixelMemory(ImageTerm):
     """Normal thumbnails (a float16 buffer) and their nearest-neighbour distance."""
+
+    name = "pixels/knn"
 
     def __init__(self, channels: int, size: int, capacity: int, k: int = 2) -> None:
         super().__init__()
@@ -57,6 +62,12 @@ class PixelMemory(nn.Module):
         self.bank[:len(pick)] = torch.cat(rows).half()
         self.count.fill_(len(pick))
 
+    def fit(self, images: torch.Tensor, generator: torch.Generator) -> None:
+        self.store(images, generator)
+
+    def raw(self, images: torch.Tensor, features: Features, encoder: Encoder) -> torch.Tensor:
+        return self.distance(images)
+
     def distance(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B,) mean cosine distance to the k nearest stored normals
         (0 while none is stored).
@@ -82,31 +93,34 @@ class PixelMemory(nn.Module):
         return torch.where(self.count > 0, mean, torch.zeros_like(mean))
 
 
-class PixelLayout(nn.Module):
+class PixelLayout(ImageTerm):
     """The image on a coarse grid under a Gaussian of normal images: the pixel scale's layout."""
+
+    name = "pixels/layout"
 
     def __init__(self, channels: int, grid: int) -> None:
         super().__init__()
         self.grid = grid
-        dim = channels * grid * grid
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("precision", torch.eye(dim))
+        self.gaussian = Gaussian(channels * grid * grid)
 
     def layout(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, C * grid * grid)."""
         return F.adaptive_avg_pool2d(images.float(), self.grid).flatten(1)
 
     @torch.no_grad()
-    def fit(self, images: torch.Tensor, batch: int = 512) -> None:
-        """Fit the Gaussian to normal images (N, C, H, W), uint8 or in [0, 1]."""
+    def fit(self, images: torch.Tensor, generator: torch.Generator | None = None,
+            batch: int = 512) -> None:
+        """Fit the Gaussian to normal images (N, C, H, W), uint8 or in [0, 1] (all of them:
+        `generator` is unused)."""
         rows = []
         for i in range(0, len(images), batch):
-            x = images[i:i + batch].to(self.mean.device)
+            x = images[i:i + batch].to(self.gaussian.mean.device)
             rows.append(self.layout(x.float() / 255 if x.dtype == torch.uint8 else x))
-        mean, precision = fit_gaussian(torch.cat(rows))
-        self.mean.copy_(mean)
-        self.precision.copy_(precision)
+        self.gaussian.fit(torch.cat(rows))
 
     def distance(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B,) Mahalanobis distance of the image's layout."""
-        return mahalanobis(self.layout(images), self.mean, self.precision)
+        return self.gaussian.distance(self.layout(images))
+
+    def raw(self, images: torch.Tensor, features: Features, encoder: Encoder) -> torch.Tensor:
+        return self.distance(images)

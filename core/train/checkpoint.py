@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from core.model.anomem import upgrade_state
 from core.runs import CHECKPOINT, RunError, save_tensors
 
 FORMAT = "anomem-checkpoint"
@@ -111,8 +112,8 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], Stage1State
 def restore(tensors: dict[str, torch.Tensor], path: Path, model: nn.Module,
             opt: torch.optim.Optimizer, generator: torch.Generator) -> None:
     """Load a checkpoint's tensors into a freshly built model, optimiser and generator."""
-    weights = {k.removeprefix("model/"): v for k, v in tensors.items()
-               if k.startswith("model/")}
+    weights = upgrade_state({k.removeprefix("model/"): v for k, v in tensors.items()
+                             if k.startswith("model/")})
     expected = model.state_dict()
     if set(weights) != set(expected) or any(
             weights[k].shape != v.shape for k, v in expected.items()):

@@ -81,7 +81,7 @@ class ContrastStep(nn.Module):
                            {s: model.memories[s].prototypes for s in model.scales}, is_anomaly,
                            is_shifted)
         if rotated is not None:
-            logits = model.rotation_logits({model.deepest: features[model.deepest][n:]})
+            logits = model.rotation.logits({model.deepest: features[model.deepest][n:]})
             term = self.w_rotation * F.cross_entropy(logits.float(), turns)
             out = LossTerms(out.total + term, {**out.terms, "rotation": term})
         return out, {s: r.attention for s, r in reads_a.items()}

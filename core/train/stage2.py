@@ -6,13 +6,15 @@ In order:
 3. every term is standardised on held-out `calibration` normals (images stage 1 never saw);
 4. the terms are weighed (`TrainConfig.combine`): fixed weights, or weights learnt against
    pseudo-anomalies of the calibration normals (core/train/shifts.py), kept only when they
-   survive a check on kinds of pseudo-anomaly they were not fitted on;
+   survive a check on kinds of pseudo-anomaly they were not fitted on (core/train/weighting.py);
 5. the scales of the pixel map are weighed (`ModelConfig.map_weights`): the set of scales
    whose averaged map best outlines defects pasted into the calibration normals;
 6. with labelled anomalies, a head that may only raise scores (unbalanced setting);
 7. the thresholds: a quantile of the calibration scores.
 
-`fit_detector` returns a report of steps 4 and 5 for metrics.json.
+`fit_stage2` splits a training set's normals into `fit` and `calibration` images
+(`split_normals`, the split stage 1 trained on) and runs `fit_detector`, which returns a
+report of steps 4 and 5 for metrics.json.
 """
 
 from __future__ import annotations
@@ -23,29 +25,22 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from core.config import SHIFTS, TrainConfig
+from core.data.base import DataError, ImageSet
 from core.model.anomem import AnoMem
-from core.model.detector import fit_gaussian, fit_positional_gaussians, fit_ppca
 from core.model.memory import MemoryRead
 from core.train.augment import to_float
 from core.train.distributed import Dist
 from core.train.features import subset as cached_subset
+from core.train.logistic import offset_logistic
 from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
 from core.train.shifts import shift
+from core.train.weighting import auroc, choose_weights
 
 GAUSSIAN_ROWS = 60_000  # deviation vectors sampled per scale to fit a detector's Gaussian
-MIN_PSEUDO = 256  # pseudo-anomalies per kind for the combination: small sets are repeated
+MIN_PSEUDO = 256  # pseudo-anomalies per kind for the weighting: small sets are repeated
 MAX_REPEATS = 8  # ... but each held-out normal at most this many times per kind
-# The check of learnt weights on the kinds of pseudo-anomaly they were not fitted on: they must
-# gain at least CHECK_MARGIN AUROC over the fixed weights on average (they were fitted on these
-# very normals, so the check flatters them), and lose at most CHECK_TOLERANCE on any one kind.
-# A kind that both weightings separate perfectly is no evidence either way: it is left out of
-# the average, where it would only dilute the gains of the others.
-CHECK_MARGIN = 0.01
-CHECK_TOLERANCE = 0.02
 # The pixel map's scales: pasted local defects outline the pixels that changed (by more than
 # CHANGED grey levels); about MAP_PIXELS of each class of pixel per kind are compared, and a
 # subset of scales replaces all of them only if it outlines every kind better, by MAP_MARGIN
@@ -60,12 +55,37 @@ MAP_MARGIN = 0.005
 FROZEN_PSEUDO_IMAGES = 256
 
 
+def split_normals(train: ImageSet, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of normal training images for fitting (stage 1 and the Gaussians) and for
+    calibration (held out: standardisation, weighting, thresholds)."""
+    normal = np.flatnonzero(train.labels.numpy() == 0)
+    rng = np.random.default_rng(seed)
+    normal = rng.permutation(normal)
+    n_cal = max(2, int(round(holdout * len(normal))))
+    if len(normal) - n_cal < 2:
+        raise DataError(
+            f"need at least {n_cal + 2} normal training images, got {len(normal)}"
+        )
+    return np.sort(normal[n_cal:]), np.sort(normal[:n_cal])
+
+
+def fit_stage2(model: AnoMem, train: ImageSet, tc: TrainConfig, device: torch.device,
+               progress: ProgressFn | None = None, should_stop: StopFn | None = None,
+               dist: Dist | None = None) -> dict[str, Any]:
+    """Stage 2 on a training set: its normals split as stage 1's were (`split_normals`), its
+    labelled anomalies (unbalanced setting) for the head; returns `fit_detector`'s report."""
+    fit_idx, cal_idx = split_normals(train, tc.holdout, tc.seed)
+    anomalies = train.images[np.flatnonzero(train.labels.numpy() == 1)]
+    return fit_detector(model, train.images[fit_idx], train.images[cal_idx], anomalies, tc,
+                        device, progress, should_stop, dist)
+
+
 @torch.no_grad()
 def reads_of(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int | None = None,
-             dist: Dist | None = None
+             dist: Dist | None = None, standardised: bool = True
              ) -> Iterator[tuple[int, dict[str, MemoryRead], torch.Tensor | None]]:
-    """Yields (start index, {scale: MemoryRead}, raw image-level terms (B, E) or None) batch
-    by batch (see `AnoMem.read`).
+    """Yields (start index, {scale: MemoryRead}, image-level terms (B, E) or None) batch by
+    batch (see `AnoMem.read`).
 
     Under torchrun each rank reads only its shard of `images`.
     """
@@ -75,7 +95,7 @@ def reads_of(model: AnoMem, images: torch.Tensor, device: torch.device, bs: int 
     bs = bs or model.inference_batch()
     for i in range(0, len(images), bs):
         x = to_float(images[i:i + bs].to(device))
-        yield i, *model.read(x)
+        yield i, *model.read(x, standardised)
 
 
 @torch.no_grad()
@@ -98,10 +118,8 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
             raise TrainingCancelled([])
 
     check_stop()
-    if model.pixels is not None:  # every rank stores the same images: one seed for all
-        model.pixels.store(fit.to(device), torch.Generator().manual_seed(tc.seed))
-    if model.pixel_layout is not None:  # all of `fit` on every rank: the same Gaussian
-        model.pixel_layout.fit(fit.to(device))
+    # the image-level terms: all of `fit` on every rank, one seed for all (the same fit)
+    model.terms.fit(fit.to(device), torch.Generator().manual_seed(tc.seed))
     pseudo_from = calibration
     if model.frozen:  # an encoder pass costs ~10x the scratch one's: fewer images, same fits
         fit = cached_subset(fit, tc.cache_images, tc.seed)
@@ -111,7 +129,7 @@ def fit_detector(model: AnoMem, fit: torch.Tensor, calibration: torch.Tensor,
     _standardise(model, calibration, device, dist)
     check_stop()
     report = fit_combination(model, pseudo_from, tc, device, g, dist)
-    if hasattr(det, "map_weights"):
+    if det.map_weights is not None:
         report["maps"] = fit_map_weights(model, pseudo_from, device, g, dist)
     if len(anomalies):
         _fit_classifier(model, calibration, anomalies, device, dist)
@@ -140,7 +158,7 @@ def _fit_gaussians(model: AnoMem, fit: torch.Tensor, device: torch.device, g: to
     for i, reads, _ in reads_of(model, fit, device, dist=dist):
         for s, r in reads.items():
             d = r.deviation
-            layouts[s].append(det.per_scale[s].layout(det.layout_input(r)).cpu())
+            layouts[s].append(det.per_scale[s].pooled(det.layout_input(r)).cpu())
             if det.per_scale[s].positional:  # every position of every map
                 rows[s].append(d.cpu())
                 continue
@@ -153,17 +171,7 @@ def _fit_gaussians(model: AnoMem, fit: torch.Tensor, device: torch.device, g: to
             progress(Progress("stage2", 0.5 * min(1.0, (i + len(d)) * dist.world / len(fit)),
                               "fitting the distance detectors"))
     for s in model.scales:
-        sd = det.per_scale[s]
-        fit_local = fit_positional_gaussians if sd.positional else fit_gaussian
-        mean, prec = fit_local(dist.gather(torch.cat(rows[s])))
-        sd.mean.copy_(mean)
-        sd.precision.copy_(prec)
-        lmean, basis, var, noise = fit_ppca(dist.gather(torch.cat(layouts[s])),
-                                            sd.layout_basis.shape[1])
-        sd.layout_mean.copy_(lmean)
-        sd.layout_basis.copy_(basis)
-        sd.layout_var.copy_(var)
-        sd.layout_noise.copy_(noise)
+        det.per_scale[s].fit(dist.gather(torch.cat(rows[s])), dist.gather(torch.cat(layouts[s])))
 
 
 def _standardise(model: AnoMem, calibration: torch.Tensor, device: torch.device,
@@ -171,30 +179,21 @@ def _standardise(model: AnoMem, calibration: torch.Tensor, device: torch.device,
     """Location and scale of every term and distance map on held-out normals."""
     det = model.detector
     raw: dict[str, list] = {s: [] for s in model.scales}
-    dist_stats: dict[str, list] = {s: [] for s in model.scales}
-    extras: list[torch.Tensor] = []
-    for _, reads, extra in reads_of(model, calibration, device, dist=dist):
+    distances: dict[str, list] = {s: [] for s in model.scales}
+    terms: list[torch.Tensor] = []
+    for _, reads, extra in reads_of(model, calibration, device, dist=dist, standardised=False):
         for s, r in reads.items():
             sd = det.per_scale[s]
             dmap = sd.distance_map(r.deviation)
             raw[s].append(sd.raw_scores(det.layout_input(r), dmap).cpu())
-            dist_stats[s].append(dmap.flatten().cpu())
+            distances[s].append(dmap.flatten().cpu())
         if extra is not None:
-            extras.append(extra.cpu())
+            terms.append(extra.cpu())
     for s in model.scales:
-        sd = det.per_scale[s]
-        r = dist.gather(torch.cat(raw[s]))
-        sd.score_loc.copy_(r.mean(0))
-        sd.score_scale.copy_(r.std(0).clamp_min(1e-6))
-        d = dist.gather(torch.cat(dist_stats[s]))
-        sd.map_loc.copy_(d.mean())
-        sd.map_scale.copy_(d.std().clamp_min(1e-6))
-    if det.extra_terms:
-        e = dist.gather(torch.cat(extras))
-        for j, (loc, scale) in enumerate(zip(det.extra_buffers("loc"),
-                                             det.extra_buffers("scale"), strict=True)):
-            loc.copy_(e[:, j].mean())
-            scale.copy_(e[:, j].std().clamp_min(1e-6))
+        det.per_scale[s].calibrate(dist.gather(torch.cat(raw[s])),
+                                   dist.gather(torch.cat(distances[s])))
+    if terms:
+        model.terms.calibrate(dist.gather(torch.cat(terms)))
 
 
 def standardised_terms(model: AnoMem, images: torch.Tensor, device: torch.device,
@@ -206,59 +205,22 @@ def standardised_terms(model: AnoMem, images: torch.Tensor, device: torch.device
     return dist.gather(torch.cat(parts))
 
 
-def _auroc(normal: torch.Tensor, anomalous: torch.Tensor) -> float:
-    y = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
-    return float(roc_auc_score(y, torch.cat([normal, anomalous]).double().numpy()))
-
-
 def fit_combination(model: AnoMem, calibration: torch.Tensor, tc: TrainConfig,
                     device: torch.device, g: torch.Generator, dist: Dist) -> dict[str, Any]:
-    """Weigh the terms; returns the pseudo-anomaly evidence and the choice made.
-
-    Held-out normals are contrasted with pseudo-anomalies made from them, one set per kind of
-    SHIFTS. "learned" fits simplex weights against all kinds. "checked" also fits, for each
-    kind, weights without that kind and scores them on it: the learnt weights are kept only
-    if, on the kinds they never saw, they beat the fixed weights by CHECK_MARGIN on average and
-    lose by no more than CHECK_TOLERANCE on any one; kinds both weightings separate perfectly
-    do not count. Real anomalies are none of these kinds; a weighting that holds only on the
-    kinds it was fitted to is not trusted.
-    """
+    """Weigh the terms (core/train/weighting.py) on the held-out normals and pseudo-anomalies
+    made from them, one set per kind of SHIFTS; returns the evidence and the choice made."""
     det = model.detector
-    fixed = det.fixed_weights()
-    names = det.term_names
-    report: dict[str, Any] = {"combine": tc.combine,
-                              "weights": {"fixed": dict(zip(names, fixed.tolist(), strict=True))}}
-    if tc.combine == "fixed":
-        det.weights.copy_(fixed)
-        report["chosen"] = "fixed"
-        return report
-    mine = dist.shard(calibration)
-    repeats = max(1, min(MAX_REPEATS, -(-MIN_PSEUDO // max(1, len(calibration)))))
-    normal = standardised_terms(model, mine, device).double()
-    normal = dist.gather(normal)
-    pseudo = {}
-    for kind in SHIFTS:
-        copies = torch.cat([shift(mine, (kind,), g) for _ in range(repeats)])
-        pseudo[kind] = dist.gather(standardised_terms(model, copies, device).double())
-    learned = _simplex_logistic(normal, torch.cat(list(pseudo.values())))
-    report["weights"]["learned"] = dict(zip(names, learned.tolist(), strict=True))
-    report["pseudo_auroc"] = {
-        kind: {**{n: _auroc(normal[:, j], x[:, j]) for j, n in enumerate(names)},
-               "fixed": _auroc(normal @ fixed.double(), x @ fixed.double()),
-               "learned": _auroc(normal @ learned, x @ learned)}
-        for kind, x in pseudo.items()}
-    chosen = "learned"
-    if tc.combine == "checked":
-        check = {}
-        for kind, x in pseudo.items():
-            w = _simplex_logistic(normal, torch.cat([v for k, v in pseudo.items() if k != kind]))
-            check[kind] = {"learned": _auroc(normal @ w, x @ w),
-                           "fixed": report["pseudo_auroc"][kind]["fixed"]}
-        report["check"] = check
-        report["check_uninformative"] = [k for k, c in check.items() if uninformative(c)]
-        chosen = "learned" if confirms(check) else "fixed"
-    det.weights.copy_((learned if chosen == "learned" else fixed.double()).float())
-    report["chosen"] = chosen
+    normal, pseudo = torch.zeros(0), {}
+    if tc.combine != "fixed":
+        mine = dist.shard(calibration)
+        repeats = max(1, min(MAX_REPEATS, -(-MIN_PSEUDO // max(1, len(calibration)))))
+        normal = dist.gather(standardised_terms(model, mine, device).double())
+        for kind in SHIFTS:
+            copies = torch.cat([shift(mine, (kind,), g) for _ in range(repeats)])
+            pseudo[kind] = dist.gather(standardised_terms(model, copies, device).double())
+    weights, report = choose_weights(normal, pseudo, det.fixed_weights(), det.term_names,
+                                     tc.combine)
+    det.weights.copy_(weights)
     return report
 
 
@@ -300,7 +262,7 @@ def fit_map_weights(model: AnoMem, calibration: torch.Tensor, device: torch.devi
     evidence = {}  # {"layer2+layer3": [pixel AUROC per kind]}
     for subset in candidates:
         evidence["+".join(scales[j] for j in subset)] = [
-            _auroc(v[t == 0][:, list(subset)].mean(1), v[t == 1][:, list(subset)].mean(1))
+            auroc(v[t == 0][:, list(subset)].mean(1), v[t == 1][:, list(subset)].mean(1))
             if 0 < int(t.sum()) < len(t) else 0.5 for v, t in zip(values, truth, strict=True)]
     every = "+".join(scales)
     best = max(evidence, key=lambda c: np.mean(evidence[c]))
@@ -314,36 +276,6 @@ def fit_map_weights(model: AnoMem, calibration: torch.Tensor, device: torch.devi
 def _sample(index: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
     """At most n of `index`, drawn without replacement."""
     return index if len(index) <= n else index[torch.randperm(len(index), generator=g)[:n]]
-
-
-def _simplex_logistic(normal: torch.Tensor, anomalous: torch.Tensor) -> torch.Tensor:
-    """Weights on the simplex of a logistic model telling anomalous rows from normal ones.
-
-    The image score stays a convex combination of standardised terms; a term that cannot tell
-    the two apart ends up with little weight. Fitted with L-BFGS on a softmax parametrisation
-    (scikit-learn has no simplex-constrained logistic regression).
-    """
-    x = torch.cat([normal, anomalous]).double()
-    y = torch.cat([torch.zeros(len(normal)), torch.ones(len(anomalous))]).double()
-    balance = torch.where(y > 0.5, len(y) / (2 * len(anomalous)), len(y) / (2 * len(normal)))
-    logits_w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    log_scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([logits_w, log_scale, bias], max_iter=200,
-                            line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        w = torch.softmax(logits_w, 0)
-        out = log_scale.exp() * (x @ w) + bias
-        loss = (F.binary_cross_entropy_with_logits(out, y, reduction="none") * balance).mean()
-        loss = loss + 1e-3 * logits_w.pow(2).mean()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return torch.softmax(logits_w.detach(), 0)
 
 
 def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tensor,
@@ -367,51 +299,6 @@ def _fit_classifier(model: AnoMem, normals: torch.Tensor, anomalies: torch.Tenso
         feats.append(dist.gather(torch.cat(parts)))
         offsets.append(dist.gather(torch.cat(base)))
     y = torch.cat([torch.zeros(len(feats[0])), torch.ones(len(feats[1]))])
-    weight, bias = fit_offset_logistic(torch.cat(feats), torch.cat(offsets), y, positive=True)
+    weight, bias = offset_logistic(torch.cat(feats), torch.cat(offsets), y, positive=True)
     det.clf_weight.copy_(weight.float())
     det.clf_bias.copy_(torch.tensor(bias))
-
-
-def fit_offset_logistic(x: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, c: float = 0.5,
-                        positive: bool = False) -> tuple[torch.Tensor, float]:
-    """Class-balanced, L2-regularised logistic regression of y on x, on top of a fixed offset.
-
-    Minimises sum_i w_i * BCE(offset_i + h(x_i . coef + bias), y_i) + |coef|^2 / (2c), with
-    w_i = n / (2 n_class(i)) and h the identity, or softplus when `positive` (the head may only
-    add). With h the identity and a zero offset this is scikit-learn's
-    `LogisticRegression(C=c, class_weight="balanced")`, which has no offset. Returns (coef, bias).
-    """
-    x, offset, y = x.double(), offset.double(), y.double()
-    n1 = y.sum().clamp(1, len(y) - 1)
-    balance = torch.where(y > 0.5, len(y) / (2 * n1), len(y) / (2 * (len(y) - n1)))
-    coef = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([coef, bias], max_iter=1000, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, line_search_fn="strong_wolfe")
-    link = F.softplus if positive else (lambda v: v)
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        logit = offset + link(x @ coef + bias)
-        loss = (F.binary_cross_entropy_with_logits(logit, y, reduction="none") * balance).sum()
-        loss = loss + coef.pow(2).sum() / (2 * c)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return coef.detach(), float(bias.detach())
-
-
-def uninformative(aurocs: dict[str, float]) -> bool:
-    """Both weightings separate this kind perfectly: it tells them apart in no way."""
-    return min(aurocs["learned"], aurocs["fixed"]) >= 1.0
-
-
-def confirms(check: dict[str, dict[str, float]]) -> bool:
-    """Whether the check {kind: {"learned": AUROC, "fixed": AUROC}} confirms the learnt weights:
-    on the kinds that are evidence (not `uninformative`), a mean gain of CHECK_MARGIN and no loss
-    above CHECK_TOLERANCE."""
-    gains = [c["learned"] - c["fixed"] for c in check.values() if not uninformative(c)]
-    return bool(gains) and float(np.mean(gains)) >= CHECK_MARGIN \
-        and min(gains) >= -CHECK_TOLERANCE

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from core.config import ConfigError, RunConfig
-from core.data.base import DataError, ImageSet
+from core.data.base import ImageSet
 from core.model.anomem import AnoMem
 from core.train.allocator import keep_freed_memory
 from core.train.distributed import Dist
 from core.train.progress import Progress, ProgressFn, StopFn, TrainingCancelled
 from core.train.stage1 import train_stage1
-from core.train.stage2 import fit_detector
+from core.train.stage2 import fit_stage2, split_normals
 
 # What callers of the trainer handle: its progress reports and its cancellation.
 __all__ = ["Progress", "ProgressFn", "StopFn", "TrainingCancelled", "TrainOutput", "train",
@@ -46,19 +46,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def split_normals(train: ImageSet, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of normal training images for fitting and for calibration."""
-    normal = np.flatnonzero(train.labels.numpy() == 0)
-    rng = np.random.default_rng(seed)
-    normal = rng.permutation(normal)
-    n_cal = max(2, int(round(holdout * len(normal))))
-    if len(normal) - n_cal < 2:
-        raise DataError(
-            f"need at least {n_cal + 2} normal training images, got {len(normal)}"
-        )
-    return np.sort(normal[n_cal:]), np.sort(normal[:n_cal])
-
-
 def train(cfg: RunConfig, train_set: ImageSet, progress: ProgressFn | None = None,
           should_stop: StopFn | None = None, run_dir: Path | None = None,
           resume: bool = False, dist: Dist | None = None) -> TrainOutput:
@@ -74,7 +61,7 @@ def train(cfg: RunConfig, train_set: ImageSet, progress: ProgressFn | None = Non
     device = dist.device(resolve_device(tc.device))
     # channels_last: about 20% faster convolutions on CPU (oneDNN), the GPU default of choice
     model = AnoMem(cfg.model).to(device, memory_format=torch.channels_last)
-    fit_idx, cal_idx = split_normals(train_set, tc.holdout, tc.seed)
+    fit_idx, _ = split_normals(train_set, tc.holdout, tc.seed)
     anomaly_idx = np.flatnonzero(train_set.labels.numpy() == 1)
     budget = None if tc.max_minutes is None else tc.max_minutes * 60
     history, stage1_s = train_stage1(
@@ -84,9 +71,7 @@ def train(cfg: RunConfig, train_set: ImageSet, progress: ProgressFn | None = Non
     )
     stage2_start = time.perf_counter()
     try:
-        report = fit_detector(model, train_set.images[fit_idx], train_set.images[cal_idx],
-                              train_set.images[anomaly_idx], tc, device, progress, should_stop,
-                              dist)
+        report = fit_stage2(model, train_set, tc, device, progress, should_stop, dist)
     except TrainingCancelled:  # stage 1's last checkpoint is the resume point
         raise TrainingCancelled(history, run_dir if run_dir and dist.is_main else None
                                 ) from None

@@ -11,7 +11,8 @@ import torch
 
 from core.config import ConfigError
 from core.data.base import DataError, ImageSet
-from core.train.trainer import resolve_device, split_normals
+from core.train.stage2 import split_normals
+from core.train.trainer import resolve_device
 
 
 def image_set(labels: list[int]) -> ImageSet:
