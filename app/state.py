@@ -21,7 +21,6 @@ from app.jobs import JobBoard
 from core import artefacts, explore
 from core.config import DataConfig
 from core.data import Split, load_split
-from core.refit import Marked
 from core.runs import METRICS, WEIGHTS, Run, RunSummary, list_runs, load_run
 from core.train.scoring import ScoredSet
 
@@ -167,41 +166,3 @@ def umap_points(run: Run, scale: str) -> explore.UmapPoints:
     """Test images (at most MAX_UMAP_POINTS) and prototypes of `scale` in one 2-D map."""
     return artefacts_of(run).umap[scale]
 
-
-# ---------------------------------------------------------------------------------------------
-# marks: images the user marked while browsing a run, until a refit uses them (core/refit.py)
-
-MARKS_KEY = "marks"
-
-
-def marks_of(run: Run) -> list[Marked]:
-    """The marks made on `run` in this session, in the order they were made."""
-    return st.session_state.setdefault(MARKS_KEY, {}).get(str(run.path), [])
-
-
-def add_marks(run: Run, new: list[Marked]) -> int:
-    """Add marks to `run`'s list; an image marked again (same source and content) takes its
-    new label instead of being listed twice. Returns how many images were new."""
-    marks = list(marks_of(run))
-    added = 0
-    for m in new:
-        same = [i for i, old in enumerate(marks)
-                if (old.mark.source, old.mark.sha256) == (m.mark.source, m.mark.sha256)]
-        if same:
-            marks[same[0]] = m
-        else:
-            marks.append(m)
-            added += 1
-    st.session_state[MARKS_KEY][str(run.path)] = marks
-    return added
-
-
-def remove_mark(run: Run, index: int) -> None:
-    marks = list(marks_of(run))
-    if 0 <= index < len(marks):
-        del marks[index]
-    st.session_state.setdefault(MARKS_KEY, {})[str(run.path)] = marks
-
-
-def clear_marks(run: Run) -> None:
-    st.session_state.setdefault(MARKS_KEY, {}).pop(str(run.path), None)

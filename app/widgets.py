@@ -11,6 +11,7 @@ import torch
 
 from app import state
 from app.jobs import JobStatus
+from app.marks import add_marks, marks_of
 from core import explore
 from core.data import NORMAL, DataError, Split, imageio
 from core.refit import Marked, mark_upload
@@ -195,11 +196,11 @@ def mark_controls(run: Run, key: str, make: Callable[[str], list[Marked]], types
     if right.button("Mark", key=f"{key}_mark", icon=":material/bookmark_add:",
                     disabled=choice == NEW_TYPE and not label.strip()):
         try:
-            added = state.add_marks(run, make(label))
+            added = add_marks(run.path, make(label))
         except DataError as err:
             st.error(f"Not marked: {err}")
             return
-        total = len(state.marks_of(run))
+        total = len(marks_of(run.path))
         # Shown after a rerun, so that the sidebar's count (drawn first) is up to date too
         st.session_state[MARK_FLASH] = (key, f"Marked as {label.strip()} ({added} new). "
                                              f"{total} mark(s) wait on the Teach page.")
@@ -212,7 +213,7 @@ def mark_controls(run: Run, key: str, make: Callable[[str], list[Marked]], types
 
 def marks_badge(run_path: str | None) -> None:
     """Sidebar: how many marks the selected run holds, and the way to the Teach page."""
-    marks = st.session_state.get(state.MARKS_KEY, {}).get(run_path or "", [])
+    marks = marks_of(run_path)
     if marks:
         st.page_link(TEACH_PAGE, label=f"{len(marks)} marked image(s): refit",
                      icon=":material/school:")

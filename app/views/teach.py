@@ -1,10 +1,11 @@
 """Teach: the images marked on the other pages become lessons of a new run.
 
-Marks are made on the Deviation maps, Compare, UMAP and Score pages (`widgets.mark_controls`)
-and kept per run in the session. Before teaching, the page foresees which test images the
-marks would move (their look-alikes); a refit (core/refit.py) keeps everything the run fitted,
-adds the lessons, takes seconds, and saves a new run; the page then opens it and shows before
-and after, the marked images apart from the others.
+Marks are made on the Deviation maps, Compare types, UMAP and Score pages
+(`widgets.mark_controls`) and kept per run in the session (app/marks.py). Before teaching, the
+page foresees which test images the marks would move (their look-alikes); a refit
+(core/refit.py) keeps everything the run fitted, adds the lessons, takes seconds, and saves a
+new run; the page then opens it and shows before and after, the marked images apart from the
+others.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from app import state, widgets
+from app.marks import clear_marks, marks_of, remove_mark
 from core.data import NORMAL, DataError, Split
 from core.refit import read_refit_report, refit_new_run, taught, teach, test_index
 from core.runs import Run, RunError
@@ -97,7 +99,7 @@ def changes(entries: list[dict], split: Split | None) -> None:
 def foresee(run: Run) -> None:
     """Which test images the marks would move, before anything is saved: the lessons are
     made as a refit would make them and applied to the test set's cached descriptors."""
-    marks = state.marks_of(run)
+    marks = marks_of(run.path)
     if not marks:
         return
     st.subheader("What the marks would change")
@@ -141,7 +143,7 @@ def foresee(run: Run) -> None:
 
 def marks_panel(run: Run) -> None:
     """The marked images as thumbnails, each removable."""
-    marks = state.marks_of(run)
+    marks = marks_of(run.path)
     st.subheader(f"Marked images ({len(marks)})")
     if not marks:
         st.info("No image marked yet. Mark false alarms as normal, or missed anomalies with "
@@ -162,15 +164,15 @@ def marks_panel(run: Run) -> None:
                          width=widgets.THUMB)
                 if st.button("Remove", key=f"teach_remove_{i}_{m.mark.sha256[:12]}",
                              icon=":material/close:"):
-                    state.remove_mark(run, i)
+                    remove_mark(run.path, i)
                     st.rerun()
     if st.button("Remove all marks", key="teach_clear", icon=":material/delete_sweep:"):
-        state.clear_marks(run)
+        clear_marks(run.path)
         st.rerun()
 
 
 def refit_form(run: Run) -> None:
-    marks = state.marks_of(run)
+    marks = marks_of(run.path)
     st.subheader("Refit")
     st.caption("Teaches a copy of this run its marks: each marked image (and a few mildly "
                "augmented views of it) becomes a lesson for its look-alikes, the images about "
@@ -189,7 +191,7 @@ def refit_form(run: Run) -> None:
         except (DataError, RunError) as err:
             st.error(f"Not refitted: {err}")
             return
-        state.clear_marks(run)
+        clear_marks(run.path)
         st.session_state[state.SELECT_NEXT] = str(out)
         st.rerun()
 
