@@ -29,12 +29,12 @@ pages = [
             url_path="umap"),
     st.Page("views/deviations.py", title="Deviation maps", icon=":material/layers:",
             url_path="deviation-maps"),
-    st.Page("views/compare.py", title="Compare anomaly types", icon=":material/compare:",
+    st.Page("views/compare_types.py", title="Compare anomaly types", icon=":material/compare:",
             url_path="compare"),
     st.Page("views/score.py", title="Score images", icon=":material/upload:",
             url_path="score"),
     st.Page("views/teach.py", title="Teach", icon=":material/school:", url_path="teach"),
-    st.Page("views/runs.py", title="Compare runs", icon=":material/difference:",
+    st.Page("views/compare_runs.py", title="Compare runs", icon=":material/difference:",
             url_path="compare-runs"),
 ]
 page = st.navigation(pages)

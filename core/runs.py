@@ -1,9 +1,10 @@
-"""Run folders: weights as safetensors, the config as JSON beside them, metrics and history.
+"""Run folders on disk: save, load, list, lock and delete trained runs.
 
 A run folder holds `model.safetensors`, `config.json` (a `RunConfig` that rebuilds the model),
 `history.jsonl` (one row per epoch) and `metrics.json`. Every write goes to a temporary file in
 the same folder and is renamed into place, so a crash never leaves a half-written file behind.
-Nothing here unpickles anything.
+Nothing here unpickles anything. Comparing two runs, for the Compare runs page, is
+core/explore/runs.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Two runs side by side: what differs in their configs, their metrics row by row, and the
-test images they disagree on most (when they share a data set)."""
+"""Comparing two runs, for the Compare runs page (app/views/compare_runs.py): what differs in
+their configs, their metrics row by row, and the test images they disagree on most (when they
+share a data set). Saving, loading and listing run folders is core/runs.py."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import pytest
 from tests.app.helpers import copy_run, open_page, texts
 
 OTHER_PAGES = ["views/prototypes.py", "views/embedding.py", "views/deviations.py",
-               "views/compare.py", "views/score.py"]
+               "views/compare_types.py", "views/score.py"]
 
 
 def test_first_run_screen_offers_one_click_training(empty_runs: Path):
@@ -42,7 +42,7 @@ def test_sidebar_lists_runs_and_shows_broken_ones(tiny_run: Path, tmp_path: Path
     (broken / "config.json").write_text("{not json")
     monkeypatch.setenv("ANOMEM_RUNS", str(root))
 
-    at = open_page("views/compare.py")
+    at = open_page("views/compare_types.py")
     picker = at.sidebar.selectbox(key="run_path")
     assert sorted(label.split(" · ")[0] for label in picker.options) == ["first", "second"]
     assert "shapes · normal class **circle** · one-class" in [c.value for c in at.sidebar.caption]

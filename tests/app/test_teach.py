@@ -44,7 +44,7 @@ def test_marks_from_two_pages_refit_into_a_new_run_shown_before_and_after(own_ru
     _mark(at, "dev_mark_")
     assert "Marked as normal (1 new)" in texts(at)
 
-    at.switch_page("views/compare.py")
+    at.switch_page("views/compare_types.py")
     at.run()
     _mark(at, "cmp_mark_", new_type="odd shape")
     assert "Marked as odd shape (1 new)" in texts(at)
@@ -89,7 +89,7 @@ def test_marks_from_two_pages_refit_into_a_new_run_shown_before_and_after(own_ru
 
     # Compare runs opened on the refit puts its parent first (the Teach page's signs) and
     # flags the marked images among those the two runs disagree on
-    at.switch_page("views/runs.py")
+    at.switch_page("views/compare_runs.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.selectbox(key="runs_a").value == str(own_runs / "tiny")

@@ -28,7 +28,7 @@ def two_runs(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_two_runs_of_one_data_set_side_by_side(two_runs: Path):
-    at = open_page("views/runs.py")
+    at = open_page("views/compare_runs.py")
     assert not at.exception and not at.error, [e.value for e in at.error]
     a, b = at.selectbox(key="runs_a"), at.selectbox(key="runs_b")
     assert {a.value, b.value} == {str(two_runs / "tiny"), str(two_runs / "taught")}
@@ -60,13 +60,13 @@ def test_runs_of_different_data_share_no_image(tiny_run: Path, tmp_path: Path,
     cfg["data"]["normal_class"] = "square"
     (other / "config.json").write_text(json.dumps(cfg))
     monkeypatch.setenv("ANOMEM_RUNS", str(root))
-    at = open_page("views/runs.py")
+    at = open_page("views/compare_runs.py")
     assert not at.exception
     assert "data.normal_class" in set(at.dataframe[0].value["field"])
     assert "share no test image" in texts(at)
 
 
 def test_one_run_asks_for_a_second(runs_dir: Path):
-    at = open_page("views/runs.py")
+    at = open_page("views/compare_runs.py")
     assert not at.exception
     assert "Train or refit a second run" in texts(at)

@@ -1,4 +1,8 @@
-"""Compare runs: two runs side by side, e.g. one-class vs unbalanced, two budgets, a refit."""
+"""Compare runs: two runs side by side, e.g. one-class vs unbalanced, two budgets, a refit.
+
+The comparisons are computed by core/explore/runs.py; the runs are loaded from their folders
+(core/runs.py) through app/state.py.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Compare page: per-type table, live threshold, distributions, profile, galleries."""
+"""Compare anomaly types page: per-type table, live threshold, distributions, profile, galleries."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.app.helpers import images, open_page
 
 
 def test_one_row_per_anomaly_type_and_a_live_threshold(runs_dir: Path, tiny_run: Path):
-    at = open_page("views/compare.py")
+    at = open_page("views/compare_types.py")
     table = at.dataframe[0].value
     assert list(table["type"]) == ["local", "object", "style"]
     assert list(table["n"]) == [100, 300, 100]
@@ -85,6 +85,6 @@ def _model_weights(run: Path) -> dict[str, float]:
 
 
 def test_the_report_and_the_scores_download_from_the_sidebar(runs_dir: Path):
-    at = open_page("views/compare.py")
+    at = open_page("views/compare_types.py")
     buttons = at.sidebar.get("download_button")
     assert [b.proto.label for b in buttons] == ["Report (HTML)", "Per-image scores (CSV)"]
