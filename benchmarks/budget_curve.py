@@ -21,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from core.bench.run import BenchOptions, bench  # noqa: E402
+from core.bench.runners import bench  # noqa: E402
+from core.bench.suites import BenchOptions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent / "budget"
 PLOT = Path(__file__).resolve().parents[1] / "assets" / "budget_curve.png"

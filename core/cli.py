@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from core.bench.suites import DEFAULT_SUITES, SUITES
 from core.config import (
     PRESETS,
     SETTINGS,
@@ -25,9 +26,6 @@ from core.config import (
 )
 
 EXIT_BAD_INPUT = 2
-# core.bench.run's, kept apart so that `anomem --help` stays light
-SUITES = ("shapes", "cifar10", "cifar10-unbalanced", "mvtec", "speed", "general")
-DEFAULT_SUITES = tuple(s for s in SUITES if s != "general")
 UNBOUNDED_EPOCHS = 100_000
 
 
@@ -293,7 +291,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from core.bench.run import BenchOptions, bench
+    from core.bench.runners import bench
+    from core.bench.suites import BenchOptions
 
     suites = tuple(x.strip() for x in args.suites.split(",") if x.strip())
     unknown = sorted(set(suites) - set(SUITES))

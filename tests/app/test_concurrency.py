@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core.bench.run import BenchOptions, bench
+from core.bench.runners import bench
+from core.bench.suites import BenchOptions
 from core.pipeline import train_run
 from core.runs import CONFIG, HISTORY, RunError, delete_run, list_runs, run_state
 from core.train.trainer import TrainingCancelled

@@ -176,3 +176,18 @@ def test_score_prints_one_line_per_image_and_saves_distinct_overlays(
         assert printed == f"{score:.4f}"
         assert verdict == ("anomaly" if score > threshold else "normal")
     assert sorted(p.name for p in out.iterdir()) == ["000_000_overlay.png", "001_000_overlay.png"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--suites", "shapes,nope"], "--suites: unknown nope"),
+    (["--ratios", "0.1,x"], "--ratios '0.1,x': expected numbers"),
+    (["--ratios", "2"], "expected numbers in (0, 1]"),
+    (["--minutes", "0"], "--minutes 0.0: expected a positive budget"),
+    (["--data-root", "/no/such/folder"], "--data-root /no/such/folder: not a folder"),
+])
+def test_bench_cli_refuses_bad_options(args: list[str], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--out", str(tmp_path / "b"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "b").exists()

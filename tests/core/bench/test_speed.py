@@ -1,5 +1,5 @@
 """core/bench/speed.py: the step-cost report on a tiny model, a saved detector timed with
-PyTorch and onnxruntime, and the speed suite's part of core/bench/run.py."""
+PyTorch and onnxruntime, the speed suite's runner and its table."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.bench import run as bench_run
-from core.bench.run import BenchOptions, Results
+from core.bench import runners
+from core.bench.results import Results
 from core.bench.speed import measure, scoring_rate
+from core.bench.suites import BenchOptions
+from core.bench.tables import render_markdown
 from core.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
 
@@ -129,7 +131,7 @@ SPEED = {"device": "cpu", "threads": 2, "batch": 128, "dataset": "folder", "imag
 
 def test_the_speed_table_shows_both_back_ends_side_by_side(tmp_path: Path) -> None:
     (tmp_path / "speed.json").write_text(json.dumps({**SPEED, "deployed": DEPLOYED}))
-    md = bench_run.render_markdown(Results(tmp_path / "r.csv"), BenchOptions(out=tmp_path))
+    md = render_markdown(Results(tmp_path / "r.csv"), BenchOptions(out=tmp_path))
     assert ("| saved detector, from-scratch encoder (resnet), batch 1 | PyTorch 30 images/s, "
             "onnxruntime 120 images/s (4.00x) |") in md
     assert ("| saved detector, pretrained encoder (efficientnet-lite0), batch 32 | PyTorch 70 "
@@ -139,7 +141,7 @@ def test_the_speed_table_shows_both_back_ends_side_by_side(tmp_path: Path) -> No
     assert "64 images at batch 1 and 256 images at batch 32" in md
     assert "| inference (scores and maps), from-scratch encoder | 3000 images/s |" in md
     (tmp_path / "speed.json").write_text(json.dumps(SPEED))  # a file from before: no rows
-    md = bench_run.render_markdown(Results(tmp_path / "r.csv"), BenchOptions(out=tmp_path))
+    md = render_markdown(Results(tmp_path / "r.csv"), BenchOptions(out=tmp_path))
     assert "saved detector" not in md.lower() and "| peak memory | 2000 MB |" in md
 
 
@@ -156,7 +158,7 @@ def test_the_speed_suite_adds_only_what_its_file_lacks(tmp_path: Path,
         return lambda cfg, *args, **kwargs: (timed.append(f"{name} {cfg.model.backbone}"),
                                              value)[1]
 
-    monkeypatch.setattr(bench_run, "load_split", lambda data: SimpleNamespace(
+    monkeypatch.setattr(runners, "load_split", lambda data: SimpleNamespace(
         train=SimpleNamespace(images=torch.zeros(4, 3, 32, 32, dtype=torch.uint8))))
     monkeypatch.setattr(speed, "measure", record("measure", SimpleNamespace(
         as_dict=lambda: {"steps": 1})))
@@ -166,15 +168,15 @@ def test_the_speed_suite_adds_only_what_its_file_lacks(tmp_path: Path,
     old = {k: v for k, v in SPEED.items() if k != "pretrained"}
     (tmp_path / "speed.json").write_text(json.dumps(old))
     opts = BenchOptions(out=tmp_path, device="cpu")
-    bench_run.run_speed(opts, lambda message: None)
+    runners.run_speed(opts, lambda message: None)
     saved = json.loads((tmp_path / "speed.json").read_text())
     assert timed == ["rate efficientnet-lite0", "deployed resnet", "deployed efficientnet-lite0"]
     assert saved == {**old, "pretrained": {"inference_images_per_s": 150.0, "input_size": 128},
                      "deployed": {"scratch": {"b": 1}, "pretrained": {"b": 1}}}
-    bench_run.run_speed(opts, lambda message: None)
+    runners.run_speed(opts, lambda message: None)
     assert len(timed) == 3  # nothing timed again
     (tmp_path / "speed.json").unlink()
-    bench_run.run_speed(opts, lambda message: None)
+    runners.run_speed(opts, lambda message: None)
     assert timed[3:] == ["measure resnet", "rate efficientnet-lite0", "deployed resnet",
                          "deployed efficientnet-lite0"]
     assert {"steps", "dataset", "pretrained", "deployed"} <= json.loads(
