@@ -7,7 +7,7 @@ import streamlit as st
 
 from app import charts, state, widgets
 from core import explore, report
-from core.model.detector import ROTATION_TERM
+from core.model.terms import RotationTerm
 from core.refit import mark_test_image
 
 EXAMPLES = 8
@@ -82,7 +82,7 @@ st.caption(
     "deviations from memory) and `layout` (its coarse arrangement); `pixels/knn` and "
     "`pixels/layout` read the image itself"
     + ("; `rotation/loss` is the rotation head's doubt about which way up the image is. "
-       if ROTATION_TERM in det.term_names else ". ")
+       if RotationTerm.name in det.term_names else ". ")
     + explore.weighing_summary(stage2)
     + (" The labelled-anomaly head adds to it, and can only raise a score."
        if bool(det.clf_weight.any()) else ""))
