@@ -75,6 +75,49 @@ def test_save_and_load_give_identical_outputs(tmp_path: Path, run_config: RunCon
     assert RunConfig.from_dict(json.loads((tmp_path / CONFIG).read_text())) == run_config
 
 
+# today's tensor names -> those of weights saved before core/model/gaussians.py and terms.py
+EARLIER_TERMS = {"terms.pixels.bank": "pixels.bank", "terms.pixels.count": "pixels.count",
+                 "terms.pixel_layout.gaussian.mean": "pixel_layout.mean",
+                 "terms.pixel_layout.gaussian.precision": "pixel_layout.precision",
+                 "terms.pixels.loc": "detector.pixel_loc",
+                 "terms.pixels.scale": "detector.pixel_scale",
+                 "terms.pixel_layout.loc": "detector.pixel_layout_loc",
+                 "terms.pixel_layout.scale": "detector.pixel_layout_scale"}
+EARLIER_SCALE = {"local.mean": "mean", "local.precision": "precision",
+                 "layout.mean": "layout_mean", "layout.basis": "layout_basis",
+                 "layout.variances": "layout_var", "layout.noise": "layout_noise"}
+
+
+def earlier_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        rest = ".".join(parts[3:])
+        if parts[:2] == ["detector", "per_scale"] and rest in EARLIER_SCALE:
+            key = ".".join([*parts[:3], EARLIER_SCALE[rest]])
+        out[EARLIER_TERMS.get(key, key)] = value
+    return out
+
+
+def test_weights_saved_under_the_earlier_tensor_names_load_the_same(
+        tmp_path: Path, run_config: RunConfig) -> None:
+    model = perturbed_model(run_config.model)
+    save_model(tmp_path, run_config, model)
+    earlier = earlier_names(load_file(tmp_path / WEIGHTS))
+    assert {"detector.per_scale.layer2.mean", "detector.per_scale.layer4.layout_var",
+            "pixels.bank", "pixel_layout.precision", "detector.pixel_loc"} <= set(earlier)
+    assert not any(k.startswith(("terms.", "detector.per_scale.layer3.local")) for k in earlier)
+    save_file(earlier, tmp_path / WEIGHTS)
+    loaded = load_model(tmp_path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
+                               strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model.score(images), loaded.score(images)
+    assert torch.equal(a.image, b.image) and torch.equal(a.pixel_map, b.pixel_map)
+
+
 def test_load_run_reads_metrics_and_history(saved_run: Path, run_config: RunConfig) -> None:
     write_json(saved_run / METRICS, {"auroc": 0.75})
     append_history(saved_run, {"epoch": 1, "loss": 2.0})

@@ -1,4 +1,5 @@
-"""core/model/detector.py: Gaussian and PPCA fits, their distances, and the assembled detector."""
+"""core/model/detector.py: each scale's detector (its Gaussians, fit and calibration) and the
+assembled detector. The Gaussians themselves: tests/core/model/test_gaussians.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,8 @@ from core.model.detector import (
     AnomalyDetector,
     ScaleDetector,
     Scores,
-    fit_gaussian,
-    fit_positional_gaussians,
-    fit_ppca,
-    mahalanobis,
-    ppca_distance,
 )
+from core.model.gaussians import PPCA, Gaussian, PositionalGaussians, mahalanobis
 from core.model.memory import MemoryRead
 
 SCALES = ("layer2", "layer3")
@@ -29,180 +26,10 @@ RANK = 5
 TOPK = 0.1
 
 
-def known_gaussian(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mean = np.array([1.0, -2.0, 0.5])
-    a = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [-0.3, 0.2, 0.5]])
-    cov = a @ a.T
-    return rng.multivariate_normal(mean, cov, size=n), mean, cov
-
-
-def test_fit_gaussian_recovers_mean_and_precision() -> None:
-    samples, mean, cov = known_gaussian(20_000)
-    fitted_mean, precision = fit_gaussian(torch.from_numpy(samples))
-    assert fitted_mean.dtype == torch.float32 and precision.shape == (3, 3)
-    np.testing.assert_allclose(fitted_mean.numpy(), mean, atol=0.05)
-    expected = np.linalg.inv(cov)
-    error = np.linalg.norm(precision.numpy() - expected) / np.linalg.norm(expected)
-    assert error < 0.05
-    np.testing.assert_allclose(precision.numpy(), precision.numpy().T, atol=1e-5)
-
-
-def test_fit_gaussian_subsamples_beyond_max_rows() -> None:
-    samples, mean, _ = known_gaussian(6_000, seed=1)
-    a = fit_gaussian(torch.from_numpy(samples), max_rows=2_000, seed=3)
-    b = fit_gaussian(torch.from_numpy(samples), max_rows=2_000, seed=3)
-    full = fit_gaussian(torch.from_numpy(samples))
-    torch.testing.assert_close(a[0], b[0])
-    torch.testing.assert_close(a[1], b[1])
-    assert not torch.equal(a[0], full[0])  # only 2000 of the rows were used
-    np.testing.assert_allclose(a[0].numpy(), mean, atol=0.1)
-
-
-@pytest.mark.parametrize("shape", [(1, 3), (5,), (2, 3, 4)])
-def test_fit_gaussian_rejects_bad_input(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match="fit_gaussian"):
-        fit_gaussian(torch.randn(shape))
-
-
-def test_mahalanobis_matches_numpy() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(2, 5, 3))
-    mean = rng.normal(size=3)
-    a = rng.normal(size=(3, 3))
-    precision = a @ a.T + np.eye(3)
-    expected = np.empty((2, 5))
-    for i in range(2):
-        for j in range(5):
-            d = x[i, j] - mean
-            expected[i, j] = np.sqrt(d @ precision @ d)
-    got = mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), torch.from_numpy(precision))
-    assert got.shape == (2, 5)
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
-
-
-def test_mahalanobis_with_identity_precision_is_euclidean() -> None:
-    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-    got = mahalanobis(x, torch.zeros(2), torch.eye(2))
-    torch.testing.assert_close(got, torch.tensor([5.0, 0.0]))
-
-
-# --- probabilistic PCA ---------------------------------------------------------------------
-
-def reference_ppca(x: np.ndarray, rank: int) -> dict[str, np.ndarray]:
-    """Tipping & Bishop's maximum-likelihood PPCA from numpy's eigen-decomposition of the
-    sample covariance, as a full (L, L) covariance: kept directions at their variance, every
-    other direction at the mean of the discarded eigenvalues."""
-    n, dim = x.shape
-    mean = x.mean(0)
-    xc = x - mean
-    eigval, eigvec = np.linalg.eigh(xc.T @ xc / (n - 1))
-    order = np.argsort(eigval)[::-1]
-    eigval, eigvec = eigval[order], eigvec[:, order]
-    r = min(rank, n - 1, dim - 1)  # beyond n - 1 the centred rows have no variance
-    noise = eigval[r:].sum() / (dim - r)
-    u, var = eigvec[:, :r], eigval[:r]
-    cov = u @ np.diag(var) @ u.T + noise * (np.eye(dim) - u @ u.T)
-    return {"mean": mean, "basis": u, "var": var, "noise": noise, "cov": cov}
-
-
 def full_mahalanobis(y: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
     d = y - mean
     return np.sqrt(np.einsum("bi,ij,bj->b", d, np.linalg.inv(cov), d))
 
-
-def correlated_rows(n: int, dim: int, seed: int, decay: float = 0.1) -> np.ndarray:
-    """Rows with a spread-out spectrum (the largest std 2, the smallest `decay`)."""
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(dim, dim)) * np.linspace(2.0, decay, dim)
-    return rng.normal(size=(n, dim)) @ mix.T + rng.normal(size=dim)
-
-
-def as_float(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(x).float()
-
-
-@pytest.mark.parametrize(("n", "dim", "rank"), [(40, 6, 3), (50, 12, 5), (8, 20, 4)],
-                         ids=["more-rows", "many-dims", "fewer-rows-than-dims"])
-def test_ppca_matches_a_numpy_reference(n: int, dim: int, rank: int) -> None:
-    x = correlated_rows(n, dim, seed=dim)
-    ref = reference_ppca(x, rank)
-    mean, basis, variances, noise = fit_ppca(torch.from_numpy(x), rank)
-    assert basis.shape == (dim, rank) and variances.shape == (rank,) and noise.ndim == 0
-    np.testing.assert_allclose(mean.numpy(), ref["mean"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(variances.numpy(), ref["var"], rtol=1e-4)
-    assert float(noise) == pytest.approx(ref["noise"], rel=1e-4)
-    # Same principal directions, up to sign: the projectors agree.
-    np.testing.assert_allclose(basis.double().numpy() @ basis.double().numpy().T,
-                               ref["basis"] @ ref["basis"].T, atol=1e-4)
-    probe = np.random.default_rng(1).normal(size=(9, dim)) * 2 + ref["mean"]
-    probe[0] = ref["mean"]  # distance 0 at the mean
-    got = ppca_distance(as_float(probe), mean, basis, variances, noise)
-    assert got.shape == (9,)
-    expected = full_mahalanobis(probe, ref["mean"], ref["cov"])
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-3, atol=1e-3)
-
-
-def test_ppca_of_full_rank_is_the_full_mahalanobis_distance() -> None:
-    """With rank >= L - 1 nothing is discarded but the last direction, whose 'noise' is then
-    its own variance: PPCA is the sample Gaussian, and with many rows the true one."""
-    dim = 5
-    rng = np.random.default_rng(3)
-    mix = rng.normal(size=(dim, dim))
-    true_cov, true_mean = mix @ mix.T + 0.1 * np.eye(dim), rng.normal(size=dim)
-    x = rng.multivariate_normal(true_mean, true_cov, size=40_000)
-    probe = rng.multivariate_normal(true_mean, 4 * true_cov, size=50)
-    for rank in (dim - 1, dim, 3 * dim):
-        got = ppca_distance(as_float(probe), *fit_ppca(torch.from_numpy(x), rank)).numpy()
-        sample = full_mahalanobis(probe, x.mean(0), np.cov(x, rowvar=False))
-        np.testing.assert_allclose(got, sample, rtol=1e-3)
-        np.testing.assert_allclose(got, full_mahalanobis(probe, true_mean, true_cov), rtol=0.03)
-    truncated = ppca_distance(as_float(probe), *fit_ppca(torch.from_numpy(x), 1)).numpy()
-    assert np.abs(truncated / sample - 1).max() > 0.05  # low rank is an approximation
-
-
-def test_fewer_rows_than_rank_pads_with_zero_columns_that_add_nothing() -> None:
-    n, dim, rank = 6, 12, 9
-    x = torch.from_numpy(correlated_rows(n, dim, seed=4))
-    mean, basis, variances, noise = fit_ppca(x, rank)
-    used = n - 1
-    assert basis.shape == (dim, rank)
-    assert torch.count_nonzero(basis[:, used:]) == 0
-    torch.testing.assert_close(basis[:, :used].T @ basis[:, :used], torch.eye(used),
-                               atol=1e-5, rtol=0)
-    assert bool((variances > 0).all())  # the padding never divides by zero
-    probe = torch.randn(7, dim, generator=torch.Generator().manual_seed(0)) + mean
-    padded = ppca_distance(probe, mean, basis, variances, noise)
-    trimmed = ppca_distance(probe, mean, basis[:, :used], variances[:used], noise)
-    torch.testing.assert_close(padded, trimmed, rtol=1e-6, atol=1e-6)
-    # ... and the buffers of a detector sized for `rank` take the padded fit as it is.
-    sd = ScaleDetector(dim=3, topk_ratio=TOPK, grid=2, rank=rank)
-    assert sd.layout_basis.shape == basis.shape and sd.layout_var.shape == variances.shape
-
-
-def test_a_sample_off_the_fitted_subspace_scores_higher() -> None:
-    dim, rng = 16, np.random.default_rng(5)
-    span, _ = np.linalg.qr(rng.normal(size=(dim, 3)))  # the normal data live on 3 directions
-    normal = rng.normal(size=(400, 3)) * [3.0, 2.0, 1.0] @ span.T + 0.05 * rng.normal(
-        size=(400, dim))
-    fitted = fit_ppca(torch.from_numpy(normal), rank=3)
-    inside = rng.normal(size=(50, 3)) * [3.0, 2.0, 1.0] @ span.T  # held-out normal samples
-    off = rng.normal(size=dim)
-    off -= span @ (span.T @ off)  # orthogonal to every normal direction...
-    off *= 1.0 / np.linalg.norm(off)  # ... and shorter than the spread of the normal data
-    scores = ppca_distance(as_float(np.vstack([inside, off])), *fitted)
-    assert float(scores[-1]) > 3 * float(scores[:-1].max())
-    # Not just far away: the off-subspace sample is nearer the mean than most normal ones.
-    assert np.linalg.norm(off) < np.median(np.linalg.norm(inside, axis=1))
-
-
-@pytest.mark.parametrize("shape", [(2, 4), (6,), (3, 2, 2)])
-def test_fit_ppca_rejects_bad_input(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match="fit_ppca"):
-        fit_ppca(torch.randn(shape), 2)
-
-
-# --- the assembled detector ----------------------------------------------------------------
 
 def random_detector(seed: int = 0, local_weight: float = 0.3, layout_source: str = "query",
                     map_weights: tuple[float, ...] | None = None) -> AnomalyDetector:
@@ -216,14 +43,14 @@ def random_detector(seed: int = 0, local_weight: float = 0.3, layout_source: str
         for s in SCALES:
             sd = det.per_scale[s]
             a = torch.randn(DIM, DIM, generator=g)
-            sd.precision.copy_(a @ a.T + torch.eye(DIM))
-            sd.mean.copy_(torch.randn(DIM, generator=g))
+            sd.local.precision.copy_(a @ a.T + torch.eye(DIM))
+            sd.local.mean.copy_(torch.randn(DIM, generator=g))
             layout = DIM * GRIDS[s] ** 2
             q, _ = torch.linalg.qr(torch.randn(layout, RANK, generator=g))
-            sd.layout_basis.copy_(q)
-            sd.layout_mean.copy_(0.1 * torch.randn(layout, generator=g))
-            sd.layout_var.copy_(torch.rand(RANK, generator=g) + 0.2)
-            sd.layout_noise.fill_(0.05)
+            sd.layout.basis.copy_(q)
+            sd.layout.mean.copy_(0.1 * torch.randn(layout, generator=g))
+            sd.layout.variances.copy_(torch.rand(RANK, generator=g) + 0.2)
+            sd.layout.noise.fill_(0.05)
             sd.map_loc.fill_(0.7)
             sd.map_scale.fill_(1.9)
             sd.score_loc.copy_(torch.randn(N_SCORES, generator=g))
@@ -251,16 +78,17 @@ def reference_terms(det: AnomalyDetector, reads: dict[str, MemoryRead]
         buf = {k: v.double().numpy() for k, v in sd.state_dict().items()}
         dev = reads[s].deviation.double().numpy()
         b, d, h, w = dev.shape
-        rows = dev.transpose(0, 2, 3, 1).reshape(b, h * w, d) - buf["mean"]
-        dist = np.sqrt(np.einsum("bpi,ij,bpj->bp", rows, buf["precision"], rows))
+        rows = dev.transpose(0, 2, 3, 1).reshape(b, h * w, d) - buf["local.mean"]
+        dist = np.sqrt(np.einsum("bpi,ij,bpj->bp", rows, buf["local.precision"], rows))
         k = max(1, round(TOPK * h * w))
         local = np.sort(dist, axis=1)[:, ::-1][:, :k].mean(1)
         source = reads[s].query if det.layout_source == "query" else reads[s].deviation
         g = GRIDS[s]
         cells = source.double().numpy().reshape(b, d, g, h // g, g, w // g).mean(axis=(3, 5))
-        u = buf["layout_basis"]
-        cov = (u * buf["layout_var"]) @ u.T + buf["layout_noise"] * (np.eye(len(u)) - u @ u.T)
-        layout = full_mahalanobis(cells.reshape(b, -1), buf["layout_mean"], cov)
+        u = buf["layout.basis"]
+        cov = (u * buf["layout.variances"]) @ u.T + buf["layout.noise"] * (np.eye(len(u))
+                                                                           - u @ u.T)
+        layout = full_mahalanobis(cells.reshape(b, -1), buf["layout.mean"], cov)
         raw = np.stack([local, layout], axis=1)
         out[s] = (raw - buf["score_loc"]) / buf["score_scale"]
     return out
@@ -287,10 +115,14 @@ def test_every_fitted_statistic_is_a_buffer_sized_by_grid_and_rank() -> None:
     for s in SCALES:
         layout = DIM * GRIDS[s] ** 2
         assert det.per_scale[s].grid == GRIDS[s]
-        assert state[f"per_scale.{s}.layout_basis"].shape == (layout, RANK)
-        assert state[f"per_scale.{s}.layout_mean"].shape == (layout,)
-        assert state[f"per_scale.{s}.layout_var"].shape == (RANK,)
-        assert state[f"per_scale.{s}.precision"].shape == (DIM, DIM)
+        assert state[f"per_scale.{s}.layout.basis"].shape == (layout, RANK)
+        assert state[f"per_scale.{s}.layout.mean"].shape == (layout,)
+        assert state[f"per_scale.{s}.layout.variances"].shape == (RANK,)
+        assert state[f"per_scale.{s}.layout.noise"].shape == ()
+        assert state[f"per_scale.{s}.local.precision"].shape == (DIM, DIM)
+        assert state[f"per_scale.{s}.local.mean"].shape == (DIM,)
+        assert isinstance(det.per_scale[s].local, Gaussian)
+        assert isinstance(det.per_scale[s].layout, PPCA)
     fitted = random_detector(seed=4)
     det.load_state_dict(fitted.state_dict())
     reads = make_reads(2)
@@ -301,9 +133,9 @@ def test_scale_detector_pools_the_map_to_its_grid() -> None:
     sd = ScaleDetector(DIM, TOPK, grid=2, rank=RANK)
     x = torch.arange(DIM * 16, dtype=torch.float32).view(1, DIM, 4, 4)
     cells = x.view(1, DIM, 2, 2, 2, 2).mean(dim=(3, 5))  # (B, D, g, g): 2 x 2 blocks
-    torch.testing.assert_close(sd.layout(x), cells.flatten(1))
+    torch.testing.assert_close(sd.pooled(x), cells.flatten(1))
     one = ScaleDetector(DIM, TOPK, grid=1, rank=RANK)
-    torch.testing.assert_close(one.layout(x), x.mean(dim=(2, 3)))
+    torch.testing.assert_close(one.pooled(x), x.mean(dim=(2, 3)))
 
 
 @pytest.mark.parametrize("local_weight", [0.0, 0.3, 1.0])
@@ -377,11 +209,12 @@ def test_classifier_adds_the_softplus_of_its_logit_to_the_image_score() -> None:
 def test_maps_are_standardised_and_pixel_map_weighs_the_scales(
         map_weights: tuple[float, float] | None) -> None:
     det = random_detector(map_weights=map_weights)
-    assert hasattr(det, "map_weights") == (map_weights is not None)
+    assert (det.map_weights is None) == (map_weights is None)
+    assert ("map_weights" in det.state_dict()) == (map_weights is not None)
     with torch.no_grad():  # spatially constant deviation: every map is constant
         for s in SCALES:
-            det.per_scale[s].precision.copy_(torch.eye(DIM))
-            det.per_scale[s].mean.zero_()
+            det.per_scale[s].local.precision.copy_(torch.eye(DIM))
+            det.per_scale[s].local.mean.zero_()
     query = {"layer2": torch.full((1, DIM, 8, 8), 0.5), "layer3": torch.full((1, DIM, 4, 4), 0.5)}
     reads = {s: MemoryRead(q, q - (1.0 if s == "layer2" else 2.0), torch.ones(1, 1, *q.shape[2:]))
              for s, q in query.items()}
@@ -399,15 +232,9 @@ def test_maps_are_standardised_and_pixel_map_weighs_the_scales(
 def fitted_detector(normal: dict[str, MemoryRead]) -> AnomalyDetector:
     """Both Gaussians of every scale fitted to `normal`, as stage 2 does (no standardising)."""
     det = AnomalyDetector(DIM, TOPK, GRIDS, rank=8, local_weight=0.5)
-    with torch.no_grad():
-        for s, r in normal.items():
-            sd = det.per_scale[s]
-            mean, precision = fit_gaussian(r.deviation.permute(0, 2, 3, 1).reshape(-1, DIM))
-            sd.mean.copy_(mean)
-            sd.precision.copy_(precision)
-            for buf, value in zip(("layout_mean", "layout_basis", "layout_var", "layout_noise"),
-                                  fit_ppca(sd.layout(r.query), 8), strict=True):
-                getattr(sd, buf).copy_(value)
+    for s, r in normal.items():
+        sd = det.per_scale[s]
+        sd.fit(r.deviation.permute(0, 2, 3, 1).reshape(-1, DIM), sd.pooled(r.query))
     return det
 
 
@@ -462,41 +289,20 @@ def test_layout_term_flags_normal_parts_in_the_wrong_place() -> None:
     assert scores.image.argmax().item() == 0
 
 
-def test_positional_gaussians_are_ledoit_wolf_with_a_floor_at_every_position() -> None:
-    from sklearn.covariance import ledoit_wolf
-
-    from core.model.detector import POSITIONAL_FLOOR
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(20, 5, 3, 2, generator=g) * torch.arange(1, 6.0)[None, :, None, None]
-    x[:, :, 0, 0] += 4.0  # positions differ
-    x[:, :, 2, 1] *= 1e-4  # a position where the images barely vary (a plain background)
-    mean, precision = fit_positional_gaussians(x, chunk=4)
-    assert mean.shape == (6, 5) and precision.shape == (6, 5, 5)
-    rows = x.permute(2, 3, 0, 1).reshape(6, 20, 5).double()
-    floor = POSITIONAL_FLOOR * float(rows.var(1, correction=0).mean())
-    for p in range(6):
-        cov, _ = ledoit_wolf(rows[p].numpy())
-        cov = cov + np.eye(5) * (floor + 1e-6 * np.trace(cov) / 5)
-        np.testing.assert_allclose(mean[p].numpy(), rows[p].mean(0).numpy(), atol=1e-5)
-        np.testing.assert_allclose(precision[p].numpy(), np.linalg.inv(cov), rtol=1e-3,
-                                   atol=1e-5)
-    # the quiet position is no sharper than the floor allows: float noise stays noise
-    assert float(torch.linalg.eigvalsh(precision[5].double()).max()) <= 1 / floor
-
-
-def test_positional_distance_is_each_positions_own_mahalanobis() -> None:
+def test_a_positional_scales_distance_map_is_each_positions_own_mahalanobis() -> None:
     det = ScaleDetector(dim=3, topk_ratio=0.5, grid=1, rank=2, positions=4)
+    assert det.positional and isinstance(det.local, PositionalGaussians)
     g = torch.Generator().manual_seed(1)
-    det.mean.copy_(torch.randn(4, 3, generator=g))
+    det.local.mean.copy_(torch.randn(4, 3, generator=g))
     a = torch.randn(4, 3, 3, generator=g)
-    det.precision.copy_(a @ a.transpose(1, 2) + torch.eye(3))
+    det.local.precision.copy_(a @ a.transpose(1, 2) + torch.eye(3))
     dev = torch.randn(2, 3, 2, 2, generator=g)
     got = det.distance_map(dev)
+    assert got.shape == (2, 2, 2)
     x = dev.permute(0, 2, 3, 1).reshape(2, 4, 3)
     for b in range(2):
         for p in range(4):
-            ref = mahalanobis(x[b, p], det.mean[p], det.precision[p])
+            ref = mahalanobis(x[b, p], det.local.mean[p], det.local.precision[p])
             assert float(got[b].flatten()[p]) == pytest.approx(float(ref), rel=1e-5)
 
 
@@ -506,13 +312,9 @@ def test_positional_term_tells_a_normal_value_in_the_wrong_place() -> None:
     x = torch.randn(200, 2, 1, 2, generator=g) * 0.1
     x[:, 0, 0, 0] += 1.0  # position 0 normally holds +1, position 1 holds 0
     shared = ScaleDetector(dim=2, topk_ratio=0.5, grid=1, rank=1)
-    mean, prec = fit_gaussian(x.permute(0, 2, 3, 1).reshape(-1, 2))
-    shared.mean.copy_(mean)
-    shared.precision.copy_(prec)
+    shared.fit(x.permute(0, 2, 3, 1).reshape(-1, 2), shared.pooled(x))  # rows of every map
     positional = ScaleDetector(dim=2, topk_ratio=0.5, grid=1, rank=1, positions=2)
-    mean, prec = fit_positional_gaussians(x)
-    positional.mean.copy_(mean)
-    positional.precision.copy_(prec)
+    positional.fit(x, positional.pooled(x))  # the maps themselves
     swapped = torch.tensor([[[[0.0, 1.0]], [[0.0, 0.0]]]])  # +1 at position 1 instead of 0
     normal = torch.tensor([[[[1.0, 0.0]], [[0.0, 0.0]]]])
     assert float(positional.distance_map(swapped).max()) > 5 * float(
@@ -521,6 +323,84 @@ def test_positional_term_tells_a_normal_value_in_the_wrong_place() -> None:
         shared.distance_map(normal).max())
 
 
-def test_fit_positional_gaussians_rejects_bad_input() -> None:
-    with pytest.raises(ValueError, match="at least two maps"):
-        fit_positional_gaussians(torch.zeros(1, 3, 2, 2))
+@pytest.mark.parametrize("positions", [0, 16])
+def test_scale_detector_fit_fits_its_local_gaussian_and_its_layout_ppca(positions: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    maps = torch.randn(30, DIM, 4, 4, generator=g) * torch.arange(1, DIM + 1.0)[:, None, None]
+    sd = ScaleDetector(DIM, TOPK, grid=2, rank=RANK, positions=positions)
+    local = maps if positions else maps.permute(0, 2, 3, 1).reshape(-1, DIM)
+    sd.fit(local, sd.pooled(maps))
+    expected_local = PositionalGaussians(positions, DIM) if positions else Gaussian(DIM)
+    expected_local.fit(local)
+    expected_layout = PPCA(DIM * 4, RANK)
+    expected_layout.fit(sd.pooled(maps))
+    for name, value in {**{f"local.{k}": v for k, v in expected_local.state_dict().items()},
+                        **{f"layout.{k}": v
+                           for k, v in expected_layout.state_dict().items()}}.items():
+        torch.testing.assert_close(sd.state_dict()[name], value, rtol=0, atol=0)
+    assert not torch.equal(sd.local.precision, ScaleDetector(
+        DIM, TOPK, grid=2, rank=RANK, positions=positions).local.precision)  # fitted
+    # the standardisation is calibration's, not the fit's
+    torch.testing.assert_close(sd.score_loc, torch.zeros(N_SCORES))
+    torch.testing.assert_close(sd.map_scale, torch.ones(()))
+
+
+def test_calibrate_standardises_the_calibration_data_to_mean_0_std_1() -> None:
+    g = torch.Generator().manual_seed(4)
+    det = AnomalyDetector(DIM, TOPK, GRIDS, rank=4)
+    fit, calibration = make_reads(40, seed=5), make_reads(30, seed=6)
+    for s in SCALES:
+        sd = det.per_scale[s]
+        sd.fit(fit[s].deviation.permute(0, 2, 3, 1).reshape(-1, DIM),
+               sd.pooled(det.layout_input(fit[s])))
+    for s in SCALES:  # as stage 2 does: raw scores and distance maps of held-out normals
+        sd = det.per_scale[s]
+        dmap = sd.distance_map(calibration[s].deviation)
+        raw = sd.raw_scores(det.layout_input(calibration[s]), dmap)
+        assert raw.shape == (30, N_SCORES)
+        sd.calibrate(raw, dmap)
+        torch.testing.assert_close(sd.score_loc, raw.mean(0))
+        torch.testing.assert_close(sd.score_scale, raw.std(0))
+        torch.testing.assert_close(sd.map_loc, dmap.mean())
+        torch.testing.assert_close(sd.map_scale, dmap.std())
+    scores = det(calibration, (8, 8))
+    for name, z in scores.terms.items():
+        assert float(z.mean()) == pytest.approx(0.0, abs=1e-5), name
+        assert float(z.std()) == pytest.approx(1.0, abs=1e-5), name
+    for s, m in scores.maps.items():
+        assert float(m.mean()) == pytest.approx(0.0, abs=1e-4), s
+        assert float(m.std()) == pytest.approx(1.0, abs=1e-4), s
+    # a term that never varies keeps a tiny, not a zero, spread: standardised it stays finite
+    sd = ScaleDetector(DIM, TOPK, grid=2, rank=RANK)
+    raw = torch.stack([torch.full((10,), 3.0), torch.randn(10, generator=g)], dim=1)
+    sd.calibrate(raw, torch.full((10, 4, 4), 2.0))
+    assert float(sd.score_scale[0]) == pytest.approx(1e-6, rel=1e-6)
+    assert float(sd.map_scale) == pytest.approx(1e-6, rel=1e-6)
+    assert bool(torch.isfinite(sd.standardise(raw + 1)).all())
+
+
+def test_image_terms_are_the_last_columns_passed_through_as_given() -> None:
+    names = ["pixels/knn", "pixels/layout", "rotation/loss"]
+    det = random_detector(seed=2)
+    with_terms = AnomalyDetector(DIM, TOPK, GRIDS, RANK, 0.3, image_terms=names)
+    with_terms.per_scale.load_state_dict(det.per_scale.state_dict())  # the same scales
+    assert with_terms.image_terms == names
+    assert with_terms.term_names == det.term_names + names
+    assert with_terms.n_terms == det.n_terms + 3 and with_terms.units == len(SCALES) + 3
+    w = with_terms.fixed_weights()
+    assert float(w.sum()) == pytest.approx(1.0)
+    torch.testing.assert_close(w[-3:], torch.full((3,), 1 / (len(SCALES) + 3)))
+    reads = make_reads(4)
+    extra = torch.randn(4, 3, generator=torch.Generator().manual_seed(7))
+    z, _ = with_terms.features(reads, extra)
+    base, _ = det.features(reads)
+    torch.testing.assert_close(z, torch.cat([base, extra], dim=1))  # standardised already
+    scores = with_terms(reads, (8, 8), extra)
+    for j, name in enumerate(names):
+        torch.testing.assert_close(scores.terms[name], extra[:, j])
+    torch.testing.assert_close(scores.image, z @ w)
+    for bad in (None, extra[:, :2]):
+        with pytest.raises(ValueError, match="rotation/loss"):
+            with_terms.features(reads, bad)
+    # the terms' own state (location, spread) is theirs (core/model/terms.py), not the detector's
+    assert set(with_terms.state_dict()) == set(det.state_dict())

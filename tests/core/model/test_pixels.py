@@ -7,7 +7,9 @@ import numpy as np
 import torch
 from sklearn.covariance import LedoitWolf
 
+from core.model.gaussians import Gaussian
 from core.model.pixels import PixelLayout, PixelMemory
+from core.model.terms import ImageTerm
 
 
 def test_distance_is_cosine_knn_on_the_stored_thumbnails() -> None:
@@ -68,3 +70,30 @@ def test_layout_finds_brightness_in_the_wrong_place() -> None:
     layout = PixelLayout(channels=1, grid=4)
     layout.fit(left[:100])
     assert layout.distance(right[100:]).min() > layout.distance(left[100:]).max()
+
+
+def test_both_are_image_terms_fitted_on_normal_uint8_images() -> None:
+    g = torch.Generator().manual_seed(2)
+    normals = torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8, generator=g)
+    queries = torch.rand(4, 3, 16, 16, generator=g)
+    memory = PixelMemory(channels=3, size=8, capacity=16)
+    assert isinstance(memory, ImageTerm) and memory.name == "pixels/knn"
+    memory.fit(normals, torch.Generator().manual_seed(5))
+    stored = PixelMemory(channels=3, size=8, capacity=16)
+    stored.store(normals, torch.Generator().manual_seed(5))  # fit is store, the same subset
+    assert int(memory.count) == 16 and torch.equal(memory.bank, stored.bank)
+    torch.testing.assert_close(memory.raw(queries, {}, lambda x: {}), memory.distance(queries))
+    layout = PixelLayout(channels=3, grid=4)
+    assert isinstance(layout, ImageTerm) and layout.name == "pixels/layout"
+    assert isinstance(layout.gaussian, Gaussian)
+    assert set(layout.state_dict()) == {"loc", "scale", "gaussian.mean", "gaussian.precision"}
+    layout.fit(normals, torch.Generator().manual_seed(5))
+    pooled = torch.nn.functional.avg_pool2d(normals.float() / 255, 4).flatten(1)
+    reference = Gaussian(3 * 4 * 4)
+    reference.fit(pooled)
+    torch.testing.assert_close(layout.gaussian.mean, reference.mean)
+    torch.testing.assert_close(layout.gaussian.precision, reference.precision)
+    torch.testing.assert_close(layout.raw(queries, {}, lambda x: {}), layout.distance(queries))
+    torch.testing.assert_close(layout.distance(queries),
+                               reference.distance(torch.nn.functional.avg_pool2d(queries, 4)
+                                                  .flatten(1)))

@@ -93,12 +93,12 @@ def test_stage1_teaches_the_rotation_head_on_turned_normals(
         make_model_config: Callable[..., ModelConfig]) -> None:
     torch.manual_seed(0)
     model = AnoMem(make_model_config(image_size=16, scales=("layer3",), rotation=True))
-    before = model.rotation.weight.detach().clone()
+    before = model.rotation.head.weight.detach().clone()
     g = torch.Generator().manual_seed(0)
     normals = torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8, generator=g)
     tc = TrainConfig(epochs=2, batch_size=8, w_rotation=0.5)
     history, _ = stage1.train_stage1(model, normals, normals[:0], tc, torch.device("cpu"))
-    assert not torch.equal(model.rotation.weight, before)
+    assert not torch.equal(model.rotation.head.weight, before)
     # the term is the weighted cross-entropy of four classes: near 0.5 * log 4 untrained
     assert all(0 < row["rotation"] < 0.5 * 2 * math.log(4) for row in history)
     total = sum(v for k, v in history[0].items() if k in (

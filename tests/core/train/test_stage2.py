@@ -1,14 +1,18 @@
-"""core/train/stage2.py: the combination of terms, its check, the labelled-anomaly head."""
+"""core/train/stage2.py: fitting and calibrating the detector and the image-level terms, the
+combination of terms on a model, the labelled-anomaly head, the pixel map's scales. The
+weighting and its check: test_weighting.py; the logistic fits: test_logistic.py."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from core.config import SHIFTS, ModelConfig, TrainConfig
+from core.data.base import ImageSet
 from core.model.anomem import AnoMem
-from core.train import stage2
+from core.model.pixels import PixelLayout
+from core.train import stage2, trainer
+from core.train.augment import to_float
 from core.train.distributed import Dist
 
 TINY = dict(image_size=16, width=0.125, memory_size=4, memory_dim=4, head_dim=4,
@@ -66,19 +70,6 @@ def test_checked_falls_back_to_fixed_weights_when_a_kind_is_missed(
     torch.testing.assert_close(model.detector.weights, model.detector.fixed_weights())
 
 
-def test_kinds_both_weightings_separate_perfectly_do_not_dilute_the_check() -> None:
-    """Four kinds at AUROC 1.0 either way and two where the learnt weights gain 0.03: the mean
-    over all six (0.01 margin) would refuse them, the mean over the two confirms them."""
-    check = {k: {"learned": 1.0, "fixed": 1.0} for k in ("jigsaw", "rotate", "colour", "blend")}
-    check |= {"cutpaste": {"learned": 0.83, "fixed": 0.80},
-              "scar": {"learned": 0.73, "fixed": 0.70}}
-    assert stage2.confirms(check)
-    # a perfect kind is still evidence when only one weighting is perfect on it
-    check["colour"] = {"learned": 0.97, "fixed": 1.0}
-    assert not stage2.confirms(check)  # a 0.03 loss on one kind: over the tolerance
-    assert not stage2.confirms({k: {"learned": 1.0, "fixed": 1.0} for k in SHIFTS})
-
-
 def test_fixed_combination_is_the_configured_one() -> None:
     model, report = combine("fixed")
     torch.testing.assert_close(model.detector.weights, torch.tensor([0, 0.5, 0, 0.5]))
@@ -98,41 +89,6 @@ def test_the_labelled_head_never_lowers_a_one_class_score() -> None:
         z, _ = det.features(reads)
         score = model.score(x).image
     assert bool((score >= z @ det.weights - 1e-6).all())
-
-
-def test_positive_offset_logistic_learns_to_raise_the_labelled_class() -> None:
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(600, 2, generator=g, dtype=torch.float64)
-    y = (x[:, 0] > 1.0).double()
-    coef, bias = stage2.fit_offset_logistic(x, torch.zeros(600), y, positive=True)
-    lift = torch.nn.functional.softplus(x @ coef + bias)
-    assert float(lift[y > 0.5].mean()) > 5 * float(lift[y < 0.5].mean())
-    assert bool((lift >= 0).all())
-
-
-def test_offset_logistic_is_scikit_learns_balanced_logistic_without_an_offset() -> None:
-    from sklearn.linear_model import LogisticRegression
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 5, generator=g, dtype=torch.float64)
-    y = (x[:, 0] - 0.5 * x[:, 3] + 0.8 * torch.randn(300, generator=g, dtype=torch.float64)
-         > 1.2).double()  # unbalanced classes
-    coef, bias = stage2.fit_offset_logistic(x, torch.zeros(300), y, c=0.5)
-    ref = LogisticRegression(C=0.5, class_weight="balanced", tol=1e-10, max_iter=10_000)
-    ref.fit(x.numpy(), y.numpy())
-    np.testing.assert_allclose(coef.numpy(), ref.coef_[0], atol=1e-4)
-    assert bias == pytest.approx(float(ref.intercept_[0]), abs=1e-4)
-
-
-def test_offset_logistic_fits_only_what_the_offset_misses() -> None:
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(4000, 2, generator=g, dtype=torch.float64)
-    y = (torch.rand(4000, generator=g, dtype=torch.float64)
-         < torch.sigmoid(2 * x[:, 0] + x[:, 1])).double()
-    alone, _ = stage2.fit_offset_logistic(x, torch.zeros(4000), y, c=10.0)
-    given, _ = stage2.fit_offset_logistic(x, 2 * x[:, 0], y, c=10.0)
-    assert alone[0] == pytest.approx(2.0, abs=0.25) and alone[1] == pytest.approx(1.0, abs=0.2)
-    assert given[0] == pytest.approx(0.0, abs=0.2) and given[1] == pytest.approx(1.0, abs=0.2)
 
 
 def pasted_top_left(x: torch.Tensor, kinds: tuple[str, ...], g: torch.Generator) -> torch.Tensor:
@@ -173,3 +129,69 @@ def test_the_pixel_map_keeps_the_scales_that_outline_pasted_defects(
     assert report["pseudo_pixel_auroc"]["layer2"] == pytest.approx([1.0] * 3)
     expected = torch.tensor([float(s in chosen.split("+")) for s in model.scales])
     torch.testing.assert_close(det.map_weights, expected / expected.sum())
+
+
+def test_fit_stage2_fits_on_the_normals_stage1_trained_on_and_calibrates_on_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert trainer.split_normals is stage2.split_normals  # the trainer's split is this one
+    labels = [0] * 30 + [1] * 4 + [0] * 6
+    images = torch.arange(40, dtype=torch.uint8).view(40, 1, 1, 1).expand(40, 3, 4, 4)
+    train = ImageSet(images=images, labels=torch.tensor(labels),
+                     types=["normal" if y == 0 else "object" for y in labels],
+                     names=[str(i) for i in range(40)], edge=torch.zeros(40, dtype=torch.bool))
+    seen = {}
+
+    def fit_detector(model, fit, calibration, anomalies, tc, device, progress, should_stop,
+                     dist):
+        seen.update(fit=fit, calibration=calibration, anomalies=anomalies)
+        return {"chosen": "fixed"}
+
+    monkeypatch.setattr(stage2, "fit_detector", fit_detector)
+    tc = TrainConfig(holdout=0.2, seed=3)
+    report = stage2.fit_stage2(None, train, tc, torch.device("cpu"))
+    assert report == {"chosen": "fixed"}
+    fit_idx, cal_idx = stage2.split_normals(train, 0.2, 3)
+    index = {name: seen[name][:, 0, 0, 0].tolist() for name in seen}
+    assert index["fit"] == fit_idx.tolist() and index["calibration"] == cal_idx.tolist()
+    assert index["anomalies"] == [30, 31, 32, 33]
+    assert len(index["calibration"]) == 7  # 20 % of the 36 normals
+    assert not set(index["fit"]) & set(index["calibration"])
+
+
+def test_stage2_fits_every_part_and_calibrates_every_term_on_the_held_out_normals() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY, "pixel_memory": 16, "pixel_layout": True, "rotation": True,
+                         "map_weights": False})
+    model = AnoMem(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    fit = torch.randint(0, 256, (24, 3, 16, 16), dtype=torch.uint8, generator=g)
+    calibration = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8, generator=g)
+    tc = TrainConfig(combine="fixed")
+    stage2.fit_detector(model, fit, calibration, fit[:0], tc, torch.device("cpu"))
+    det = model.detector
+    assert bool(det.fitted)
+    assert list(model.terms) == ["pixels", "pixel_layout", "rotation"]
+    # the image-level terms: fitted on the `fit` images (the rotation head has nothing to fit)
+    assert int(model.terms["pixels"].count) == 16
+    layout = PixelLayout(3, model.terms["pixel_layout"].grid)
+    layout.fit(fit)
+    torch.testing.assert_close(model.terms["pixel_layout"].gaussian.precision,
+                               layout.gaussian.precision)
+    for s in model.scales:  # each scale's Gaussians fitted
+        sd = det.per_scale[s]
+        assert not torch.equal(sd.local.precision, torch.eye(cfg.memory_dim))
+        assert torch.count_nonzero(sd.layout.basis) > 0
+    # every column standardised on the held-out normals: mean 0, std 1 there
+    z = stage2.standardised_terms(model, calibration, torch.device("cpu"))
+    assert z.shape == (20, len(det.term_names))
+    torch.testing.assert_close(z.mean(0), torch.zeros(z.shape[1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(z.shape[1]), atol=1e-4, rtol=0)
+    for term in model.terms.values():
+        assert float(term.scale) != 1.0 and float(term.loc) != 0.0, term.name
+    with torch.no_grad():
+        maps = model.score(to_float(calibration)).maps
+    for s, m in maps.items():
+        assert float(m.mean()) == pytest.approx(0.0, abs=1e-4), s
+        assert float(m.std()) == pytest.approx(1.0, abs=1e-3), s
+    torch.testing.assert_close(det.weights, det.fixed_weights())
+
