@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.config import ConfigError, DataConfig, RunConfig, preset
+from core.config import ConfigError, RunConfig
 from core.data.base import DataError
 from core.runs import (
     BROKEN,
@@ -54,36 +54,6 @@ class Work(Protocol):
     when it does stop) and returns the run's metrics."""
 
     def __call__(self, *, progress: ProgressFn, should_stop: StopFn) -> dict: ...
-
-
-def make_config(dataset: str = "shapes", root: str | None = None,
-                normal_class: str | None = None, setting: str = "one-class",
-                anomaly_ratio: float = 0.05, anomaly_classes: tuple[str, ...] = (),
-                preset_name: str = "quick", epochs: int | None = None,
-                max_minutes: float | None = None, memory_size: int | None = None,
-                seed: int = 0, max_train: int | None = None) -> RunConfig:
-    """The RunConfig the Train page's widgets describe; raises ConfigError on bad values."""
-    data = DataConfig(dataset=dataset, root=root or None, normal_class=normal_class,
-                      setting=setting, anomaly_ratio=anomaly_ratio,
-                      anomaly_classes=tuple(anomaly_classes), max_train=max_train or None,
-                      seed=seed)
-    cfg = preset(preset_name, data)
-    if epochs is not None:
-        cfg.train.epochs = int(epochs)
-    cfg.train.max_minutes = max_minutes or None
-    if memory_size is not None:
-        cfg.model.memory_size = int(memory_size)
-    cfg.train.seed = int(seed)
-    return cfg.checked()
-
-
-def first_run_config() -> RunConfig:
-    """The quick preset on the built-in shapes data, exactly as `anomem train` runs it.
-
-    No time budget: a fixed number of epochs keeps the run reproducible, so the app and the CLI
-    give the same metrics for the same seed.
-    """
-    return make_config()
 
 
 class JobStatus(StrEnum):

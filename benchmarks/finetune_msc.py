@@ -55,10 +55,11 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from core.bench.feature_peers import nearest
-from core.config import PRETRAINED_ALIGNED_SIZE, PRETRAINED_INPUT, AugmentConfig, DataConfig
+from core.config import AugmentConfig, DataConfig
 from core.data import ImageSet, load_split
 from core.files import write_atomic
 from core.model.efficientnet import STAGES, EfficientNetLite0
+from core.presets import PRETRAINED_ALIGNED_SIZE, PRETRAINED_INPUT
 from core.train.augment import augment, to_float
 from core.train.features import BATCH
 

@@ -2,31 +2,24 @@
 export, serve).
 
 Bad input ends with one line on stderr naming the thing and what was expected, and exit
-status 2; no traceback. The CLI only builds the dataclasses of core.config and calls the same
-pipeline as the app.
+status 2; no traceback. The CLI only builds a run's config (core.presets.run_config, as the app
+and the benchmark do) and calls the same pipeline as the app.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import warnings
 from pathlib import Path
 
 from core.bench.suites import DEFAULT_SUITES, SUITES
-from core.config import (
-    PRESETS,
-    SETTINGS,
-    ConfigError,
-    DataConfig,
-    RunConfig,
-    preset,
-    with_overrides,
-)
+from core.config import SETTINGS, ConfigError, DataConfig, RunConfig
+from core.presets import PRESETS, run_config
 
 EXIT_BAD_INPUT = 2
-UNBOUNDED_EPOCHS = 100_000
 
 
 class CliError(Exception):
@@ -56,8 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--preset", default="quick", choices=PRESETS)
     t.add_argument("--epochs", type=int, help="override the preset's epoch count")
     t.add_argument("--max-minutes", type=float,
-                   help="wall-clock budget for both stages (without --epochs, train until it "
-                        "is spent)")
+                   help="wall-clock budget for both stages (without --epochs, a from-scratch "
+                        "encoder trains until it is spent, a pretrained one stops at the "
+                        "preset's epochs or earlier)")
     t.add_argument("--image-size", type=int, help="working resolution (default: the data set's)")
     t.add_argument("--max-train", type=int, help="cap on normal training images")
     t.add_argument("--shift-fraction", type=float,
@@ -181,16 +175,10 @@ def _config_from_args(args: argparse.Namespace) -> RunConfig:
         anomaly_classes=tuple(c for c in args.anomaly_classes.split(",") if c),
         image_size=args.image_size, max_train=args.max_train, seed=args.seed,
     )
-    cfg = preset(args.preset, data)
-    cfg.train.seed, cfg.train.device = args.seed, args.device
-    if args.epochs is not None:
-        cfg.train.epochs = args.epochs
-    elif args.max_minutes is not None:
-        cfg.train.epochs = UNBOUNDED_EPOCHS  # the time budget decides
-    cfg.train.max_minutes = args.max_minutes
-    if args.shift_fraction is not None:
-        cfg.train.shift_fraction = args.shift_fraction
-    return with_overrides(cfg, args.set)
+    shift = [] if args.shift_fraction is None else [
+        f"train.shift_fraction={json.dumps(args.shift_fraction)}"]
+    return run_config(args.preset, data, epochs=args.epochs, minutes=args.max_minutes,
+                      seed=args.seed, device=args.device, overrides=[*shift, *args.set])
 
 
 class StopOnSignal:
@@ -320,7 +308,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ratios=ratios, per_set=args.per_set, deep_peer=not args.no_deep_peer,
         feature_peers=not args.no_feature_peers, seed=args.seed,
         device=args.device, overrides=tuple(args.set), preset=args.preset)
-    with_overrides(preset(opts.preset), opts.overrides)  # a bad setting fails now, not per cell
+    # a bad setting fails now, not per cell
+    run_config(opts.preset, minutes=opts.minutes, seed=opts.seed, device=opts.device,
+               overrides=opts.overrides)
     if args.per_set < 1:
         raise CliError(f"--per-set {args.per_set}: expected at least 1 class")
 

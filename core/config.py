@@ -2,7 +2,8 @@
 
 Every knob lives in one of four small dataclasses. A run folder stores them as JSON
 (`RunConfig.to_dict`) and `RunConfig.from_dict` rebuilds them, so a checkpoint never needs a
-guess about the architecture. Presets are plain functions returning these dataclasses.
+guess about the architecture. The presets, and the one function that builds a run's config
+from a preset, the data and the budget, are in core/presets.py.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ ADDED_IN = {
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
 COMBINE = ("checked", "learned", "fixed")
 SETTINGS = ("one-class", "unbalanced")
-PRESETS = ("quick", "scratch", "paper")
 # The encoders and the stages each can put a memory on. "resnet" is trained from scratch (the
 # paper's); "efficientnet-lite0" is frozen with its ImageNet weights (core/model/efficientnet.py),
 # its stages named by index and stride.
@@ -43,12 +43,6 @@ BACKBONES = {
     "efficientnet-lite0": ("stage1_s2", "stage2_s4", "stage3_s8", "stage4_s16", "stage5_s16",
                            "stage6_s32", "stage7_s32"),
 }
-PRETRAINED_SCALES = ("stage3_s8", "stage5_s16", "stage7_s32")
-# The quick preset on the pretrained encoder (chosen on the general suite: benchmarks/README.md)
-PRETRAINED_INPUT = 128  # smaller images are upsampled to this side
-PRETRAINED_ALIGNED_SIZE = 224  # working size of aligned (MVTec-layout) data sets
-PRETRAINED_MEMORY = 256  # prototypes per scale
-PRETRAINED_EPOCHS = 20
 MAX_SIDE = 1024  # pixels, either side of the images a model reads
 MAX_LESSONS = 100_000  # keys of marked images (core/model/lessons.py)
 MAX_BLOCKS = 64  # per ResNet stage (ResNet-152 has 36): a stored config cannot ask for more
@@ -541,48 +535,3 @@ def _require_int(obj: Any, name: str) -> None:
     value = getattr(obj, name)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"{name}={value!r}: expected an integer")
-
-
-def preset(name: str, data: DataConfig | None = None) -> RunConfig:
-    """The named preset. `quick`: memories on the frozen ImageNet-pretrained EfficientNet-Lite0,
-    minutes on a 2-core CPU; `scratch`: the same memories on a small ResNet trained from scratch
-    (the paper's path at CPU scale); `paper`: a ResNet-18 from scratch, GPU-scale epochs.
-
-    The model's input size follows the data: `data.image_size`, else the data set's own; the
-    pretrained encoder sees images of at least PRETRAINED_INPUT pixels a side.
-    """
-    data = data or DataConfig()
-    from core.data import DATASETS  # here: core.data itself imports this module
-
-    info = DATASETS.get(data.dataset)
-    if name == "quick":
-        if data.image_size is None and info is not None and info.aligned:
-            # fine defects need the resolution (a copy: the caller's config is left alone)
-            data = dataclasses.replace(data, image_size=PRETRAINED_ALIGNED_SIZE)
-        cfg = RunConfig(
-            model=ModelConfig(backbone="efficientnet-lite0", scales=PRETRAINED_SCALES,
-                              memory_size=PRETRAINED_MEMORY, memory_dim=128, head_dim=128),
-            # stage 2 passes its images through the encoder too: it gets 40 % of a budget
-            train=TrainConfig(epochs=PRETRAINED_EPOCHS, lr=1e-3, shift_fraction=0.5,
-                              stage1_share=0.6),
-            data=data, preset=name)
-    elif name == "scratch":
-        cfg = RunConfig(model=ModelConfig(), train=TrainConfig(), data=data, preset=name)
-    elif name == "paper":
-        cfg = RunConfig(
-            model=ModelConfig(blocks=(2, 2, 2, 2), width=1.0, memory_size=256, memory_dim=128,
-                              head_dim=128),
-            train=TrainConfig(epochs=200, batch_size=256, lr=1e-3),
-            data=data,
-            preset=name,
-        )
-    else:
-        raise ConfigError(f"preset {name!r}: expected one of {', '.join(PRESETS)}")
-    cfg.model.image_size = data.image_size or (info.image_size if info else 32)
-    cfg.model.pixel_size = min(32, cfg.model.image_size)
-    if cfg.model.pretrained:
-        cfg.model.input_size = max(PRETRAINED_INPUT, cfg.model.image_size)
-    if info is not None and info.aligned:
-        cfg.model.local_map = "positional"
-        cfg.train.shift_negatives = ("jigsaw", "cutpaste", "scar")
-    return cfg

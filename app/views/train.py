@@ -6,9 +6,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from app import charts, jobs, state
-from core.config import PRESETS, SETTINGS, ConfigError, RunConfig, preset
+from app import charts, jobs, state, train_form
+from core.config import SETTINGS, ConfigError, RunConfig
 from core.data import DATASETS, DataError, anomaly_choices, list_classes
+from core.presets import PRESETS, preset
 from core.runs import STOPPED, TRAINING, RunError, delete_run, read_history
 from core.train.checkpoint import read_checkpoint
 
@@ -140,7 +141,7 @@ if not has_runs and not running:
         )
         if st.button("Train the quick preset on shapes", type="primary",
                      key="train_first_run", icon=":material/play_arrow:"):
-            start(jobs.first_run_config(), "shapes-quick")
+            start(train_form.first_run_config(), "shapes-quick")
 
 if job is not None:
     st.fragment(progress_panel, run_every=POLL_SECONDS if running else None)()
@@ -201,7 +202,7 @@ with st.expander("Configure a run", expanded=has_runs and not running):
     if st.button("Start training", type="primary", key="train_start",
                  disabled=running or not classes, icon=":material/play_arrow:"):
         try:
-            cfg = jobs.make_config(
+            cfg = train_form.make_config(
                 dataset=dataset, root=root, normal_class=normal, setting=setting,
                 anomaly_ratio=float(ratio), anomaly_classes=tuple(anomaly_classes),
                 preset_name=preset_name, epochs=int(epochs), max_minutes=float(minutes),

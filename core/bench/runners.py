@@ -26,12 +26,13 @@ from core.bench.peers import DeepSVDD, MapPeer, Peer, make_peers
 from core.bench.results import ANOMEM, Results, make_row
 from core.bench.suites import BenchOptions, Cell, Say, cifar_source, plan
 from core.bench.tables import render_markdown
-from core.config import PRETRAINED_INPUT, DataConfig, RunConfig, preset, with_overrides
+from core.config import DataConfig, RunConfig
 from core.data import Split, load_split
 from core.files import write_atomic
 from core.metrics import image_metrics, pixel_auroc
 from core.model.anomem import AnoMem
 from core.pipeline import resume_run, train_run
+from core.presets import PRETRAINED_INPUT, run_config
 from core.runs import (
     FINISHED,
     METRICS,
@@ -46,8 +47,6 @@ from core.runs import (
 )
 from core.train.scoring import score_images
 from core.train.trainer import Progress
-
-UNBOUNDED_EPOCHS = 100_000
 
 
 class Method(Protocol):
@@ -129,15 +128,11 @@ def bench(opts: BenchOptions, say: Say = print) -> Results:
 
 
 def anomem_config(cell: Cell, opts: BenchOptions) -> RunConfig:
-    """The benchmark's preset within its time budget: a from-scratch encoder trains until the
-    budget is spent (epochs unbounded); memories on a frozen encoder stop at the preset's
-    epochs, or earlier if the budget says so (their loss is flat by then)."""
-    cfg = preset(opts.preset, cell.data(opts.seed))
-    if not cfg.model.pretrained:
-        cfg.train.epochs = UNBOUNDED_EPOCHS
-    cfg.train.max_minutes = opts.minutes
-    cfg.train.seed, cfg.train.device = opts.seed, opts.device
-    return with_overrides(cfg, opts.overrides)
+    """The benchmark's preset on the cell within its time budget (`run_config`'s epoch rule:
+    a from-scratch encoder trains until the budget is spent, a frozen one stops at the
+    preset's epochs)."""
+    return run_config(opts.preset, cell.data(opts.seed), minutes=opts.minutes, seed=opts.seed,
+                      device=opts.device, overrides=opts.overrides)
 
 
 def scored_row(cell: Cell, method: str, kind: str, labels: np.ndarray, scores: np.ndarray,
@@ -291,10 +286,8 @@ def run_speed(opts: BenchOptions, say: Say) -> None:
     data = (DataConfig(dataset=cifar[0], root=cifar[1], max_train=1024, seed=opts.seed)
             if cifar else DataConfig(seed=opts.seed))
     split = load_split(data)
-    cfg = preset("scratch", data)  # stage-1 steps: the encoder that stage 1 trains
-    cfg.train.device = opts.device
-    pretrained = preset("quick", data)
-    pretrained.train.device = opts.device
+    cfg = run_config("scratch", data, device=opts.device)  # stage-1 steps: what stage 1 trains
+    pretrained = run_config("quick", data, device=opts.device)
     if not speed:
         say(f"speed: timing stage-1 steps on {data.dataset} ({cfg.model.image_size} px)")
         report = measure(cfg, split.train.images)

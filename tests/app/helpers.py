@@ -7,7 +7,8 @@ from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
-from core.config import DataConfig, RunConfig, preset
+from core.config import DataConfig, RunConfig
+from core.presets import preset
 
 MAIN = Path(__file__).resolve().parents[2] / "app" / "main.py"
 TINY_MEMORY = 16

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from app import jobs
-from core.config import ConfigError, DataConfig, RunConfig, preset
+from core.config import RunConfig
 from core.data.base import DataError
+from core.presets import preset
 from core.runs import CONFIG, WEIGHTS, RunError, is_locked, run_lock
 from core.train.checkpoint import CHECKPOINT
 from core.train.trainer import Progress, TrainingCancelled
@@ -30,7 +31,7 @@ def test_job_reports_progress_rows_and_metrics(tmp_path: Path):
         return {"auroc": 0.9}
 
     board = jobs.JobBoard()
-    job = board.start(jobs.make_config(), tmp_path, "my run", train_fn=fake_train)
+    job = board.start(preset("quick"), tmp_path, "my run", train_fn=fake_train)
     assert job.wait(10)
     snap = job.snapshot()
     assert snap.status is jobs.JobStatus.DONE and not snap.running
@@ -71,17 +72,17 @@ def test_cancel_stops_the_trainer_and_removes_the_unsaved_run(tmp_path: Path):
         raise TrainingCancelled([_row(1)])
 
     board = jobs.JobBoard()
-    job = board.start(jobs.make_config(), tmp_path, "c", train_fn=fake_train)
+    job = board.start(preset("quick"), tmp_path, "c", train_fn=fake_train)
     assert started.wait(10)
     with pytest.raises(RuntimeError, match="still training"):
-        board.start(jobs.make_config(), tmp_path, "other", train_fn=fake_train)
+        board.start(preset("quick"), tmp_path, "other", train_fn=fake_train)
     job.cancel()
     assert job.wait(10)
     assert job.snapshot().status == jobs.JobStatus.CANCELLED
     assert not (tmp_path / "c").exists()
     assert not (tmp_path / "other").exists()
     # Once the first job has ended, the board accepts a new one.
-    quick = board.start(jobs.make_config(), tmp_path, "next",
+    quick = board.start(preset("quick"), tmp_path, "next",
                         train_fn=lambda cfg, out, progress, should_stop: {})
     assert quick.wait(10) and quick.snapshot().status == jobs.JobStatus.DONE
 
@@ -99,25 +100,6 @@ def test_failure_becomes_a_message(tmp_path: Path, error: Exception, message: st
     assert job.wait(10)
     snap = job.snapshot()
     assert snap.status == jobs.JobStatus.FAILED and snap.error == message
-
-
-def test_make_config_applies_the_page_values():
-    cfg = jobs.make_config(dataset="digits", normal_class="3", setting="unbalanced",
-                           anomaly_ratio=0.1, anomaly_classes=("5",), preset_name="paper",
-                           epochs=7, max_minutes=2.5, memory_size=33, seed=4, max_train=100)
-    assert cfg.preset == "paper" and cfg.model.width == 1.0
-    assert (cfg.train.epochs, cfg.train.max_minutes, cfg.train.seed) == (7, 2.5, 4)
-    assert cfg.model.memory_size == 33
-    assert cfg.data.anomaly_classes == ("5",) and cfg.data.max_train == 100
-    assert jobs.make_config(max_minutes=0, max_train=0).train.max_minutes is None
-    first = jobs.first_run_config()
-    assert (first.data.dataset, first.preset) == ("shapes", "quick")
-    assert first.train.max_minutes is None  # reproducible: epochs, not a time budget
-    assert first.to_dict() == preset("quick", DataConfig()).to_dict()
-    with pytest.raises(ConfigError):
-        jobs.make_config(epochs=0)
-    with pytest.raises(ConfigError):
-        jobs.make_config(memory_size=1)
 
 
 @pytest.mark.filterwarnings("ignore:skipped 1 unreadable")

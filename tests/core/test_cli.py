@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from core.cli import EXIT_BAD_INPUT, main
+from core.cli import EXIT_BAD_INPUT, _config_from_args, _parser, main
 from core.config import ModelConfig, RunConfig
 from core.data.imageio import read_image
 from core.model.anomem import AnoMem
+from core.presets import PRETRAINED_EPOCHS, UNBOUNDED_EPOCHS
 from core.runs import CONFIG, load_run, save_model
 from core.train.scoring import score_images
 
@@ -191,3 +192,16 @@ def test_bench_cli_refuses_bad_options(args: list[str], message: str, tmp_path: 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("preset", "epochs"), [("quick", PRETRAINED_EPOCHS),
+                                                ("scratch", UNBOUNDED_EPOCHS)])
+def test_a_budget_without_epochs_follows_the_one_epoch_rule(preset: str, epochs: int) -> None:
+    """--max-minutes alone: a from-scratch encoder trains until the budget is spent, a frozen
+    pretrained one stops at its preset's epochs (or earlier); --epochs always wins."""
+    base = ["train", "--preset", preset, "--max-minutes", "2", "--out", "x"]
+    cfg = _config_from_args(_parser().parse_args(base))
+    assert (cfg.train.epochs, cfg.train.max_minutes) == (epochs, 2.0)
+    cfg = _config_from_args(_parser().parse_args([*base, "--epochs", "3",
+                                                  "--shift-fraction", "0.25"]))
+    assert (cfg.train.epochs, cfg.train.shift_fraction) == (3, 0.25)

@@ -1,4 +1,4 @@
-"""core/config.py: range checks, the JSON round trip and the presets."""
+"""core/config.py: range checks, the JSON round trip, older versions and overrides."""
 
 from __future__ import annotations
 
@@ -7,21 +7,18 @@ import json
 from typing import Any
 
 import pytest
-import torch
 
 from core.config import (
     CONFIG_VERSION,
-    PRESETS,
     AugmentConfig,
     ConfigError,
     DataConfig,
     ModelConfig,
     RunConfig,
     TrainConfig,
-    preset,
     with_overrides,
 )
-from core.model.anomem import AnoMem
+from core.presets import preset
 
 OUT_OF_RANGE = [
     (ModelConfig, {"image_size": 4}, "image_size"),
@@ -205,50 +202,6 @@ def test_from_dict_rejects_mistyped_or_missing_fields(raw: dict, match: str) -> 
         RunConfig.from_dict(raw)
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_presets_build_a_model(name: str) -> None:
-    data = DataConfig(dataset="digits", normal_class="4")
-    cfg = preset(name, data)
-    assert isinstance(cfg, RunConfig) and cfg.preset == name
-    assert cfg.data is data
-    model = AnoMem(cfg.model)
-    assert set(model.memories) == set(cfg.model.scales)
-    assert model.memories[cfg.model.scales[0]].size == cfg.model.memory_size
-    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-
-
-@pytest.mark.parametrize(("data", "size"), [
-    (DataConfig(dataset="mvtec", root="/nowhere"), 128),  # the data set's working size
-    (DataConfig(dataset="mvtec", root="/nowhere", image_size=64), 64),  # the asked size wins
-    (DataConfig(dataset="digits", image_size=48), 48),
-])
-@pytest.mark.parametrize("name", ["scratch", "paper"])
-def test_presets_size_the_model_from_the_data(name: str, data: DataConfig, size: int) -> None:
-    assert preset(name, data).model.image_size == size
-
-
-@pytest.mark.parametrize(("data", "size", "input_size"), [
-    (DataConfig(dataset="mvtec", root="/nowhere"), 224, 224),  # aligned data: finer by default
-    (DataConfig(dataset="mvtec", root="/nowhere", image_size=64), 64, 128),  # asked size wins
-    (DataConfig(dataset="digits"), 32, 128),  # small images: upsampled for the encoder
-    (DataConfig(dataset="folder", root="/nowhere", image_size=160), 160, 160),
-])
-def test_quick_preset_sizes_the_pretrained_encoder_from_the_data(
-        data: DataConfig, size: int, input_size: int) -> None:
-    before = data.image_size
-    cfg = preset("quick", data)
-    assert (cfg.model.image_size, cfg.model.input_size) == (size, input_size)
-    assert cfg.data.image_size in (None, size) and data.image_size == before  # caller's intact
-    assert cfg.model.backbone == "efficientnet-lite0" and cfg.model.pretrained
-
-
-def test_scratch_preset_is_the_small_resnet_the_paper_path_trains() -> None:
-    cfg = preset("scratch")
-    assert (cfg.model.backbone, cfg.model.input_size, cfg.model.pretrained) == ("resnet", 0,
-                                                                                 False)
-    assert cfg.model.scales == ("layer2", "layer3", "layer4")
-
-
 @pytest.mark.parametrize(("fields", "match"), [
     ({"backbone": "vgg"}, "backbone='vgg'"),
     ({"backbone": "efficientnet-lite0"}, "scales=.*stage3_s8"),  # resnet scale names
@@ -295,34 +248,6 @@ def test_a_version_8_config_reads_as_the_from_scratch_resnet() -> None:
     assert cfg.model == preset("scratch").model
 
 
-def test_paper_preset_is_a_resnet18() -> None:
-    cfg = preset("paper")
-    assert cfg.model.blocks == (2, 2, 2, 2) and cfg.model.width == 1.0
-    model = AnoMem(cfg.model)
-    assert model.backbone.widths == {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
-
-
-def test_quick_preset_scores_an_image() -> None:
-    model = AnoMem(preset("quick").model).eval()
-    with torch.no_grad():
-        scores = model.score(torch.rand(1, 3, 32, 32))
-    assert scores.pixel_map.shape == (1, 32, 32)
-
-
-def test_unknown_preset_raises() -> None:
-    with pytest.raises(ConfigError, match="preset 'huge'.*quick"):
-        preset("huge")
-
-
-def test_presets_do_not_share_state() -> None:
-    a, b = preset("quick"), preset("quick")
-    a.train.epochs = b.train.epochs + 1
-    a.model.memory_size = b.model.memory_size + 1
-    a.train.augment.jitter = 0.0 if b.train.augment.jitter else 0.5
-    assert b == preset("quick")
-    assert a != b
-
-
 def test_a_version_1_config_reads_as_a_shared_local_map() -> None:
     old = RunConfig().to_dict()
     del old["model"]["local_map"]
@@ -343,17 +268,6 @@ def test_a_version_2_config_gives_every_normal_a_shifted_copy() -> None:
     old["version"] = 1  # both fields added since version 1
     cfg = RunConfig.from_dict(old)
     assert (cfg.model.local_map, cfg.train.shift_fraction) == ("shared", 1.0)
-
-
-def test_presets_fit_one_gaussian_per_position_on_aligned_data_only() -> None:
-    assert preset("quick", DataConfig(dataset="mvtec", root="x")).model.local_map == \
-        "positional"
-    assert preset("paper", DataConfig(dataset="mvtec", root="x")).model.local_map == \
-        "positional"
-    for dataset in ("shapes", "folder", "cifar10"):
-        assert preset("quick", DataConfig(dataset=dataset)).model.local_map == "shared"
-    with pytest.raises(ConfigError, match="local_map='pixel'"):
-        ModelConfig(local_map="pixel")
 
 
 def test_a_version_5_config_has_no_rotation_head() -> None:

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 from core.cli import main
-from core.config import DataConfig, preset
+from core.config import DataConfig
 from core.data import load_split
 from core.export import ExportError, export_run
 from core.inference import Detector, ModelInfo
 from core.pipeline import train_run
+from core.presets import preset
 from core.refit import mark_test_image, refit_run
 from core.runs import load_run, save_model
 from core.train.scoring import score_images

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from core import pipeline
-from core.config import DataConfig, preset
+from core.config import DataConfig
 from core.data import DataError, load_split
 from core.pipeline import evaluate_run, train_run
+from core.presets import preset
 from core.runs import CONFIG, HISTORY, METRICS, WEIGHTS, RunError, load_run
 from core.train.scoring import score_images
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.config import PRETRAINED_SCALES, ModelConfig, TrainConfig
+from core.config import ModelConfig, TrainConfig
 from core.model.anomem import AnoMem
+from core.presets import PRETRAINED_SCALES
 from core.train import features, stage1
 
 
