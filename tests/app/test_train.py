@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,19 @@ def _fill(at: AppTest, max_train: int, name: str) -> None:
     at.text_input(key="train_name").input(name)
 
 
+@pytest.fixture
+def fewer_test_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs trained here evaluate every fifth test image: what these tests check is the page
+    and the job, and scoring the whole test set would take most of their time."""
+    load = pipeline.load_split
+
+    def every_fifth(cfg, *args, **kwargs):
+        split = load(cfg, *args, **kwargs)
+        return dataclasses.replace(split, test=split.test.subset(range(0, len(split.test), 5)))
+
+    monkeypatch.setattr(pipeline, "load_split", every_fifth)
+
+
 def _wait_until_done(at: AppTest, timeout: float = 300) -> None:
     """Rerun the page (as its polling fragment would) until the job has ended."""
     deadline = time.monotonic() + timeout
@@ -35,7 +49,7 @@ def _wait_until_done(at: AppTest, timeout: float = 300) -> None:
     raise AssertionError("training did not end in time")
 
 
-def test_form_trains_a_run_that_becomes_selectable(empty_runs: Path,
+def test_form_trains_a_run_that_becomes_selectable(empty_runs: Path, fewer_test_images: None,
                                                   monkeypatch: pytest.MonkeyPatch):
     gate = threading.Event()  # training waits for it: the page is seen while the job runs
     train_run = pipeline.train_run
@@ -124,7 +138,8 @@ def _start_and_stop(name: str) -> AppTest:
     return at
 
 
-def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path):
+def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path,
+                                                             fewer_test_images: None):
     at = _start_and_stop("stop me")
     assert not at.error, [e.value for e in at.error]
     assert "was stopped" in at.warning[0].value
