@@ -1,8 +1,10 @@
 """Stage 2: fit the anomaly distance detector on the trained encoder and memories.
 
 In order:
-1. the pixel scale stores normal thumbnails and fits its layout Gaussian (core/model/pixels.py);
-2. each scale's Gaussians are fitted to the `fit` images' deviations and layouts;
+1. the image-level terms fit what they measure against (core/model/terms.py): the pixel scale
+   stores normal thumbnails and fits its layout Gaussian (core/model/pixels.py);
+2. each scale's Gaussians are fitted to the `fit` images' deviations and layouts
+   (core/model/gaussians.py);
 3. every term is standardised on held-out `calibration` normals (images stage 1 never saw);
 4. the terms are weighed (`TrainConfig.combine`): fixed weights, or weights learnt against
    pseudo-anomalies of the calibration normals (core/train/shifts.py), kept only when they
