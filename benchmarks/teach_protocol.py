@@ -76,8 +76,10 @@ class Trial:
     def metrics(self, scores: np.ndarray, keep: np.ndarray) -> dict:
         m = image_metrics(self.labels[keep], scores[keep], list(self.types[keep]))
         normal = keep & (self.labels == 0)
+        anomalous = keep & (self.labels == 1)
         return {"auroc": m["auroc"], "auroc_by_type": m["auroc_by_type"],
-                "fpr": float((scores[normal] > self.threshold).mean())}
+                "fpr": float((scores[normal] > self.threshold).mean()),
+                "tpr": float((scores[anomalous] > self.threshold).mean())}
 
 
 def false_alarms(t: Trial, seed: int) -> dict | None:
@@ -176,8 +178,8 @@ def _mean(values: list[float]) -> float:
 
 def table(results: dict) -> str:
     lines = ["| run | marks | reach | other false alarms: FPR before -> after | all normals: "
-             "FPR before -> after | worst type AUROC change | refit (teach / wall s) |",
-             "|---|---|---|---|---|---|---|"]
+             "FPR before -> after | anomalies caught: TPR before -> after | worst type AUROC "
+             "change | refit (teach / wall s) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         fa = [x for x in r["false_alarms"] if x]
         worst = [min(x["after"]["auroc_by_type"][k] - x["before"]["auroc_by_type"][k]
@@ -188,6 +190,8 @@ def table(results: dict) -> str:
             f"{100 * _mean([x['others_fpr_after'] for x in fa]):.1f} % | "
             f"{100 * _mean([x['before']['fpr'] for x in fa]):.2f} -> "
             f"{100 * _mean([x['after']['fpr'] for x in fa]):.2f} % | "
+            f"{100 * _mean([x['before']['tpr'] for x in fa]):.1f} -> "
+            f"{100 * _mean([x['after']['tpr'] for x in fa]):.1f} % | "
             f"{_mean(worst):+.4f} | {r['refit']['teach_seconds']:.1f} / "
             f"{r['refit']['refit_wall_seconds']:.0f} |")
     lines += ["", "Marked misses (five of one type; AUROC on its unmarked images, mean over "

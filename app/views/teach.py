@@ -43,7 +43,9 @@ def before_after(run: Run, report: dict, split: Split | None) -> None:
                f"reached {chosen['alarms_reached']:.0%} of the other false alarms and "
                f"{chosen['ordinary_reached']:.0%} of the ordinary normals, the best contrast "
                f"of the reaches tried, at a cost of {chosen['auroc_loss']:+.4f} pseudo-anomaly "
-               "AUROC" if chosen.get("alarms_reached") is not None else
+               "AUROC" + (f" and {chosen['detection_loss']:.0%} of the pseudo-anomalies caught"
+                          if "detection_loss" in chosen else "")
+               if chosen.get("alarms_reached") is not None else
                ": too few held-out false alarms to rehearse a longer one")
         st.caption(f"{lessons['keys']} lesson keys. A marked normal reaches "
                    f"{lessons['reach']:g} times its distance to the nearest held-out normal"

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from core.model.lessons import Lessons, choose_reach, describe
+from core.model.lessons import (
+    MAX_AUROC_LOSS,
+    MAX_DETECTION_LOSS,
+    Lessons,
+    choose_reach,
+    describe,
+)
 from core.model.memory import MemoryRead
 
 
@@ -72,3 +78,13 @@ def test_the_reach_is_rehearsed_on_held_out_false_alarms_and_pseudo_anomalies():
     reach, evidence = choose_reach(references, scores, near, 2 + torch.rand(20), 1.5)
     assert reach == 1.0 and evidence["reaches"]["2.0"]["auroc_loss"] > 0.005
     assert choose_reach(references[:200], scores[:200], far, 5 + torch.rand(50), 1.5)[0] == 1.0
+    # pseudo-anomalies among the normals, just above the threshold: a wide reach keeps their
+    # AUROC but pulls them under the threshold, and only the detection cost says so
+    mid = F.normalize(torch.randn(50, 16, generator=g) * 0.1 + torch.eye(16)[0]
+                      + 0.4 * torch.eye(16)[1], dim=1)
+    reach, evidence = choose_reach(references, scores, mid, 1.6 + 0.2 * torch.rand(50, generator=g),
+                                   1.5)
+    wide = evidence["reaches"]["1.5"]
+    assert wide["auroc_loss"] <= MAX_AUROC_LOSS and wide["detection_loss"] > MAX_DETECTION_LOSS
+    assert evidence["reaches"][str(reach)]["detection_loss"] <= MAX_DETECTION_LOSS
+    assert reach < 1.5
