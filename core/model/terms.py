@@ -13,6 +13,7 @@ rotation head's loss.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
@@ -23,11 +24,12 @@ Features = dict[str, torch.Tensor]  # the encoder's feature maps of a batch, by 
 Encoder = Callable[[torch.Tensor], Features]
 
 
-class ImageTerm(nn.Module):
+class ImageTerm(nn.Module, ABC):
     """One raw value per image, and its normal location and spread (buffers, set by stage 2).
 
-    Subclasses set `name` (the detector's column, e.g. "pixels/knn") and define `raw`; those
-    with state of their own to fit on normal images also define `fit`.
+    Subclasses set `name` (the detector's column, e.g. "pixels/knn") and define `raw` (the
+    class is abstract without it); those with state of their own to fit on normal images also
+    define `fit`.
     """
 
     name = ""
@@ -37,10 +39,10 @@ class ImageTerm(nn.Module):
         self.register_buffer("loc", torch.zeros(()))
         self.register_buffer("scale", torch.ones(()))
 
+    @abstractmethod
     def raw(self, images: torch.Tensor, features: Features, encoder: Encoder) -> torch.Tensor:
         """(B,) the term of images (B, C, H, W) in [0, 1]; `features` are the encoder's maps
         of these very images, `encoder` computes them for others (e.g. rotated copies)."""
-        raise NotImplementedError
 
     def fit(self, images: torch.Tensor, generator: torch.Generator) -> None:
         """Stage 2: fit what the term measures against, on normal uint8 images (N, C, H, W).

@@ -66,7 +66,7 @@ def test_calibrate_standardises_held_out_values_to_mean_0_std_1() -> None:
     torch.testing.assert_close(z.std(0), torch.ones(2), atol=1e-5, rtol=0)
     torch.testing.assert_close(z[:, 1], terms["brightness"].standardise(raw[:, 1]))
     # a term that never varies: a tiny spread, so standardised values stay finite
-    constant = ImageTerm()
+    constant = Brightness()
     constant.calibrate(torch.full((8,), 0.25))
     assert float(constant.loc) == 0.25
     assert float(constant.scale) == pytest.approx(1e-6, rel=1e-6)
@@ -83,8 +83,8 @@ def test_fit_fits_every_term_in_turn_and_a_term_with_nothing_to_fit_is_left_alon
     assert [k for k in before if not torch.equal(before[k], after[k])] == ["brightness.offset"]
     assert set(after) == {"contrast.loc", "contrast.scale", "brightness.loc",
                           "brightness.scale", "brightness.offset"}
-    with pytest.raises(NotImplementedError):
-        ImageTerm().raw(torch.zeros(1, 3, 4, 4), {}, lambda x: {})
+    with pytest.raises(TypeError, match="abstract"):
+        ImageTerm()  # a term without `raw` is not a term
 
 
 def test_rotation_term_is_the_heads_mean_cross_entropy_over_four_quarter_turns() -> None:
