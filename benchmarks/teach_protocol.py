@@ -33,7 +33,7 @@ import torch
 
 from core.data import NORMAL, load_split
 from core.files import write_atomic
-from core.metrics import image_metrics
+from core.metrics import at_threshold, image_metrics
 from core.refit import (
     VIEWS,
     _views,
@@ -75,11 +75,9 @@ class Trial:
 
     def metrics(self, scores: np.ndarray, keep: np.ndarray) -> dict:
         m = image_metrics(self.labels[keep], scores[keep], list(self.types[keep]))
-        normal = keep & (self.labels == 0)
-        anomalous = keep & (self.labels == 1)
+        rates = at_threshold(self.labels[keep], scores[keep], self.threshold)
         return {"auroc": m["auroc"], "auroc_by_type": m["auroc_by_type"],
-                "fpr": float((scores[normal] > self.threshold).mean()),
-                "tpr": float((scores[anomalous] > self.threshold).mean())}
+                "fpr": rates["fpr_at_threshold"], "tpr": rates["tpr_at_threshold"]}
 
 
 def false_alarms(t: Trial, seed: int) -> dict | None:

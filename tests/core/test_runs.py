@@ -60,11 +60,8 @@ def perturbed_model(cfg: ModelConfig) -> AnoMem:
     return model.eval()
 
 
-def test_save_and_load_give_identical_outputs(tmp_path: Path, run_config: RunConfig) -> None:
-    model = perturbed_model(run_config.model)
-    save_model(tmp_path, run_config, model)
-    loaded = load_model(tmp_path)
-    assert not loaded.training
+def assert_same_model(model: AnoMem, loaded: AnoMem) -> None:
+    """The same tensors under the same names, and the same scores and maps."""
     for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
                                strict=True):
         assert k == k2 and torch.equal(a, b), k
@@ -72,6 +69,14 @@ def test_save_and_load_give_identical_outputs(tmp_path: Path, run_config: RunCon
     with torch.no_grad():
         a, b = model.score(images), loaded.score(images)
     assert torch.equal(a.image, b.image) and torch.equal(a.pixel_map, b.pixel_map)
+
+
+def test_save_and_load_give_identical_outputs(tmp_path: Path, run_config: RunConfig) -> None:
+    model = perturbed_model(run_config.model)
+    save_model(tmp_path, run_config, model)
+    loaded = load_model(tmp_path)
+    assert not loaded.training
+    assert_same_model(model, loaded)
     assert RunConfig.from_dict(json.loads((tmp_path / CONFIG).read_text())) == run_config
 
 
@@ -109,13 +114,7 @@ def test_weights_saved_under_the_earlier_tensor_names_load_the_same(
     assert not any(k.startswith(("terms.", "detector.per_scale.layer3.local")) for k in earlier)
     save_file(earlier, tmp_path / WEIGHTS)
     loaded = load_model(tmp_path)
-    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items(),
-                               strict=True):
-        assert k == k2 and torch.equal(a, b), k
-    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        a, b = model.score(images), loaded.score(images)
-    assert torch.equal(a.image, b.image) and torch.equal(a.pixel_map, b.pixel_map)
+    assert_same_model(model, loaded)
 
 
 def test_load_run_reads_metrics_and_history(saved_run: Path, run_config: RunConfig) -> None:
