@@ -33,7 +33,7 @@ from core.train.scoring import ScoredSet, score_images
 LOG = logging.getLogger(__name__)
 
 ARTEFACTS = "explore.safetensors"
-FORMAT = 2  # bump when the layout below changes: older files are then recomputed
+FORMAT = 3  # bump when the layout below changes: older files are then recomputed
 MAX_GALLERY_IMAGES = 2000  # normal training images searched for prototype patches
 MAX_UMAP_POINTS = 5000  # test images placed in each UMAP
 PATCHES_PER_PROTOTYPE = 8  # the most the Prototypes page shows

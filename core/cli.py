@@ -384,7 +384,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_refit(args: argparse.Namespace) -> int:
     from core.data.base import NORMAL
-    from core.refit import mark_file, refit_run
+    from core.refit import lesson_story, mark_file, refit_run
     from core.runs import read_config
 
     cfg = read_config(Path(args.run_dir))
@@ -406,6 +406,8 @@ def cmd_refit(args: argparse.Namespace) -> int:
     for kind, value in after["auroc_by_type"].items():
         print(f"  {kind}: {before['auroc_by_type'][kind]:.4f} -> {value:.4f}")
     print(f"{len(report.changed)} unmarked test images changed verdict")
+    if report.lessons:
+        print(lesson_story(report.lessons))
     return 0
 
 

@@ -30,7 +30,7 @@ from core.data import NORMAL, DataError, Split, load_split
 from core.data.imageio import MAX_UPLOAD_BYTES, read_image, validate_upload
 from core.metrics import at_threshold, image_metrics
 from core.model.anomem import AnoMem
-from core.model.lessons import choose_reach
+from core.model.lessons import ANOMALY_SIGHT, choose_lesson, in_sight
 from core.pipeline import evaluate
 from core.runs import (
     CONFIG,
@@ -185,7 +185,8 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
             raise RunError(f"{out}: already holds a run (choose a new folder)")
         save_model(out, new_cfg, model)
         saved = artefacts.load(parent)
-        if saved is not None and _reusable(saved.scored, parent_metrics, len(split.test)):
+        if saved is not None and _reusable(saved.scored, parent_metrics, len(split.test),
+                                          model.descriptor_dim):
             # Lessons change image scores alone, and only through what the parent's explorer
             # data holds: the test set is not scored again, the pages' data carried over
             assert model.lessons is not None
@@ -208,10 +209,11 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
     return result
 
 
-def _reusable(scored: ScoredSet, metrics: dict, n_test: int) -> bool:
+def _reusable(scored: ScoredSet, metrics: dict, n_test: int, descriptor_dim: int) -> bool:
     """Whether a parent's saved test scores can stand in for scoring its test set again."""
     return (scored.untaught is not None and scored.descriptors is not None
-            and len(scored.image) == n_test and "auroc_by_scale" in metrics)
+            and len(scored.image) == n_test and scored.descriptors.shape[1] == descriptor_dim
+            and "auroc_by_scale" in metrics)
 
 
 @torch.no_grad()
@@ -241,15 +243,17 @@ class Context:
 
     references: torch.Tensor  # (R, dim)
     scores: torch.Tensor  # (R,)
+    sight: str  # what marked normals' keys compare images on
     reach: float
     evidence: dict
+    anomaly_sight: str = ANOMALY_SIGHT  # what marked anomalies' keys compare images on
 
 
 def lesson_context(parent: AnoMem, split: Split, cfg: RunConfig, device: torch.device
                    ) -> Context:
     """Up to REFERENCES held-out normals (those stage 2 standardised its terms on) and
-    PSEUDO_IMAGES pseudo-anomalies made from them, read by `parent`; the reach of marked
-    normals is chosen by rehearsing a lesson on them (`choose_reach`)."""
+    PSEUDO_IMAGES pseudo-anomalies made from them, read by `parent`; the sight and reach of
+    marked normals are chosen by rehearsing a lesson on them (`choose_lesson`)."""
     tc = cfg.train
     _, cal_idx = split_normals(split.train, tc.holdout, tc.seed)
     if len(cal_idx) > REFERENCES:
@@ -260,9 +264,10 @@ def lesson_context(parent: AnoMem, split: Split, cfg: RunConfig, device: torch.d
     g = torch.Generator().manual_seed(tc.seed)
     source = images[torch.randperm(len(images), generator=g)[:PSEUDO_IMAGES]]
     pseudo_scores, pseudo = describe_images(parent, shift(source, SHIFTS, g), device)
-    reach, evidence = choose_reach(references, scores, pseudo, pseudo_scores,
-                                   float(parent.detector.threshold), tc.seed)
-    return Context(references, scores, reach, evidence)
+    sight, reach, evidence = choose_lesson(parent.descriptor_blocks, references, scores, pseudo,
+                                           pseudo_scores, float(parent.detector.threshold),
+                                           tc.seed)
+    return Context(references, scores, sight, reach, evidence)
 
 
 def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
@@ -278,26 +283,62 @@ def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
     lessons = model.lessons
     return model, {
         "keys": len(lessons.keys), "anomaly_keys": int(lessons.anomalous.sum()),
-        "references": len(context.references), "reach": context.reach,
-        "reach_evidence": context.evidence, "normal_score": float(lessons.normal_score),
-        "alarm_score": float(lessons.alarm_score),
+        "references": len(context.references), "sight": context.sight,
+        "reach": context.reach, "evidence": context.evidence,
+        "normal_score": float(lessons.normal_score), "alarm_score": float(lessons.alarm_score),
+        "anomaly_shrink": float(lessons.shrink),
         "median_radius": float(lessons.radius.median())}
+
+
+SIGHT_WORDS = {"encoder": "what the image shows (the encoder's deepest features)",
+               "queries": "the memory queries of every scale, pooled and at the strangest spot",
+               "both": "both what the image shows and the memory queries"}
+
+
+def lesson_story(lessons: dict) -> str:
+    """What a refit's marked images compare images on and how far they reach, and why."""
+    sight, reach = lessons.get("sight", "queries"), lessons["reach"]
+    tried = (lessons.get("evidence") or {}).get("tried")  # None: saved by an earlier version
+    chosen = (tried or {}).get(f"{sight} x{reach:g}", {})
+    what = (f"A marked normal compares images on {SIGHT_WORDS.get(sight, sight)} and reaches "
+            f"{reach:g} times its distance to the nearest held-out normal")
+    if chosen:
+        why = (f": of the {len(tried)} lessons rehearsed on held-out normals (half of their false "
+               "alarms marked), the one that cleared most of the other false alarms "
+               f"({chosen['cleared']:.0%}; it reached {chosen['ordinary_reached']:.0%} of the "
+               "ordinary normals) within the costs allowed: it cost "
+               f"{chosen['auroc_loss']:+.4f} pseudo-anomaly AUROC and "
+               f"{chosen['detection_loss']:.0%} of the pseudo-anomalies caught")
+    elif tried is not None:
+        why = ": too few held-out false alarms to rehearse on, so the default"
+    else:
+        why = ""
+    shrink = lessons.get("anomaly_shrink", 1.0)
+    anomaly = (" A marked anomaly reaches that nearest normal and no further." if shrink == 1
+               else f" A marked anomaly reaches {shrink:g} times that distance, so that it "
+               "holds none of the held-out normals it was not sized on.")
+    return f"{what}{why}.{anomaly if lessons.get('anomaly_keys', 1) else ''}"
 
 
 def with_lessons(parent: AnoMem, keys: torch.Tensor, anomalous: torch.Tensor,
                  context: Context) -> AnoMem:
     """A copy of `parent` (on the CPU) taught the keys (K, dim) of marked images, `anomalous`
     (K,) saying which are anomalies, besides the lessons the parent already had."""
+    names = tuple(parent.descriptor_blocks)
+    sights = torch.where(anomalous[:, None], in_sight(names, context.anomaly_sight),
+                         in_sight(names, context.sight))
     if parent.lessons is not None:  # a refit of a refit keeps what its parent was taught
         keys = torch.cat([parent.lessons.keys.cpu(), keys])
         anomalous = torch.cat([parent.lessons.anomalous.cpu(), anomalous])
+        sights = torch.cat([parent.lessons.sight.cpu(), sights])
     model = AnoMem(dataclasses.replace(parent.cfg, lessons=len(keys)), pretrained=False)
     state = {k: v for k, v in parent.state_dict().items() if not k.startswith("lessons.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or not all(k.startswith("lessons.") for k in missing):
         raise RuntimeError(f"lessons: the parent's weights do not fit ({missing}, {unexpected})")
     assert model.lessons is not None
-    model.lessons.teach(keys, anomalous, context.references, context.scores, context.reach)
+    model.lessons.teach(keys, anomalous, context.references, context.scores, context.reach,
+                        sights=sights)
     return model.eval()
 
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from core.config import ConfigError, RunConfig
 from core.files import atomic_path, write_atomic
 from core.model.anomem import AnoMem, upgrade_state
+from core.model.lessons import upgrade_lessons
 
 WEIGHTS, CONFIG, METRICS, HISTORY = "model.safetensors", "config.json", "metrics.json", \
     "history.jsonl"
@@ -227,11 +228,14 @@ def load_model(path: Path, cfg: RunConfig | None = None, device: str = "cpu") ->
         raise RunError(f"{file}: not a readable safetensors file ({err})") from None
     try:
         with torch.device("meta"):  # shapes only: a config.json naming a huge model is free
-            expected = AnoMem(cfg.model, pretrained=False).state_dict()
+            shaped = AnoMem(cfg.model, pretrained=False)
+        expected = shaped.state_dict()
     except (RuntimeError, ValueError, TypeError, OverflowError) as err:
         reason = " ".join(str(err).split())
         raise RunError(f"{path / CONFIG}: describes a model that cannot be built ({reason})"
                        ) from None
+    if shaped.lessons is not None:
+        upgrade_lessons(state, "lessons.", shaped.lessons.names, shaped.lessons.sizes)
     missing = sorted(set(expected) - set(state))
     extra = [k if k.isprintable() else repr(k) for k in sorted(set(state) - set(expected))]
     if missing or extra:

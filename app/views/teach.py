@@ -17,7 +17,14 @@ import streamlit as st
 from app import state, widgets
 from app.marks import clear_marks, marks_of, remove_mark
 from core.data import NORMAL, DataError, Split
-from core.refit import read_refit_report, refit_new_run, taught, teach, test_index
+from core.refit import (
+    lesson_story,
+    read_refit_report,
+    refit_new_run,
+    taught,
+    teach,
+    test_index,
+)
 from core.runs import Run, RunError
 from core.train.trainer import resolve_device
 
@@ -36,20 +43,8 @@ def before_after(run: Run, report: dict, split: Split | None) -> None:
                "thresholds): only the look-alikes of the marks score differently. Compared on "
                f"{report['n_test']} test images, the marked ones left out of both runs.")
     lessons = report.get("lessons") or {}
-    evidence = (lessons.get("reach_evidence") or {}).get("reaches", {})
     if lessons:
-        chosen = evidence.get(str(lessons["reach"]), {})
-        why = (f": rehearsed on held-out normals, marking half of their false alarms, it "
-               f"reached {chosen['alarms_reached']:.0%} of the other false alarms and "
-               f"{chosen['ordinary_reached']:.0%} of the ordinary normals, the best contrast "
-               f"of the reaches tried, at a cost of {chosen['auroc_loss']:+.4f} pseudo-anomaly "
-               "AUROC" + (f" and {chosen['detection_loss']:.0%} of the pseudo-anomalies caught"
-                          if "detection_loss" in chosen else "")
-               if chosen.get("alarms_reached") is not None else
-               ": too few held-out false alarms to rehearse a longer one")
-        st.caption(f"{lessons['keys']} lesson keys. A marked normal reaches "
-                   f"{lessons['reach']:g} times its distance to the nearest held-out normal"
-                   f"{why}; a marked anomaly reaches that nearest normal and no further.")
+        st.caption(f"{lessons['keys']} lesson keys. {lesson_story(lessons)}")
     cols = st.columns(3)
     for col, key, name, better in (
             (cols[0], "auroc", "Test AUROC", 1),
@@ -179,7 +174,8 @@ def refit_form(run: Run) -> None:
     st.caption("Teaches a copy of this run its marks: each marked image (and a few mildly "
                "augmented views of it) becomes a lesson for its look-alikes, the images about "
                "as near to it as its nearest normal training image, or a little further where "
-               "a rehearsal on held-out normals shows that it pays. A marked normal's look-alikes "
+               "a rehearsal on held-out normals shows that it pays (the rehearsal also chooses "
+               "what a marked normal compares images on). A marked normal's look-alikes "
                "score like a typical normal, a marked anomaly's at least like an alarm; "
                "everything else keeps its score. This run is not changed; the result is a new "
                "run, opened here once saved.")

@@ -15,7 +15,7 @@ from torch import nn
 from core.config import BACKBONES, ModelConfig
 from core.model.backbone import build_backbone
 from core.model.detector import AnomalyDetector, Scores
-from core.model.lessons import Lessons, describe
+from core.model.lessons import Lessons, describe, descriptor_blocks
 from core.model.memory import HopfieldMemory, MemoryRead
 from core.model.pixels import PixelLayout, PixelMemory
 from core.model.terms import ImageTerm, ImageTerms, RotationTerm
@@ -99,7 +99,9 @@ class AnoMem(nn.Module):
                                         image_terms=self.terms.names,
                                         map_weights=cfg.map_weights)
         # What marked images taught a refit (core/refit.py), keyed by look-alike descriptors
-        self.lessons = (Lessons(cfg.lessons, self.descriptor_dim) if cfg.lessons else None)
+        self.descriptor_blocks = descriptor_blocks(cfg.scales, cfg.memory_dim,
+                                                   channels[self.deepest])
+        self.lessons = Lessons(cfg.lessons, self.descriptor_blocks) if cfg.lessons else None
 
     @property
     def scales(self) -> tuple[str, ...]:
@@ -145,10 +147,17 @@ class AnoMem(nn.Module):
         to them, in the order of `terms` (None when it has none); standardised on held-out
         normals unless stage 2 asks for the raw values to calibrate them.
         The backbone runs once for the reads and the upright rotation."""
+        reads, extra, _ = self._read(images, standardised)
+        return reads, extra
+
+    def _read(self, images: torch.Tensor, standardised: bool = True
+              ) -> tuple[dict[str, MemoryRead], torch.Tensor | None, torch.Tensor]:
+        """`read`, and the encoder's map at the deepest scale (what a descriptor pools)."""
         features = self.backbone(images)
         reads = {s: self.memories[s](features[s]) for s in self.scales}
         raw = self.terms.raw(images, features, self.backbone)
-        return reads, (self.terms.standardise(raw) if standardised else raw)
+        extra = self.terms.standardise(raw) if standardised else raw
+        return reads, extra, features[self.deepest]
 
     @property
     def rotation(self) -> RotationTerm | None:
@@ -165,22 +174,22 @@ class AnoMem(nn.Module):
     @property
     def descriptor_dim(self) -> int:
         """Length of an image's look-alike descriptor (core/model/lessons.py)."""
-        return 2 * len(self.scales) * self.cfg.memory_dim
+        return sum(self.descriptor_blocks.values())
 
     def score(self, images: torch.Tensor) -> Scores:
         """Anomaly scores and maps of a batch; needs a fitted detector (stage 2)."""
-        reads, extra = self.read(images)
-        scores = self.detector(reads, images.shape[-2:], extra)
         if self.lessons is None:
-            return scores
-        return scores._replace(image=self.lessons(scores.image, describe(reads, scores.maps)))
+            reads, extra = self.read(images)
+            return self.detector(reads, images.shape[-2:], extra)
+        scores, descriptors = self.score_and_describe(images)
+        return scores._replace(image=self.lessons(scores.image, descriptors))
 
     def score_and_describe(self, images: torch.Tensor) -> tuple[Scores, torch.Tensor]:
         """The detector's scores before any lesson, and the images' look-alike descriptors
         (B, descriptor_dim)."""
-        reads, extra = self.read(images)
+        reads, extra, encoded = self._read(images)
         scores = self.detector(reads, images.shape[-2:], extra)
-        return scores, describe(reads, scores.maps)
+        return scores, describe(reads, scores.maps, encoded)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from core import artefacts
 from core.cli import EXIT_BAD_INPUT, main
 from core.config import DataConfig
 from core.data import DataError, load_split
 from core.pipeline import evaluate, train_run
-from core.refit import REFIT, VIEWS, mark_test_image, mark_upload, refit_run
+from core.refit import REFIT, VIEWS, lesson_story, mark_test_image, mark_upload, refit_run
 from core.runs import CHECKPOINT, CONFIG, RunError, load_run, run_lock
 from tests.app.helpers import tiny_config
 
@@ -68,7 +70,7 @@ def test_refit_saves_a_new_run_and_leaves_the_parent_alone(parent: Path, split, 
     # everything the parent fitted is kept bit for bit; the marks became lessons
     p_state, c_state = load_run(parent).model.state_dict(), child.model.state_dict()
     assert set(c_state) - set(p_state) == {f"lessons.{b}" for b in (
-        "keys", "radius", "anomalous", "normal_score", "alarm_score")}
+        "keys", "sight", "radius", "anomalous", "normal_score", "alarm_score")}
     for key in p_state:
         assert np.array_equal(p_state[key].numpy(), c_state[key].numpy()), key
     lessons = child.model.lessons
@@ -170,3 +172,51 @@ def test_a_marked_false_alarm_clears_its_look_alike_and_a_refit_keeps_its_parent
     grandchild = load_run(tmp_path / "grandchild").model
     assert grandchild.lessons is not None and len(grandchild.lessons.keys) == 2 * VIEWS
     assert torch.equal(grandchild.lessons.keys[:VIEWS], child.lessons.keys)
+    assert torch.equal(grandchild.lessons.sight[:VIEWS], child.lessons.sight)
+
+
+@torch.no_grad()
+def test_a_run_taught_before_sights_loads_and_scores_as_it_did(parent: Path, split,
+                                                               tmp_path: Path):
+    """Lesson keys saved by an earlier version (query blocks only, the row of unit norm, no
+    sight) load as keys that see the queries, with the distances they were made with."""
+    cfg = load_run(parent).config
+    refit_run(parent, [mark_test_image(cfg, split, 0, "normal"),
+                       mark_test_image(cfg, split, len(split.test) - 1, "local")],
+              tmp_path / "now")
+    now = tmp_path / "now"
+    state = load_file(now / "model.safetensors")
+    n = len(load_run(now).model.scales) * 2
+    width = state["lessons.keys"].shape[1] - load_run(now).model.descriptor_blocks["encoder"]
+    state["lessons.keys"][:, width:] = 0  # today's equivalent of an earlier key ...
+    state["lessons.sight"][:] = True
+    state["lessons.sight"][:, -1] = False  # ... sees the queries only
+    save_file(state, now / "model.safetensors")
+    earlier = {**state, "lessons.keys": state["lessons.keys"][:, :width] / n ** 0.5}
+    del earlier["lessons.sight"]
+    shutil.copytree(now, tmp_path / "earlier")
+    save_file(earlier, tmp_path / "earlier" / "model.safetensors")
+    images = split.test.images.float() / 255
+    a = load_run(now).model.score(images).image
+    b = load_run(tmp_path / "earlier").model.score(images).image
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, load_run(parent).model.score(images).image)  # it was taught
+
+
+def test_the_lesson_caption_says_what_marked_normals_see_and_why():
+    tried = {"encoder x1.2": {"cleared": 0.4, "ordinary_reached": 0.05, "auroc_loss": 0.001,
+                              "detection_loss": 0.0},
+             "queries x1": {"cleared": 0.1, "ordinary_reached": 0.0, "auroc_loss": 0.0,
+                            "detection_loss": 0.0}}
+    story = lesson_story({"sight": "encoder", "reach": 1.2, "evidence": {"tried": tried}})
+    assert "encoder's deepest features" in story and "1.2 times" in story
+    assert "of the 2 lessons rehearsed" in story and "other false alarms (40%" in story
+    assert "no further" in story  # no shrink recorded: the whole distance
+    shrunk = lesson_story({"sight": "queries", "reach": 1.0, "evidence": {"tried": {}},
+                           "anomaly_keys": 8, "anomaly_shrink": 0.8})
+    assert "0.8 times that distance" in shrunk
+    few = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": {}}})
+    assert "too few held-out false alarms" in few
+    # a refit saved before sights: what it did, no made-up reason
+    old = lesson_story({"reach": 1.1, "reach_evidence": {"reaches": {}}})
+    assert "memory queries" in old and "1.1 times" in old and "too few" not in old

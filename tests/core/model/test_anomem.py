@@ -313,6 +313,8 @@ def perturbed(model: AnoMem) -> AnoMem:
                 buf.add_(torch.rand(buf.shape, generator=g).to(buf.dtype) * 0.5)
             elif name.endswith("count"):
                 buf.fill_(5)
+            elif name.endswith("sight"):
+                buf.fill_(True)
     return model.eval()
 
 

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from core.model.lessons import (
+    ENCODER,
     MAX_AUROC_LOSS,
     MAX_DETECTION_LOSS,
     Lessons,
-    choose_reach,
+    choose_lesson,
     describe,
+    descriptor_blocks,
+    in_sight,
+    upgrade_lessons,
 )
 from core.model.memory import MemoryRead
+
+ONE = {ENCODER: 3}  # descriptors of a single block of three: every sight but "queries" sees it
 
 
 def unit(*rows: list[float]) -> torch.Tensor:
     return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
 
 
-def taught(keys: torch.Tensor, anomalous: list[bool]) -> Lessons:
-    lessons = Lessons(len(keys), keys.shape[1])
+def taught(keys: torch.Tensor, anomalous: list[bool], blocks: dict[str, int] = ONE,
+           sights: torch.Tensor | None = None) -> Lessons:
+    lessons = Lessons(len(keys), blocks)
     references = unit([1, 0, 0], [0.9, 0.1, 0], [0.8, 0, 0.2])  # normal reference images
-    lessons.teach(keys, torch.tensor(anomalous), references, torch.tensor([0.0, 1.0, 2.0]))
+    if len(blocks) == 2:
+        references = torch.cat([references, references], 1)
+    if sights is None:
+        sights = torch.ones(len(keys), len(blocks), dtype=torch.bool)
+    lessons.teach(keys, torch.tensor(anomalous), references, torch.tensor([0.0, 1.0, 2.0]),
+                  sights=sights)
     return lessons
 
 
@@ -50,41 +64,127 @@ def test_a_marked_anomaly_only_raises_and_only_its_look_alikes():
     assert lessons.alarm_score > 2.0  # above every reference normal's score
 
 
-def test_describe_reads_the_pooled_query_and_the_most_deviant_position():
+def test_a_key_compares_images_on_the_blocks_in_its_sight_only():
+    blocks = {"s/pooled": 3, ENCODER: 3}
+    key = torch.cat([unit([0, 1, 0]), unit([0, 0, 1])], 1)  # a false alarm: far in both blocks
+    encoder_only = taught(key, [False], blocks, in_sight(tuple(blocks), "encoder")[None])
+    both = taught(key, [False], blocks, in_sight(tuple(blocks), "both")[None])
+    # an image like the key in what the encoder sees, opposite to it in the query block
+    x = torch.cat([unit([0, -1, 0]), unit([0, 0.1, 1])], 1)
+    assert encoder_only(torch.tensor([5.0]), x) < 2.0  # relieved: it sees the encoder only
+    assert both(torch.tensor([5.0]), x) == 5.0  # out of reach once the queries count too
+    assert in_sight(tuple(blocks), "queries").tolist() == [True, False]
+
+
+def test_describe_reads_the_queries_and_the_encoders_pooled_map_in_unit_blocks():
     q = torch.zeros(1, 2, 2, 2)
     q[0, 0] = 1.0  # every position points along the first axis ...
     q[0, :, 1, 1] = torch.tensor([0.0, 1.0])  # ... but one, the most deviant
     read = MemoryRead(q, torch.zeros_like(q), torch.zeros(1, 3, 2, 2))
     maps = torch.tensor([[[0.0, 0.1], [0.2, 3.0]]])
-    d = describe({"s": read}, {"s": maps})
-    assert torch.allclose(d.norm(dim=1), torch.ones(1))
-    assert torch.allclose(d[0, 2:] * 2 ** 0.5, torch.tensor([0.0, 1.0]))
+    encoded = torch.zeros(1, 3, 2, 2)
+    encoded[0, 2] = 4.0
+    d = describe({"s": read}, {"s": maps}, encoded)
+    assert list(descriptor_blocks(("s",), 2, 3).values()) == [2, 2, 3] == [2, 2, d.shape[1] - 4]
+    assert torch.allclose(d[0, 2:4], torch.tensor([0.0, 1.0]))  # the query at the peak
+    assert torch.allclose(d[0, 4:], torch.tensor([0.0, 0.0, 1.0]))  # the encoder, pooled
+
+
+def test_keys_saved_before_sights_keep_their_distances():
+    g = torch.Generator().manual_seed(0)
+    blocks = descriptor_blocks(("a", "b"), 4, 5)
+    old_blocks = [F.normalize(torch.randn(3, 4, generator=g), dim=1) for _ in range(4)]
+    old = torch.cat(old_blocks, 1) / 2  # the earlier layout: one unit row of 4 unit blocks
+    images = torch.cat([F.normalize(torch.randn(6, 4, generator=g), dim=1) for _ in range(4)]
+                       + [F.normalize(torch.randn(6, 5, generator=g), dim=1)], 1)
+    state = {"lessons.keys": old, "lessons.radius": torch.ones(3)}
+    upgrade_lessons(state, "lessons.", tuple(blocks), tuple(blocks.values()))
+    lessons = Lessons(3, blocks)
+    lessons.load_state_dict({**lessons.state_dict(), **{k.removeprefix("lessons."): v
+                                                        for k, v in state.items()}})
+    before = torch.cdist(images[:, :16] / 2, old) ** 2  # what the earlier layout measured
+    assert torch.allclose(lessons.distances(images), before, atol=1e-5)
+    assert lessons.sight.tolist() == [[True] * 4 + [False]] * 3
+    assert math.isclose(float(lessons.keys[:, 16:].abs().sum()), 0.0)
+
+
+def rehearsal_data(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Descriptors of one block (16): 200 ordinary normals, twenty held-out false alarms of
+    one sort (drifting the same way, scoring above the threshold 1.5), and their scores."""
+    normals = F.normalize(torch.randn(200, 16, generator=g) * 0.1 + torch.eye(16)[0], dim=1)
+    alarms = F.normalize(torch.randn(20, 16, generator=g) * 0.1 + torch.eye(16)[0]
+                         + 0.8 * torch.eye(16)[1], dim=1)
+    scores = torch.cat([torch.rand(200, generator=g), 2 + torch.rand(20, generator=g)])
+    return torch.cat([normals, alarms]), scores, alarms
 
 
 def test_the_reach_is_rehearsed_on_held_out_false_alarms_and_pseudo_anomalies():
     g = torch.Generator().manual_seed(0)
-    normals = F.normalize(torch.randn(200, 16, generator=g) * 0.1 + torch.eye(16)[0], dim=1)
-    # a sort of false alarm: twenty normals that drift the same way, scoring above threshold
-    alarms = F.normalize(torch.randn(20, 16, generator=g) * 0.1 + torch.eye(16)[0]
-                         + 0.8 * torch.eye(16)[1], dim=1)
-    references = torch.cat([normals, alarms])
-    scores = torch.cat([torch.rand(200, generator=g), 2 + torch.rand(20, generator=g)])
+    blocks = {ENCODER: 16}
+    references, scores, alarms = rehearsal_data(g)
     far = F.normalize(torch.randn(50, 16, generator=g) * 0.1 + torch.eye(16)[2], dim=1)
-    reach, evidence = choose_reach(references, scores, far, 5 + torch.rand(50), 1.5)
+    sight, reach, evidence = choose_lesson(blocks, references, scores, far,
+                                           5 + torch.rand(50), 1.5)
     assert reach > 1 and evidence["held_out_alarms"] == 20
-    assert evidence["reaches"][str(reach)]["cleared"] > evidence["reaches"]["1.0"]["cleared"]
+    tried = evidence["tried"]
+    assert tried[f"{sight} x{reach:g}"]["cleared"] > tried["encoder x1"]["cleared"]
     # pseudo-anomalies that look like the false alarms: reaching further would hide them
     near = F.normalize(alarms + 0.02 * torch.randn(20, 16, generator=g), dim=1)
-    reach, evidence = choose_reach(references, scores, near, 2 + torch.rand(20), 1.5)
-    assert reach == 1.0 and evidence["reaches"]["2.0"]["auroc_loss"] > 0.005
-    assert choose_reach(references[:200], scores[:200], far, 5 + torch.rand(50), 1.5)[0] == 1.0
+    sight, reach, evidence = choose_lesson(blocks, references, scores, near, 2 + torch.rand(20),
+                                           1.5)
+    assert reach == 1.0 and evidence["tried"]["encoder x2"]["auroc_loss"] > 0.005
+    assert choose_lesson(blocks, references[:200], scores[:200], far, 5 + torch.rand(50),
+                         1.5)[:2] == ("encoder", 1.0)  # nothing to rehearse on: the default
     # pseudo-anomalies among the normals, just above the threshold: a wide reach keeps their
     # AUROC but pulls them under the threshold, and only the detection cost says so
     mid = F.normalize(torch.randn(50, 16, generator=g) * 0.1 + torch.eye(16)[0]
                       + 0.4 * torch.eye(16)[1], dim=1)
-    reach, evidence = choose_reach(references, scores, mid, 1.6 + 0.2 * torch.rand(50, generator=g),
-                                   1.5)
-    wide = evidence["reaches"]["1.5"]
+    sight, reach, evidence = choose_lesson(blocks, references, scores, mid,
+                                           1.6 + 0.2 * torch.rand(50, generator=g), 1.5)
+    wide = evidence["tried"]["encoder x1.5"]
     assert wide["auroc_loss"] <= MAX_AUROC_LOSS and wide["detection_loss"] > MAX_DETECTION_LOSS
-    assert evidence["reaches"][str(reach)]["detection_loss"] <= MAX_DETECTION_LOSS
+    assert evidence["tried"][f"{sight} x{reach:g}"]["detection_loss"] <= MAX_DETECTION_LOSS
     assert reach < 1.5
+
+
+def test_the_rehearsal_chooses_the_sight_in_which_false_alarms_are_of_a_sort():
+    g = torch.Generator().manual_seed(1)
+    references, scores, _ = rehearsal_data(g)
+    noise = F.normalize(torch.randn(len(references), 16, generator=g), dim=1)
+    far = F.normalize(torch.randn(50, 16, generator=g) * 0.1 + torch.eye(16)[2], dim=1)
+    blocks = {"s/pooled": 16, ENCODER: 16}
+    # the false alarms are of a sort in the query block, scattered in the encoder block
+    queried = torch.cat([references, noise], 1)
+    pseudo = torch.cat([far, F.normalize(torch.randn(50, 16, generator=g), dim=1)], 1)
+    sight, reach, evidence = choose_lesson(blocks, queried, scores, pseudo, 5 + torch.rand(50),
+                                           1.5)
+    cleared = {k: v["cleared"] for k, v in evidence["tried"].items()}
+    assert sight == "queries"
+    assert cleared[f"queries x{reach:g}"] > max(v for k, v in cleared.items() if "encoder" in k)
+    # and the other way round
+    encoded = torch.cat([noise, references], 1)
+    pseudo = torch.cat([pseudo[:, 16:], pseudo[:, :16]], 1)
+    assert choose_lesson(blocks, encoded, scores, pseudo, 5 + torch.rand(50), 1.5)[0] \
+        == "encoder"
+
+
+def test_a_marked_anomaly_is_sized_not_to_reach_normals_it_was_not_sized_on():
+    g = torch.Generator().manual_seed(2)
+    ring = lambda n, lift: F.normalize(torch.cat([  # noqa: E731
+        (a := torch.rand(n, 1, generator=g) * 6.283).cos(), a.sin(), torch.full((n, 1), lift)],
+        1), dim=1)
+    normals = ring(600, 0.0)  # normals on a ring, anomalies just off it
+    keys = ring(20, 0.15)
+    # a ball as far as the nearest of 300 references holds, on average, one normal in 301
+    # that the references missed, for each key: with 20 keys, a share of all normals
+    lessons = Lessons(20, ONE)
+    lessons.teach(keys, torch.ones(20, dtype=torch.bool), normals[:300], torch.rand(300),
+                  sights=torch.ones(20, 1, dtype=torch.bool))
+    assert float(lessons.shrink) < 1.0
+    whole = Lessons(20, ONE)
+    whole.load_state_dict(lessons.state_dict())
+    whole.radius.div_(lessons.shrink)
+    unseen = normals[300:]
+    reached, before = (lessons.reach(unseen)[1] > 0).float().mean(), \
+        (whole.reach(unseen)[1] > 0).float().mean()
+    assert before > 0.03 and reached < before / 3
