@@ -30,7 +30,13 @@ from core.data import NORMAL, DataError, Split, load_split
 from core.data.imageio import MAX_UPLOAD_BYTES, read_image, validate_upload
 from core.metrics import at_threshold, image_metrics
 from core.model.anomem import AnoMem
-from core.model.lessons import ANOMALY_SIGHT, choose_lesson, in_sight
+from core.model.lessons import (
+    ANOMALY_SIGHT,
+    MAX_AUROC_LOSS,
+    MAX_DETECTION_LOSS,
+    choose_lesson,
+    in_sight,
+)
 from core.pipeline import evaluate
 from core.runs import (
     CONFIG,
@@ -302,13 +308,19 @@ def lesson_story(lessons: dict) -> str:
     chosen = (tried or {}).get(f"{sight} x{reach:g}", {})
     what = (f"A marked normal compares images on {SIGHT_WORDS.get(sight, sight)} and reaches "
             f"{reach:g} times its distance to the nearest held-out normal")
-    if chosen:
+    within = bool(chosen) and chosen["auroc_loss"] <= MAX_AUROC_LOSS \
+        and chosen.get("detection_loss", 0.0) <= MAX_DETECTION_LOSS
+    if within:
         why = (f": of the {len(tried)} lessons rehearsed on held-out normals (half of their false "
                "alarms marked), the one that cleared most of the other false alarms "
                f"({chosen['cleared']:.0%}; it reached {chosen['ordinary_reached']:.0%} of the "
                "ordinary normals) within the costs allowed: it cost "
                f"{chosen['auroc_loss']:+.4f} pseudo-anomaly AUROC and "
                f"{chosen['detection_loss']:.0%} of the pseudo-anomalies caught")
+    elif chosen:
+        why = (f": none of the {len(tried)} lessons rehearsed on held-out normals stayed within "
+               f"the costs allowed ({MAX_AUROC_LOSS:g} pseudo-anomaly AUROC, "
+               f"{MAX_DETECTION_LOSS:.0%} of the pseudo-anomalies caught), so the default")
     elif tried is not None:
         why = ": too few held-out false alarms to rehearse on, so the default"
     else:

@@ -215,6 +215,10 @@ def test_the_lesson_caption_says_what_marked_normals_see_and_why():
     shrunk = lesson_story({"sight": "queries", "reach": 1.0, "evidence": {"tried": {}},
                            "anomaly_keys": 8, "anomaly_shrink": 0.8})
     assert "0.8 times that distance" in shrunk
+    tried["encoder x1"] = {"cleared": 0.0, "ordinary_reached": 0.0, "auroc_loss": 0.01,
+                           "detection_loss": 0.2}
+    costly = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": tried}})
+    assert "none of the 3 lessons" in costly and "so the default" in costly
     few = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": {}}})
     assert "too few held-out false alarms" in few
     # a refit saved before sights: what it did, no made-up reason
