@@ -306,8 +306,10 @@ def lesson_story(lessons: dict) -> str:
     sight, reach = lessons.get("sight", "queries"), lessons["reach"]
     tried = (lessons.get("evidence") or {}).get("tried")  # None: saved by an earlier version
     chosen = (tried or {}).get(f"{sight} x{reach:g}", {})
-    what = (f"A marked normal compares images on {SIGHT_WORDS.get(sight, sight)} and reaches "
-            f"{reach:g} times its distance to the nearest held-out normal")
+    how_far = ("as far as its nearest held-out normal" if reach == 1 else
+               f"{reach:g} times its distance to the nearest held-out normal")
+    what = (f"A marked normal compares images on {SIGHT_WORDS.get(sight, sight)}, and reaches "
+            f"{how_far}")
     within = bool(chosen) and chosen["auroc_loss"] <= MAX_AUROC_LOSS \
         and chosen.get("detection_loss", 0.0) <= MAX_DETECTION_LOSS
     if within:

@@ -219,6 +219,7 @@ def test_the_lesson_caption_says_what_marked_normals_see_and_why():
                            "detection_loss": 0.2}
     costly = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": tried}})
     assert "none of the 3 lessons" in costly and "so the default" in costly
+    assert "reaches as far as its nearest held-out normal" in costly
     few = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": {}}})
     assert "too few held-out false alarms" in few
     # a refit saved before sights: what it did, no made-up reason
