@@ -20,10 +20,10 @@ For each finished run (one of each data set to measure) and each seed of the mar
 The sight and reach of marked normals are chosen as a refit chooses them, on held-out training
 normals (core/refit.py `lesson_context`), once per run. The taught scores are computed by the
 lessons the refit adds (`with_lessons`) on the parent's scores and descriptors of the test
-images, computed once per run: the same
-arithmetic `AnoMem.score` does, without scoring the test set again for every marking. One real
-`refit_run` per run, with ten marks, times the teaching and checks that its saved model scores
-the test set as this computation does. Writes OUT_DIR/results.md and results.json.
+images, computed once per run: the same arithmetic `AnoMem.score` does, without scoring the
+test set again for every marking. One real `refit_run` per run, with ten marks, times the
+teaching and checks that its saved model scores the test set as this computation does. Writes
+OUT_DIR/results.md and results.json.
 """
 
 from __future__ import annotations
