@@ -35,7 +35,7 @@ from core.model.lessons import (
     MAX_AUROC_LOSS,
     MAX_DETECTION_LOSS,
     choose_lesson,
-    in_sight,
+    key_sights,
 )
 from core.pipeline import evaluate
 from core.runs import (
@@ -338,9 +338,8 @@ def with_lessons(parent: AnoMem, keys: torch.Tensor, anomalous: torch.Tensor,
                  context: Context) -> AnoMem:
     """A copy of `parent` (on the CPU) taught the keys (K, dim) of marked images, `anomalous`
     (K,) saying which are anomalies, besides the lessons the parent already had."""
-    names = tuple(parent.descriptor_blocks)
-    sights = torch.where(anomalous[:, None], in_sight(names, context.anomaly_sight),
-                         in_sight(names, context.sight))
+    sights = key_sights(tuple(parent.descriptor_blocks), anomalous, context.sight,
+                        context.anomaly_sight)
     if parent.lessons is not None:  # a refit of a refit keeps what its parent was taught
         keys = torch.cat([parent.lessons.keys.cpu(), keys])
         anomalous = torch.cat([parent.lessons.anomalous.cpu(), anomalous])

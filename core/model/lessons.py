@@ -62,6 +62,13 @@ def in_sight(names: tuple[str, ...], sight: str) -> torch.Tensor:
                          for name in names])
 
 
+def key_sights(names: tuple[str, ...], anomalous: torch.Tensor, sight: str,
+               anomaly_sight: str = ANOMALY_SIGHT) -> torch.Tensor:
+    """(K, len(names)) bool: marked normals see `sight`, marked anomalies `anomaly_sight`."""
+    return torch.where(anomalous[:, None], in_sight(names, anomaly_sight),
+                       in_sight(names, sight))
+
+
 def describe(reads: dict[str, MemoryRead], maps: dict[str, torch.Tensor],
              encoded: torch.Tensor) -> torch.Tensor:
     """(B, dim) descriptors, unit-norm blocks in the order of `descriptor_blocks`: per scale,
@@ -93,20 +100,20 @@ class Lessons(nn.Module):
         # taught (a record for the refit's summary: the radii hold it)
         self.register_buffer("shrink", torch.ones(()), persistent=False)
 
-    def _shrink(self, references: torch.Tensor, seed: int = 0) -> float:
+    def _shrink(self, sq: torch.Tensor, seed: int = 0) -> float:
         """How much of the distance to the nearest reference a marked anomaly may reach: the
         nearest of a few hundred references is further than the nearest of all normals (on
         Fashion-MNIST shirt 8 to 10 % of the test normals fell inside such balls). Sized on a
         random two thirds of the references, the largest of SHRINKS that reaches at most
-        MAX_NORMALS_REACHED of the other third."""
-        order = torch.randperm(len(references), generator=torch.Generator().manual_seed(seed))
-        cut = len(references) * 2 // 3
-        sized, held = references[order[:cut]], references[order[cut:]]
-        anomalous = self.anomalous & (self.radius > 0)
-        if not len(held) or not bool(anomalous.any()):
+        MAX_NORMALS_REACHED of the other third. `sq`: (R, K) squared distances of the
+        references to the keys."""
+        order = torch.randperm(len(sq), generator=torch.Generator().manual_seed(seed))
+        cut = len(sq) * 2 // 3
+        if cut == len(sq) or not bool(self.anomalous.any()):
             return 1.0
-        nearest = self.distances(sized)[:, anomalous].amin(0).sqrt()  # (A,)
-        d = self.distances(held)[:, anomalous].sqrt()  # (H, A)
+        sq = sq[:, self.anomalous]
+        nearest = sq[order[:cut]].amin(0).sqrt()  # (A,)
+        d = sq[order[cut:]].sqrt()  # (H, A)
         for shrink in SHRINKS:
             if float((d < nearest * shrink).any(1).float().mean()) <= MAX_NORMALS_REACHED:
                 return shrink
@@ -141,25 +148,21 @@ class Lessons(nn.Module):
 
     @torch.no_grad()
     def teach(self, keys: torch.Tensor, anomalous: torch.Tensor, references: torch.Tensor,
-              reference_scores: torch.Tensor, reach: float = 1.0, sight: str = "encoder",
-              sights: torch.Tensor | None = None) -> None:
+              reference_scores: torch.Tensor, reach: float = 1.0, *,
+              sights: torch.Tensor) -> None:
         """Set the keys (K, dim) and their kinds (K,) bool, with the radii measured against the
         descriptors of normal reference images (R, dim) and the scores they get (R,). A marked
-        normal sees `sight` and reaches `reach` times its distance to the nearest reference
-        (see `choose_lesson`); a marked anomaly sees ANOMALY_SIGHT and reaches a share of that
-        distance (`_shrink`). `sights` (K, blocks) overrides both sights per key (the keys of
-        an earlier refit keep theirs)."""
+        normal reaches `reach` times its distance to the nearest reference (see
+        `choose_lesson`), a marked anomaly a share of that distance (`_shrink`); each key
+        compares images on the blocks of its row of `sights` (K, blocks), see `key_sights`."""
         if len(keys) != len(self.keys):
             raise ValueError(f"expected {len(self.keys)} keys, got {len(keys)}")
         self.keys.copy_(keys)
         self.anomalous.copy_(anomalous)
-        if sights is None:
-            sights = torch.where(anomalous[:, None], in_sight(self.names, ANOMALY_SIGHT),
-                                 in_sight(self.names, sight))
         self.sight.copy_(sights)
-        self.radius.fill_(1.0)  # measured next, in each key's own sight
-        nearest = self.distances(references).amin(0).sqrt()
-        self.shrink.fill_(self._shrink(references) if bool(anomalous.any()) else 1.0)
+        sq = self.distances(references)  # (R, K), each key in its own sight
+        nearest = sq.amin(0).sqrt()
+        self.shrink.fill_(self._shrink(sq))
         self.radius.copy_(torch.where(anomalous, nearest * self.shrink, nearest * reach))
         s = reference_scores.float()
         self.normal_score.copy_(s.median())
@@ -234,19 +237,21 @@ def choose_lesson(blocks: dict[str, int], references: torch.Tensor, scores: torc
     for candidate in SIGHTS:
         for r in REACHES:
             lessons = Lessons(k, blocks)
-            lessons.teach(references[marked], torch.zeros(k, dtype=torch.bool),
-                          references[unmarked], scores[unmarked], r, candidate)
+            normal = torch.zeros(k, dtype=torch.bool)
+            lessons.teach(references[marked], normal, references[unmarked], scores[unmarked], r,
+                          sights=key_sights(lessons.names, normal, candidate))
             loss = auroc_before - float(roc_auc_score(y, lessons(before, x).numpy()))
             still = lessons(pseudo_scores, pseudo) > threshold
             missed = float((caught & ~still).float().sum() / caught.float().sum().clamp_min(1))
             reached = lessons.reach(references)[0] > 0
             cleared = float((lessons(scores[others], references[others]) <= threshold)
                             .float().mean())
-            contrast = float(reached[others].float().mean() - reached[ordinary].float().mean())
+            alarms_reached = float(reached[others].float().mean())
+            ordinary_reached = float(reached[ordinary].float().mean())
+            contrast = alarms_reached - ordinary_reached
             evidence["tried"][f"{candidate} x{r:g}"] = {
                 "sight": candidate, "reach": r, "cleared": cleared,
-                "alarms_reached": float(reached[others].float().mean()),
-                "ordinary_reached": float(reached[ordinary].float().mean()),
+                "alarms_reached": alarms_reached, "ordinary_reached": ordinary_reached,
                 "auroc_loss": loss, "detection_loss": missed}
             if loss > MAX_AUROC_LOSS or missed > MAX_DETECTION_LOSS:
                 continue
