@@ -296,7 +296,8 @@ def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
         "median_radius": float(lessons.radius.median())}
 
 
-SIGHT_WORDS = {"encoder": "what the image shows (the encoder's deepest features)",
+SIGHT_WORDS = {"encoder": "what the image shows (the encoder's deepest features, measured "
+                          "against how much normal images vary)",
                "queries": "the memory queries of every scale, pooled and at the strangest spot",
                "both": "both what the image shows and the memory queries"}
 

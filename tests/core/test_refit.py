@@ -70,11 +70,12 @@ def test_refit_saves_a_new_run_and_leaves_the_parent_alone(parent: Path, split, 
     # everything the parent fitted is kept bit for bit; the marks became lessons
     p_state, c_state = load_run(parent).model.state_dict(), child.model.state_dict()
     assert set(c_state) - set(p_state) == {f"lessons.{b}" for b in (
-        "keys", "sight", "radius", "anomalous", "normal_score", "alarm_score")}
+        "keys", "whiten", "sight", "radius", "anomalous", "normal_score", "alarm_score")}
     for key in p_state:
         assert np.array_equal(p_state[key].numpy(), c_state[key].numpy()), key
     lessons = child.model.lessons
     assert len(lessons.keys) == 4 * VIEWS and int(lessons.anomalous.sum()) == VIEWS
+    assert not torch.allclose(lessons.whiten, torch.eye(len(lessons.whiten)))  # the normals'
     assert child.config.model.lessons == 4 * VIEWS
     # the test set was not scored again: the parent's explorer data, taught, says what a full
     # evaluation would, and the child's explorer data is written from it

@@ -17,10 +17,11 @@ from core.model.lessons import (
     descriptor_blocks,
     in_sight,
     upgrade_lessons,
+    whitening,
 )
 from core.model.memory import MemoryRead
 
-ONE = {ENCODER: 3}  # descriptors of a single block of three: every sight but "queries" sees it
+ONE = {"s/pooled": 3}  # descriptors of a single query block of three, plain distances
 
 
 def unit(*rows: list[float]) -> torch.Tensor:
@@ -69,10 +70,11 @@ def test_a_key_compares_images_on_the_blocks_in_its_sight_only():
     key = torch.cat([unit([0, 1, 0]), unit([0, 0, 1])], 1)  # a false alarm: far in both blocks
     encoder_only = taught(key, [False], blocks, in_sight(tuple(blocks), "encoder")[None])
     both = taught(key, [False], blocks, in_sight(tuple(blocks), "both")[None])
-    # an image like the key in what the encoder sees, opposite to it in the query block
-    x = torch.cat([unit([0, -1, 0]), unit([0, 0.1, 1])], 1)
-    assert encoder_only(torch.tensor([5.0]), x) < 2.0  # relieved: it sees the encoder only
-    assert both(torch.tensor([5.0]), x) == 5.0  # out of reach once the queries count too
+    # an image the key's twin in what the encoder sees, opposite to it in the query block
+    x = torch.cat([unit([0, -1, 0]), unit([0, 0, 1])], 1)
+    relieved = encoder_only(torch.tensor([5.0]), x)
+    assert relieved == encoder_only.normal_score  # all the way: it sees the encoder only
+    assert both(torch.tensor([5.0]), x) > relieved + 1  # the queries count too
     assert in_sight(tuple(blocks), "queries").tolist() == [True, False]
 
 
@@ -106,6 +108,44 @@ def test_keys_saved_before_sights_keep_their_distances():
     assert torch.allclose(lessons.distances(images), before, atol=1e-5)
     assert lessons.sight.tolist() == [[True] * 4 + [False]] * 3
     assert math.isclose(float(lessons.keys[:, 16:].abs().sum()), 0.0)
+
+
+def test_lessons_saved_before_the_whitening_keep_the_plain_metric():
+    blocks = descriptor_blocks(("a",), 2, 3)
+    state = {"lessons.keys": torch.ones(2, 7), "lessons.sight": torch.ones(2, 3, dtype=bool)}
+    upgrade_lessons(state, "lessons.", tuple(blocks), tuple(blocks.values()))
+    assert torch.equal(state["lessons.whiten"], torch.eye(3))
+    assert torch.equal(state["lessons.keys"], torch.ones(2, 7))  # already today's layout
+
+
+def test_the_encoder_block_is_measured_in_units_of_how_much_normals_vary():
+    g = torch.Generator().manual_seed(3)
+    # references spread widely along the first axis, hardly at all along the second
+    references = torch.randn(300, 2, generator=g) * torch.tensor([1.0, 0.05])
+    lessons = Lessons(1, {ENCODER: 2})
+    lessons.sight.fill_(True)
+    steps = torch.tensor([[1.0, 0.0], [0.0, 0.2]])
+    plain = lessons.distances(steps)[:, 0]
+    lessons.whiten.copy_(lessons.whitening_of(references))
+    whitened = lessons.distances(steps)[:, 0]
+    assert plain[0] > plain[1]  # plainly, the step along the wide axis is the longer ...
+    assert whitened[1] > 3 * whitened[0]  # ... but a step where normals never go is further
+    spread = lambda w: float((references - references.mean(0)).matmul(w).pow(2)  # noqa: E731
+                             .sum(1).mean())
+    assert math.isclose(spread(lessons.whiten), spread(torch.eye(2)), rel_tol=1e-4)
+    assert torch.equal(whitening(torch.ones(5, 2)), torch.eye(2))  # no variation: plain
+
+
+def test_the_whitening_is_ledoit_wolfs_shrunk_covariance():
+    from sklearn.covariance import ledoit_wolf
+
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(4)).double() \
+        * torch.arange(1, 7)
+    w = whitening(x).double()
+    cov = torch.from_numpy(ledoit_wolf((x - x.mean(0)).numpy(), assume_centered=True)[0])
+    metric = w @ w.T  # proportional to the inverse of the shrunk covariance
+    ratio = metric @ cov
+    assert torch.allclose(ratio, ratio[0, 0] * torch.eye(6, dtype=ratio.dtype), atol=1e-4)
 
 
 def rehearsal_data(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
