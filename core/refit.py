@@ -317,9 +317,9 @@ def lesson_story(lessons: dict) -> str:
         why = (f": of the {len(tried)} lessons rehearsed on held-out normals (half of their false "
                "alarms marked), the one that cleared most of the other false alarms "
                f"({chosen['cleared']:.0%}; it reached {chosen['ordinary_reached']:.0%} of the "
-               "ordinary normals) within the costs allowed: it cost "
-               f"{chosen['auroc_loss']:+.4f} pseudo-anomaly AUROC and "
-               f"{chosen['detection_loss']:.0%} of the pseudo-anomalies caught")
+               "ordinary normals) within the costs allowed: it moved the pseudo-anomaly AUROC by "
+               f"{-chosen['auroc_loss']:+.4f} and cost {chosen['detection_loss']:.0%} of the "
+               "pseudo-anomalies caught")
     elif chosen:
         why = (f": none of the {len(tried)} lessons rehearsed on held-out normals stayed within "
                f"the costs allowed ({MAX_AUROC_LOSS:g} pseudo-anomaly AUROC, "
