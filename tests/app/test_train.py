@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from app import state
+from app import state, train_form
 from core import pipeline
 from core.runs import list_runs
 from tests.app.helpers import open_page, texts
@@ -37,6 +37,20 @@ def fewer_test_images(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pipeline, "load_split", every_fifth)
 
 
+@pytest.fixture
+def smaller_encoder_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The form's runs read their images at 64 px (not 128): the encoder's forward passes are
+    most of their time, and what these tests check is the page and the job."""
+    make = train_form.run_config
+
+    def at_64(*args, **kwargs):
+        cfg = make(*args, **kwargs)
+        cfg.model.input_size = 64
+        return cfg
+
+    monkeypatch.setattr(train_form, "run_config", at_64)
+
+
 def _wait_until_done(at: AppTest, timeout: float = 300) -> None:
     """Rerun the page (as its polling fragment would) until the job has ended."""
     deadline = time.monotonic() + timeout
@@ -50,6 +64,7 @@ def _wait_until_done(at: AppTest, timeout: float = 300) -> None:
 
 
 def test_form_trains_a_run_that_becomes_selectable(empty_runs: Path, fewer_test_images: None,
+                                                  smaller_encoder_input: None,
                                                   monkeypatch: pytest.MonkeyPatch):
     gate = threading.Event()  # training waits for it: the page is seen while the job runs
     train_run = pipeline.train_run
@@ -139,7 +154,8 @@ def _start_and_stop(name: str) -> AppTest:
 
 
 def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path,
-                                                             fewer_test_images: None):
+                                                             fewer_test_images: None,
+                                                             smaller_encoder_input: None):
     at = _start_and_stop("stop me")
     assert not at.error, [e.value for e in at.error]
     assert "was stopped" in at.warning[0].value
