@@ -43,7 +43,7 @@ import torch
 from core.data import NORMAL, load_split
 from core.files import write_atomic
 from core.metrics import at_threshold, image_metrics
-from core.model.lessons import ANOMALY_SIGHT, SIGHTS, Lessons, in_sight
+from core.model.lessons import ANOMALY_SIGHT, SIGHTS, Lessons, encoder_whitening, in_sight
 from core.refit import (
     VIEWS,
     _views,
@@ -134,7 +134,7 @@ def ceiling(t: Trial, marked: np.ndarray, others: np.ndarray, caught: np.ndarray
         return float("nan")
     probe = Lessons(len(marked), t.model.descriptor_blocks)
     probe.keys.copy_(t.descriptors[marked])
-    probe.whiten.copy_(probe.whitening_of(t.context.references))  # a refit's metric
+    probe.whiten.copy_(encoder_whitening(t.model.descriptor_blocks, t.context.references))
     probe.sight.copy_(in_sight(probe.names, sight).expand(len(marked), -1))
     nearest = probe.distances(t.descriptors).amin(1).numpy()
     radius = np.quantile(nearest[caught], CEILING_BUDGET)

@@ -129,13 +129,6 @@ class Lessons(nn.Module):
                 return shrink
         return SHRINKS[-1]
 
-    def whitening_of(self, references: torch.Tensor) -> torch.Tensor:
-        """The encoder block's metric (`whiten`) for normal references' descriptors (R, dim):
-        see `whitening`; the plain metric when there is no encoder block or one reference."""
-        if ENCODER not in self.names or len(references) < 2:
-            return torch.eye(len(self.whiten))
-        return whitening(references.split(self.sizes, dim=1)[self.names.index(ENCODER)])
-
     def distances(self, descriptors: torch.Tensor) -> torch.Tensor:
         """(B, K) squared distances of descriptors (B, dim) to the keys, each the mean over
         the blocks in the key's sight (the encoder block's under its metric, `whiten`)."""
@@ -175,11 +168,13 @@ class Lessons(nn.Module):
         normal reaches `reach` times its distance to the nearest reference (see
         `choose_lesson`), a marked anomaly a share of that distance (`_shrink`); each key
         compares images on the blocks of its row of `sights` (K, blocks), see `key_sights`; the
-        encoder block's metric is `whiten`, by default the references' (`whitening_of`)."""
+        encoder block's metric is `whiten`, by default the references' (`encoder_whitening`)."""
         if len(keys) != len(self.keys):
             raise ValueError(f"expected {len(self.keys)} keys, got {len(keys)}")
         self.keys.copy_(keys)
-        self.whiten.copy_(self.whitening_of(references) if whiten is None else whiten)
+        if whiten is None:
+            whiten = encoder_whitening(dict(zip(self.names, self.sizes, strict=True)), references)
+        self.whiten.copy_(whiten)
         self.anomalous.copy_(anomalous)
         self.sight.copy_(sights)
         sq = self.distances(references)  # (R, K), each key in its own sight
@@ -205,6 +200,15 @@ def whitening(encoded: torch.Tensor) -> torch.Tensor:
         return torch.eye(x.shape[1])
     w = torch.linalg.cholesky(ledoit_wolf(x[None])[1][0])  # w @ w.T: the precision
     return (w * math.sqrt(spread / float((x @ w).pow(2).sum(1).mean()))).float()
+
+
+def encoder_whitening(blocks: dict[str, int], references: torch.Tensor) -> torch.Tensor:
+    """The encoder block's metric (a `Lessons`' `whiten`) for normal references' descriptors
+    (R, dim) of `blocks`: see `whitening`; the plain metric when there is no encoder block or a
+    single reference."""
+    if ENCODER not in blocks or len(references) < 2:
+        return torch.eye(blocks.get(ENCODER, 0))
+    return whitening(references.split(list(blocks.values()), dim=1)[list(blocks).index(ENCODER)])
 
 
 def upgrade_lessons(state: dict[str, torch.Tensor], prefix: str, names: tuple[str, ...],
@@ -275,7 +279,7 @@ def choose_lesson(blocks: dict[str, int], references: torch.Tensor, scores: torc
     before = torch.cat([scores[unmarked], pseudo_scores])
     auroc_before = float(roc_auc_score(y, before.numpy()))
     caught = pseudo_scores > threshold
-    whiten = Lessons(0, blocks).whitening_of(references)  # the refit's metric, fitted once
+    whiten = encoder_whitening(blocks, references)  # the refit's metric, fitted once
     best: tuple[float, float] | None = None
     for candidate in SIGHTS:
         for r in REACHES:

@@ -15,6 +15,7 @@ from core.model.lessons import (
     choose_lesson,
     describe,
     descriptor_blocks,
+    encoder_whitening,
     in_sight,
     upgrade_lessons,
     whitening,
@@ -126,7 +127,7 @@ def test_the_encoder_block_is_measured_in_units_of_how_much_normals_vary():
     lessons.sight.fill_(True)
     steps = torch.tensor([[1.0, 0.0], [0.0, 0.2]])
     plain = lessons.distances(steps)[:, 0]
-    lessons.whiten.copy_(lessons.whitening_of(references))
+    lessons.whiten.copy_(encoder_whitening({ENCODER: 2}, references))
     whitened = lessons.distances(steps)[:, 0]
     assert plain[0] > plain[1]  # plainly, the step along the wide axis is the longer ...
     assert whitened[1] > 3 * whitened[0]  # ... but a step where normals never go is further
