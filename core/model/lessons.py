@@ -155,7 +155,12 @@ class Lessons(nn.Module):
 
     def forward(self, score: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
         """Image scores (B,) after the lessons, given the images' descriptors (B, dim)."""
-        normal, anomaly = self.reach(descriptors)
+        return self.relieve(score, *self.reach(descriptors))
+
+    def relieve(self, score: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor
+                ) -> torch.Tensor:
+        """Image scores (B,) moved by the weights (B,) of their nearest marked normal and
+        marked anomaly (`reach`)."""
         score = score - normal * (score - self.normal_score).clamp_min(0)
         return score + anomaly * (self.alarm_score - score).clamp_min(0)
 
@@ -275,9 +280,7 @@ def choose_lesson(blocks: dict[str, int], references: torch.Tensor, scores: torc
     unmarked[marked] = False
     ordinary = scores <= threshold
     y = torch.cat([torch.zeros(int(unmarked.sum())), torch.ones(len(pseudo))]).numpy()
-    x = torch.cat([references[unmarked], pseudo])
-    before = torch.cat([scores[unmarked], pseudo_scores])
-    auroc_before = float(roc_auc_score(y, before.numpy()))
+    auroc_before = float(roc_auc_score(y, torch.cat([scores[unmarked], pseudo_scores]).numpy()))
     caught = pseudo_scores > threshold
     whiten = encoder_whitening(blocks, references)  # the refit's metric, fitted once
     best: tuple[float, float] | None = None
@@ -287,12 +290,16 @@ def choose_lesson(blocks: dict[str, int], references: torch.Tensor, scores: torc
             normal = torch.zeros(k, dtype=torch.bool)
             lessons.teach(references[marked], normal, references[unmarked], scores[unmarked], r,
                           sights=key_sights(lessons.names, normal, candidate), whiten=whiten)
-            loss = auroc_before - float(roc_auc_score(y, lessons(before, x).numpy()))
-            still = lessons(pseudo_scores, pseudo) > threshold
+            # each image's distances once: the references' and the pseudo-anomalies' weights
+            on_references, on_pseudo = lessons.reach(references), lessons.reach(pseudo)
+            taught = lessons.relieve(scores, *on_references)
+            taught_pseudo = lessons.relieve(pseudo_scores, *on_pseudo)
+            loss = auroc_before - float(roc_auc_score(
+                y, torch.cat([taught[unmarked], taught_pseudo]).numpy()))
+            still = taught_pseudo > threshold
             missed = float((caught & ~still).float().sum() / caught.float().sum().clamp_min(1))
-            reached = lessons.reach(references)[0] > 0
-            cleared = float((lessons(scores[others], references[others]) <= threshold)
-                            .float().mean())
+            reached = on_references[0] > 0
+            cleared = float((taught[others] <= threshold).float().mean())
             alarms_reached = float(reached[others].float().mean())
             ordinary_reached = float(reached[ordinary].float().mean())
             contrast = alarms_reached - ordinary_reached
