@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-CONFIG_VERSION = 11
+CONFIG_VERSION = 12
 # The fields each version added, and the values that reproduce a run stored before it.
 ADDED_IN = {
     2: [("model", "local_map", "shared")],
@@ -30,6 +30,7 @@ ADDED_IN = {
         ("train", "cache_images", 2048)],
     10: [("model", "image_shape", []), ("data", "keep_aspect", False)],
     11: [("model", "lessons", 0)],
+    12: [("model", "lesson_kinds", 0)],
 }
 # Distribution-shifted pseudo-anomalies (core/train/shifts.py), and how stage 2 weighs its terms
 SHIFTS = ("jigsaw", "rotate", "cutpaste", "scar", "blend", "colour")
@@ -104,6 +105,8 @@ class ModelConfig:
     map_weights: bool = True
     # Keys of marked images a refit taught the detector (core/model/lessons.py); 0: none
     lessons: int = 0
+    # Kinds of marked anomalies (a direction per marked type) among those lessons
+    lesson_kinds: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.blocks, list | tuple) or not all(
@@ -146,7 +149,7 @@ class ModelConfig:
                               f"{self.backbone} encoder is frozen (use backbone=resnet)")
         for name in ("image_size", "in_channels", "input_size", "memory_size", "memory_dim",
                      "head_dim", "layout_grid", "layout_rank", "pixel_memory", "pixel_size",
-                     "lessons"):
+                     "lessons", "lesson_kinds"):
             _require_int(self, name)
         if self.memory_size < 2 or self.memory_dim < 2:
             raise ConfigError("memory_size and memory_dim must be at least 2")
@@ -171,6 +174,9 @@ class ModelConfig:
                               "2..100000 stored images")
         if not 0 <= self.lessons <= MAX_LESSONS:
             raise ConfigError(f"lessons={self.lessons}: expected 0..{MAX_LESSONS} keys")
+        if not 0 <= self.lesson_kinds <= (MAX_LESSONS if self.lessons else 0):
+            raise ConfigError(f"lesson_kinds={self.lesson_kinds}: expected 0..{MAX_LESSONS}, "
+                              "and 0 without lessons")
         if not 4 <= self.pixel_size <= 128:
             raise ConfigError(f"pixel_size={self.pixel_size}: expected 4..128 pixels")
 

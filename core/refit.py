@@ -34,7 +34,10 @@ from core.model.lessons import (
     ANOMALY_SIGHT,
     MAX_AUROC_LOSS,
     MAX_DETECTION_LOSS,
+    MIN_KIND_MARKS,
+    Kinds,
     choose_lesson,
+    fit_kind,
     key_sights,
 )
 from core.pipeline import evaluate
@@ -182,7 +185,8 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
 
     new_cfg = RunConfig.from_dict({
         **cfg.to_dict(),
-        "model": {**cfg.to_dict()["model"], "lessons": model.cfg.lessons},
+        "model": {**cfg.to_dict()["model"], "lessons": model.cfg.lessons,
+                  "lesson_kinds": model.cfg.lesson_kinds},
         "lineage": asdict(LineageConfig(parent=parent.name,
                                         marks=tuple(m.mark.recorded() for m in marks)))})
     parent_metrics = read_json(parent / METRICS) if (parent / METRICS).is_file() else {}
@@ -279,13 +283,15 @@ def lesson_context(parent: AnoMem, split: Split, cfg: RunConfig, device: torch.d
 def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
           device: torch.device) -> tuple[AnoMem, dict]:
     """A copy of the fitted `parent` with the marks (and the parent's own lessons) as lessons;
-    returns it on the CPU and a summary for metrics.json. Each mark gives VIEWS keys."""
+    returns it on the CPU and a summary for metrics.json. Each mark gives VIEWS keys; each
+    anomaly type marked MIN_KIND_MARKS times or more may give a kind (`mark_kinds`)."""
     parent = parent.to(device).eval()
     context = lesson_context(parent, split, cfg, device)
     _, keys = describe_images(parent, _views(marks, cfg.train.seed), device)
     parent.cpu()
     anomalous = torch.tensor([m.mark.label != NORMAL for m in marks]).repeat(VIEWS)
-    model = with_lessons(parent, keys, anomalous, context)
+    kinds, kind_summary = mark_kinds(marks, keys, context.references, cfg.train.seed)
+    model = with_lessons(parent, keys, anomalous, context, kinds)
     lessons = model.lessons
     return model, {
         "keys": len(lessons.keys), "anomaly_keys": int(lessons.anomalous.sum()),
@@ -293,7 +299,26 @@ def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
         "reach": context.reach, "evidence": context.evidence,
         "normal_score": float(lessons.normal_score), "alarm_score": float(lessons.alarm_score),
         "anomaly_shrink": float(lessons.shrink),
-        "median_radius": float(lessons.radius.median())}
+        "median_radius": float(lessons.radius.median()), "kinds": kind_summary}
+
+
+def mark_kinds(marks: list[Marked], keys: torch.Tensor, references: torch.Tensor, seed: int
+               ) -> tuple[Kinds, list[dict]]:
+    """The kinds (core/model/lessons.py `fit_kind`) of the anomaly types marked at least
+    MIN_KIND_MARKS times, given the marks' keys (VIEWS * M, dim, as `_views` orders them) and
+    the held-out normal references (R, dim): those whose marks, each left out in turn, still
+    stand past the normals (the others would do nothing), and a summary of every type's."""
+    per_mark = keys.reshape(VIEWS, len(marks), -1).transpose(0, 1)  # (M, VIEWS, dim)
+    kinds, summary = [], []
+    for label in sorted({m.mark.label for m in marks} - {NORMAL}):
+        of_type = [i for i, m in enumerate(marks) if m.mark.label == label]
+        if len(of_type) < MIN_KIND_MARKS:
+            continue
+        kind, evidence = fit_kind(per_mark[of_type], references, seed)
+        summary.append({"label": label, **evidence})
+        if evidence["generalises"]:
+            kinds.append(kind)
+    return Kinds.cat(kinds, keys.shape[1]), summary
 
 
 SIGHT_WORDS = {"encoder": "what the image shows (the encoder's deepest features, measured "
@@ -332,27 +357,48 @@ def lesson_story(lessons: dict) -> str:
     anomaly = (" A marked anomaly reaches that nearest normal and no further." if shrink == 1
                else f" A marked anomaly reaches {shrink:g} times that distance, so that it "
                "holds none of the held-out normals it was not sized on.")
-    return f"{what}{why}.{anomaly if lessons.get('anomaly_keys', 1) else ''}"
+    return (f"{what}{why}.{anomaly if lessons.get('anomaly_keys', 1) else ''}"
+            + "".join(" " + kind_story(k) for k in lessons.get("kinds", [])))
+
+
+def kind_story(kind: dict) -> str:
+    """Whether the images marked with one anomaly type taught its kind, and why."""
+    told = f"The {kind['marks']} images marked {kind['label']!r}"
+    if kind["left_out_z"] is None:
+        return f"{told} are too few to teach their kind beyond their look-alikes."
+    if kind["generalises"]:
+        return (f"{told} teach their kind: images that differ from the held-out normals in the "
+                "way they do are raised towards the alarm score (each mark, left out of that "
+                f"direction, still stood {kind['left_out_z']:.1f} spreads of the normals past "
+                "them, the median).")
+    return (f"{told} teach nothing beyond their look-alikes: left out one at a time, they did "
+            "not stand past the held-out normals in the direction the others drew.")
 
 
 def with_lessons(parent: AnoMem, keys: torch.Tensor, anomalous: torch.Tensor,
-                 context: Context) -> AnoMem:
+                 context: Context, kinds: Kinds | None = None) -> AnoMem:
     """A copy of `parent` (on the CPU) taught the keys (K, dim) of marked images, `anomalous`
-    (K,) saying which are anomalies, besides the lessons the parent already had."""
+    (K,) saying which are anomalies, and the `kinds` of marked anomaly types, besides the
+    lessons the parent already had."""
+    kinds = kinds or Kinds.none(keys.shape[1])
     sights = key_sights(tuple(parent.descriptor_blocks), anomalous, context.sight,
                         context.anomaly_sight)
     if parent.lessons is not None:  # a refit of a refit keeps what its parent was taught
         keys = torch.cat([parent.lessons.keys.cpu(), keys])
         anomalous = torch.cat([parent.lessons.anomalous.cpu(), anomalous])
         sights = torch.cat([parent.lessons.sight.cpu(), sights])
-    model = AnoMem(dataclasses.replace(parent.cfg, lessons=len(keys)), pretrained=False)
+        had = parent.lessons
+        kinds = Kinds.cat([Kinds(had.kind_centre, had.kind_direction, had.kind_cut,
+                                 had.kind_top), kinds], keys.shape[1])
+    model = AnoMem(dataclasses.replace(parent.cfg, lessons=len(keys), lesson_kinds=len(kinds.cut)),
+                   pretrained=False)
     state = {k: v for k, v in parent.state_dict().items() if not k.startswith("lessons.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or not all(k.startswith("lessons.") for k in missing):
         raise RuntimeError(f"lessons: the parent's weights do not fit ({missing}, {unexpected})")
     assert model.lessons is not None
     model.lessons.teach(keys, anomalous, context.references, context.scores, context.reach,
-                        sights=sights)
+                        sights=sights, kinds=kinds)
     return model.eval()
 
 

@@ -101,7 +101,8 @@ class AnoMem(nn.Module):
         # What marked images taught a refit (core/refit.py), keyed by look-alike descriptors
         self.descriptor_blocks = descriptor_blocks(cfg.scales, cfg.memory_dim,
                                                    channels[self.deepest])
-        self.lessons = Lessons(cfg.lessons, self.descriptor_blocks) if cfg.lessons else None
+        self.lessons = (Lessons(cfg.lessons, self.descriptor_blocks, cfg.lesson_kinds)
+                        if cfg.lessons else None)
 
     @property
     def scales(self) -> tuple[str, ...]:

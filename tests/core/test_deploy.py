@@ -12,13 +12,14 @@ import torch
 from PIL import Image
 
 from core.cli import main
-from core.config import DataConfig
+from core.config import DataConfig, RunConfig
 from core.data import load_split
 from core.export import ExportError, export_run
 from core.inference import Detector, ModelInfo
+from core.model.lessons import Kinds
 from core.pipeline import train_run
 from core.presets import preset
-from core.refit import mark_test_image, refit_run
+from core.refit import Context, mark_test_image, refit_run, with_lessons
 from core.runs import load_run, save_model
 from core.train.scoring import score_images
 
@@ -158,3 +159,29 @@ def test_a_taught_run_exports_with_its_lessons(trained: Path, test_images: torch
     assert lessons is not None
     assert taught.score(images[:1]).scores[0] == pytest.approx(float(lessons.normal_score),
                                                                abs=1e-4)
+
+    # a kind of marked anomalies (a direction) exports too: one that raises half the images
+    run = load_run(tmp_path / "taught")
+    with torch.no_grad():
+        score, descriptors = run.model.score_and_describe(images.float() / 255)
+    centre = descriptors.mean(0, keepdim=True)
+    direction = torch.nn.functional.normalize(descriptors[-1:] - centre, dim=1)
+    along = ((descriptors - centre) * direction).sum(1)
+    cut = along.median()
+    kind = Kinds(centre, direction, cut[None], (cut + along.std())[None])
+    context = Context(descriptors, score.image, "encoder", 1.0, {})
+    child = with_lessons(run.model, lessons.keys[:0], lessons.anomalous[:0], context, kind)
+    assert child.lessons is not None
+    weights = child.lessons.kind_weight(descriptors)
+    assert (weights > 0).any() and (weights == 0).any()
+    shutil.copytree(tmp_path / "taught", tmp_path / "kind")
+    cfg = RunConfig.from_dict({**run.config.to_dict(), "model": {
+        **run.config.to_dict()["model"], "lessons": child.cfg.lessons, "lesson_kinds": 1}})
+    save_model(tmp_path / "kind", cfg, child)
+    export_run(tmp_path / "kind", tmp_path / "kind.onnx", images=images)  # checks agreement
+    with torch.no_grad():
+        expected = child.score(images.float() / 255).image
+        without = run.model.score(images.float() / 255).image
+    got = torch.as_tensor(Detector.load(tmp_path / "kind.onnx").score(images).scores)
+    assert torch.allclose(got.float(), expected, atol=1e-4)
+    assert (expected > without + 1e-4).any()  # the kind raised some

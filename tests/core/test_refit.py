@@ -70,7 +70,8 @@ def test_refit_saves_a_new_run_and_leaves_the_parent_alone(parent: Path, split, 
     # everything the parent fitted is kept bit for bit; the marks became lessons
     p_state, c_state = load_run(parent).model.state_dict(), child.model.state_dict()
     assert set(c_state) - set(p_state) == {f"lessons.{b}" for b in (
-        "keys", "whiten", "sight", "radius", "anomalous", "normal_score", "alarm_score")}
+        "keys", "whiten", "sight", "radius", "anomalous", "normal_score", "alarm_score",
+        "kind_centre", "kind_direction", "kind_cut", "kind_top")}
     for key in p_state:
         assert np.array_equal(p_state[key].numpy(), c_state[key].numpy()), key
     lessons = child.model.lessons
@@ -177,6 +178,29 @@ def test_a_marked_false_alarm_clears_its_look_alike_and_a_refit_keeps_its_parent
 
 
 @torch.no_grad()
+def test_marked_anomalies_of_a_type_teach_a_kind_that_later_refits_keep(parent: Path, split,
+                                                                         tmp_path: Path):
+    cfg = load_run(parent).config
+    types = np.array(split.test.types)
+    kind = sorted(set(types[split.test.labels.numpy() == 1]))[0]
+    of_kind = np.flatnonzero(types == kind)[:3]
+    report = refit_run(parent, [mark_test_image(cfg, split, int(i), kind) for i in of_kind],
+                       tmp_path / "child")
+    [summary] = report.lessons["kinds"]
+    assert summary["label"] == kind and summary["marks"] == 3
+    child = load_run(tmp_path / "child")
+    assert child.config.model.lesson_kinds == int(summary["generalises"])
+    assert child.model.lessons is not None
+    assert len(child.model.lessons.kind_cut) == child.config.model.lesson_kinds
+    one = refit_run(tmp_path / "child", [mark_test_image(cfg, split, int(of_kind[0]), kind)],
+                    tmp_path / "grandchild")
+    assert one.lessons["kinds"] == []  # one mark of a type teaches no kind ...
+    grandchild = load_run(tmp_path / "grandchild").model
+    assert grandchild.lessons is not None  # ... and the child's is kept
+    assert torch.equal(grandchild.lessons.kind_direction, child.model.lessons.kind_direction)
+
+
+@torch.no_grad()
 def test_a_run_taught_before_sights_loads_and_scores_as_it_did(parent: Path, split,
                                                                tmp_path: Path):
     """Lesson keys saved by an earlier version (query blocks only, the row of unit norm, no
@@ -213,6 +237,11 @@ def test_the_lesson_caption_says_what_marked_normals_see_and_why():
     assert "encoder's deepest features" in story and "1.2 times" in story
     assert "of the 2 lessons rehearsed" in story and "other false alarms (40%" in story
     assert "no further" in story  # no shrink recorded: the whole distance
+    kinds = lesson_story({"sight": "encoder", "reach": 1.0, "kinds": [
+        {"label": "scratch", "marks": 5, "left_out_z": 1.25, "generalises": True},
+        {"label": "dent", "marks": 3, "left_out_z": -0.4, "generalises": False}]})
+    assert "The 5 images marked 'scratch' teach their kind" in kinds and "1.2 spreads" in kinds
+    assert "marked 'dent' teach nothing beyond their look-alikes" in kinds
     shrunk = lesson_story({"sight": "queries", "reach": 1.0, "evidence": {"tried": {}},
                            "anomaly_keys": 8, "anomaly_shrink": 0.8})
     assert "0.8 times that distance" in shrunk

@@ -11,12 +11,15 @@ from core.model.lessons import (
     ENCODER,
     MAX_AUROC_LOSS,
     MAX_DETECTION_LOSS,
+    Kinds,
     Lessons,
     choose_lesson,
     describe,
     descriptor_blocks,
     encoder_whitening,
+    fit_kind,
     in_sight,
+    tolerance_factor,
     upgrade_lessons,
     whitening,
 )
@@ -229,3 +232,71 @@ def test_a_marked_anomaly_is_sized_not_to_reach_normals_it_was_not_sized_on():
     reached, before = (lessons.reach(unseen)[1] > 0).float().mean(), \
         (whole.reach(unseen)[1] > 0).float().mean()
     assert before > 0.03 and reached < before / 3
+
+
+def kind_world(seed: int = 0) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """Normal descriptors (a Gaussian in eight dimensions, one axis barely varying) and a
+    type that differs from them along that quiet axis, a little along a loud one."""
+    g = torch.Generator().manual_seed(seed)
+    spread = torch.tensor([3.0, 1, 1, 1, 1, 1, 1, 0.2])
+    normals = torch.randn(600, 8, generator=g) * spread
+    shift = torch.tensor([1.5, 0, 0, 0, 0, 0, 0, 1.2])
+    anomalies = torch.randn(200, 8, generator=g) * spread + shift
+    return g, normals, anomalies
+
+
+def test_five_marks_of_a_type_teach_its_kind_to_its_unmarked_images():
+    g, normals, anomalies = kind_world()
+    references, unseen = normals[:300], normals[300:]
+    marks = anomalies[:5, None] + 0.01 * torch.randn(5, 4, 8, generator=g)  # 4 views each
+    kind, evidence = fit_kind(marks, references)
+    assert evidence == {"marks": 5, "left_out_z": evidence["left_out_z"], "generalises": True}
+    lessons = Lessons(1, {"s/pooled": 8}, n_kinds=1)
+    lessons.teach(torch.full((1, 8), 50.0), torch.tensor([True]), references,
+                  torch.zeros(300), sights=torch.ones(1, 1, dtype=torch.bool), kinds=kind)
+    assert float(lessons.alarm_score) == 0.0  # every reference scored 0: raised to 0
+    score = torch.full((300,), -1.0)
+    raised = lessons(score[:195], anomalies[5:]) > -1
+    untouched = lessons(score, unseen) == -1
+    assert raised.float().mean() > 0.5  # most of the type, none of them marked
+    assert untouched.float().mean() >= 0.98  # normals the kind was not sized on: alone
+    # Fisher's direction, not the mean difference: it weighs the quiet axis most
+    assert abs(float(kind.direction[0, 7])) > abs(float(kind.direction[0, 0]))
+
+
+def test_marks_that_do_not_stand_apart_from_normals_teach_no_kind():
+    g, normals, _ = kind_world(1)
+    marks = torch.randn(5, 2, 8, generator=g) * torch.tensor([3.0, 1, 1, 1, 1, 1, 1, 0.2])
+    kind, evidence = fit_kind(marks, normals[:300])  # five normals called anomalies
+    assert not evidence["generalises"] and torch.equal(kind.top, kind.cut)
+    one, evidence = fit_kind(normals[:1, None] + 10, normals[:300])  # one cannot be left out
+    assert not evidence["generalises"] and evidence["left_out_z"] is None
+    lessons = Lessons(1, {"s/pooled": 8}, n_kinds=1)
+    lessons.teach(torch.full((1, 8), 50.0), torch.tensor([True]), normals[:300],
+                  torch.zeros(300), sights=torch.ones(1, 1, dtype=torch.bool), kinds=kind)
+    assert torch.equal(lessons.kind_weight(normals), torch.zeros(600))  # an inert kind
+
+
+def test_lessons_saved_before_kinds_load_with_none():
+    blocks = descriptor_blocks(("a",), 2, 3)
+    state = {"lessons.keys": torch.ones(2, 7), "lessons.sight": torch.ones(2, 3, dtype=bool)}
+    upgrade_lessons(state, "lessons.", tuple(blocks), tuple(blocks.values()))
+    lessons = Lessons(2, blocks)
+    lessons.load_state_dict({k.removeprefix("lessons."): v for k, v in state.items()}
+                            | {"radius": torch.ones(2), "anomalous": torch.zeros(2, dtype=bool),
+                               "normal_score": torch.zeros(()), "alarm_score": torch.zeros(())})
+    assert lessons.kind_direction.shape == (0, 7)
+    assert torch.equal(lessons.kind_weight(torch.ones(4, 7)), torch.zeros(4))
+    assert Kinds.cat([], 7).cut.shape == (0,)
+
+
+def test_a_kinds_cut_holds_back_the_normals_it_promises_however_few_they_were():
+    """mean + k std of n normal samples is above 99.5 % of the population 90 % of the time."""
+    g = torch.Generator().manual_seed(0)
+    q = 2.5758293035489  # the 99.5 % quantile of a standard normal
+    for n in (30, 128):
+        x = torch.randn(4000, n, generator=g, dtype=torch.float64)
+        held = (x.mean(1) + tolerance_factor(n) * x.std(1) > q).double().mean()
+        assert 0.87 < float(held) < 0.93, n
+    assert tolerance_factor(30) > tolerance_factor(128) > q
+    assert math.isclose(tolerance_factor(30, 0.95, 0.95), 2.220, abs_tol=0.02)  # tables: 2.220
