@@ -223,6 +223,8 @@ def loads(path: tuple[str, ...], value: int | float) -> bool:
         return False
     if path == ("model", "pixel_memory") and not (value == 0 or 2 <= value <= 100_000):
         return False
+    if path == ("model", "lesson_kinds"):  # kinds need lessons, and the saved run has none
+        return value == 0
     if path == ("model", "input_size"):  # the saved run's from-scratch encoder reads images
         return value == 0  # at image_size: any other input size is refused
     if path in RANGES:
