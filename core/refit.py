@@ -354,11 +354,14 @@ def lesson_story(lessons: dict) -> str:
     else:
         why = ""
     shrink = lessons.get("anomaly_shrink", 1.0)
-    anomaly = (" A marked anomaly reaches that nearest normal and no further." if shrink == 1
-               else f" A marked anomaly reaches {shrink:g} times that distance, so that it "
-               "holds none of the held-out normals it was not sized on.")
-    return (f"{what}{why}.{anomaly if lessons.get('anomaly_keys', 1) else ''}"
-            + "".join(" " + kind_story(k) for k in lessons.get("kinds", [])))
+    anomaly = ("A marked anomaly reaches as far as its nearest held-out normal and no further."
+               if shrink == 1 else f"A marked anomaly reaches {shrink:g} times its distance to "
+               "the nearest held-out normal, so that it holds none of the held-out normals it "
+               "was not sized on.")
+    normal = f"{what}{why}." if lessons.get("keys", 1) != lessons.get("anomaly_keys", 0) else ""
+    told = [normal, anomaly if lessons.get("anomaly_keys", 1) else ""]
+    return " ".join(t.strip() for t in told + [kind_story(k) for k in lessons.get("kinds", [])]
+                    if t)
 
 
 def kind_story(kind: dict) -> str:

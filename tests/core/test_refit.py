@@ -242,9 +242,12 @@ def test_the_lesson_caption_says_what_marked_normals_see_and_why():
         {"label": "dent", "marks": 3, "left_out_z": -0.4, "generalises": False}]})
     assert "The 5 images marked 'scratch' teach their kind" in kinds and "1.2 spreads" in kinds
     assert "marked 'dent' teach nothing beyond their look-alikes" in kinds
+    only = lesson_story({"sight": "encoder", "reach": 1.0, "keys": 16, "anomaly_keys": 16,
+                         "kinds": []})
+    assert "marked normal" not in only and only.startswith("A marked anomaly reaches")
     shrunk = lesson_story({"sight": "queries", "reach": 1.0, "evidence": {"tried": {}},
                            "anomaly_keys": 8, "anomaly_shrink": 0.8})
-    assert "0.8 times that distance" in shrunk
+    assert "0.8 times its distance" in shrunk
     tried["encoder x1"] = {"cleared": 0.0, "ordinary_reached": 0.0, "auroc_loss": 0.01,
                            "detection_loss": 0.2}
     costly = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": tried}})
