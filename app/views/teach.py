@@ -135,7 +135,8 @@ def foresee(run: Run) -> None:
     look_alikes = sorted((e for e in entries if e["index"] not in marked),
                          key=lambda e: -abs(e["after"] - e["before"]))
     if look_alikes:
-        st.markdown("The unmarked images moved most (the marks' closest look-alikes):")
+        st.markdown("The unmarked images moved most (the marks' closest look-alikes, and "
+                    "images along a marked type's kind):")
         changes(look_alikes, split)
 
 
