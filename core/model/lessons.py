@@ -182,7 +182,8 @@ class Lessons(nn.Module):
         if not len(self.kind_cut):
             return torch.zeros_like(descriptors[:, 0])  # (an exported graph keeps B dynamic)
         x = descriptors.float()
-        p = ((x[:, None] - self.kind_centre) * self.kind_direction).sum(2)  # (B, T)
+        # (x - centre) . direction, without a (B, T, dim) difference
+        p = x @ self.kind_direction.T - (self.kind_centre * self.kind_direction).sum(1)
         span = self.kind_top - self.kind_cut
         live = span > 0
         w = ((p - self.kind_cut) / span.clamp_min(1e-12)).clamp(0, 1) * live
@@ -306,10 +307,10 @@ def fit_kind(marks: torch.Tensor, references: torch.Tensor, seed: int = 0
     ends: beyond the largest of them and their mean + k std, k the `tolerance_factor` for
     their number (a Gaussian tail holding MAX_NORMALS_REACHED of the normals, surely enough
     for so few), so that the direction raises as few normals as a marked anomaly's ball may
-    reach. The top is how far past the cut the marks project when
-    each is left out of the direction (the median, in the other third's std): what an image of
-    the type that was not marked may be expected to reach. When that is not past the cut, or
-    with fewer than MIN_KIND_MARKS marks, the kind is inert (top = cut)."""
+    reach. The top is how far past the cut the marks project when each is left out of the
+    direction (the median, in the other third's std): what an image of the type that was not
+    marked may be expected to reach. When that is not past the cut, or with fewer than
+    MIN_KIND_MARKS marks, the kind is inert (top = cut)."""
     n, dim = marks.shape[0], marks.shape[-1]
     x = references.detach().cpu().double()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
