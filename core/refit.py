@@ -359,9 +359,9 @@ def lesson_story(lessons: dict) -> str:
                "the nearest held-out normal, so that it holds none of the held-out normals it "
                "was not sized on.")
     normal = f"{what}{why}." if lessons.get("keys", 1) != lessons.get("anomaly_keys", 0) else ""
-    told = [normal, anomaly if lessons.get("anomaly_keys", 1) else ""]
-    return " ".join(t.strip() for t in told + [kind_story(k) for k in lessons.get("kinds", [])]
-                    if t)
+    told = [normal, anomaly if lessons.get("anomaly_keys", 1) else "",
+            *(kind_story(k) for k in lessons.get("kinds", []))]
+    return " ".join(t for t in told if t)
 
 
 def kind_story(kind: dict) -> str:
@@ -383,16 +383,14 @@ def with_lessons(parent: AnoMem, keys: torch.Tensor, anomalous: torch.Tensor,
     """A copy of `parent` (on the CPU) taught the keys (K, dim) of marked images, `anomalous`
     (K,) saying which are anomalies, and the `kinds` of marked anomaly types, besides the
     lessons the parent already had."""
-    kinds = kinds or Kinds.none(keys.shape[1])
+    kinds = Kinds.none(keys.shape[1]) if kinds is None else kinds
     sights = key_sights(tuple(parent.descriptor_blocks), anomalous, context.sight,
                         context.anomaly_sight)
     if parent.lessons is not None:  # a refit of a refit keeps what its parent was taught
         keys = torch.cat([parent.lessons.keys.cpu(), keys])
         anomalous = torch.cat([parent.lessons.anomalous.cpu(), anomalous])
         sights = torch.cat([parent.lessons.sight.cpu(), sights])
-        had = parent.lessons
-        kinds = Kinds.cat([Kinds(had.kind_centre, had.kind_direction, had.kind_cut,
-                                 had.kind_top), kinds], keys.shape[1])
+        kinds = Kinds.cat([parent.lessons.kinds, kinds], keys.shape[1])
     model = AnoMem(dataclasses.replace(parent.cfg, lessons=len(keys), lesson_kinds=len(kinds.cut)),
                    pretrained=False)
     state = {k: v for k, v in parent.state_dict().items() if not k.startswith("lessons.")}

@@ -176,6 +176,11 @@ class Lessons(nn.Module):
         anomaly = torch.where(self.anomalous, w, zero).amax(1)
         return normal, torch.maximum(anomaly, self.kind_weight(descriptors))
 
+    @property
+    def kinds(self) -> Kinds:
+        """The kinds of marked anomalies these lessons hold (`fit_kind`)."""
+        return Kinds(*(getattr(self, f"kind_{name}") for name in Kinds._fields))
+
     def kind_weight(self, descriptors: torch.Tensor) -> torch.Tensor:
         """(B,) weights in [0, 1] of the kinds of marked anomalies, the largest over kinds: 0
         up to a kind's cut, 1 from its top."""
@@ -227,11 +232,11 @@ class Lessons(nn.Module):
         s = reference_scores.float()
         self.normal_score.copy_(s.median())
         self.alarm_score.copy_(s.max() + s.std())
-        kinds = kinds or Kinds.none(keys.shape[1])
+        kinds = Kinds.none(keys.shape[1]) if kinds is None else kinds
         if len(kinds.cut) != len(self.kind_cut):
             raise ValueError(f"expected {len(self.kind_cut)} kinds, got {len(kinds.cut)}")
-        for name, value in kinds._asdict().items():
-            getattr(self, f"kind_{name}").copy_(value)
+        for held, value in zip(self.kinds, kinds, strict=True):
+            held.copy_(value)
 
 
 @torch.no_grad()
