@@ -22,7 +22,8 @@ of marked normals per refit (`choose_lesson`).
 
 A key speaks for what is nearer to it than the nearest normal reference image is: its
 `radius`, measured when the key is made (a marked normal's may reach a little further, a marked
-anomaly's stops short, so that it holds none of the normals the references missed). An image
+anomaly's stops short, so that it holds none of the normals the references missed, nor, taking
+its distances to the references as Gaussian, more than a small tail of all normals). An image
 at distance d of a key gets the weight max(0, 1 - (d / radius)^2), the largest over keys of a
 kind. A look-alike of a marked normal has its score pulled down towards the typical normal
 score by that weight; a look-alike of a marked anomaly has its score raised towards the alarm
@@ -38,10 +39,12 @@ they differ from the held-out normal references, under the references' Ledoit-Wo
 covariance (Fisher's discriminant, `fit_kind`). A ball about five marks holds only their near
 copies; the direction finds the rest of their type, as far as it reaches. An image whose
 projection on it passes the *cut* (beyond every reference the direction was not fitted on, and
-beyond their mean + k std: a Gaussian tail of MAX_NORMALS_REACHED) is raised towards
-the alarm score, fully at the *top*: how far the marks project when each is left out of the
-direction's fit. When the marks left out do not pass the cut, the kind does nothing: the marks
-do not show a direction that generalises. On the teach protocol's runs, five marks of a type
+beyond their mean + k std: a Gaussian tail of SHARE_EACH) is raised towards the alarm score,
+fully at the *top*: how far the marks project when each is left out of the direction's fit.
+When the marks left out do not stand clearly past the cut (MIN_KIND_Z), the kind does nothing:
+the marks do not show a direction that generalises. A marked type's balls and its kind each
+raise at most half of the MAX_NORMALS_REACHED normals that keep the other types' AUROC.
+On the teach protocol's runs, five marks of a type
 lift its AUROC on its other images by at least half its distance to 1 for 6 of 40 types
 (balls alone: 2; mean share 0.22 against 0.07); the other types lose up to 0.0098 AUROC, past
 the 0.005 aimed at for 3 of the types marked (benchmarks/README.md).
@@ -65,10 +68,17 @@ ENCODER = "encoder"  # the block of the encoder's deepest features, last in a de
 SIGHTS = ("encoder", "queries", "both")
 ANOMALY_SIGHT = "queries"  # a missed defect is known by its strangest spot
 SHRINKS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # a marked anomaly's reach, in radii
-# ... the largest that reaches at most this share of normals it was not sized on: raising a
-# normal's score moves each type's AUROC down by up to that normal's share of the normals
+# The share of normals a marked type's lessons may raise: raising a normal's score moves each
+# other type's AUROC down by up to that normal's share of the normals. Its marks' balls and its
+# kind each get half: both raise, and what either reaches counts.
 MAX_NORMALS_REACHED = 0.005
+SHARE_EACH = MAX_NORMALS_REACHED / 2
+CONFIDENCE = 0.9  # ... held to this surely, however few normal references there were
 MIN_KIND_MARKS = 2  # marked images of a type that teach its kind: one cannot be left out
+# ... and how far past the cut (in the references' spreads) each, left out of the direction,
+# must still project: the cut is itself a guess from a hundred or so normals, and a kind just
+# past it would raise every normal past it fully
+MIN_KIND_Z = 1.0
 
 
 def descriptor_blocks(scales: tuple[str, ...], memory_dim: int, encoder_dim: int
@@ -138,8 +148,8 @@ class Lessons(nn.Module):
         nearest of a few hundred references is further than the nearest of all normals (on
         Fashion-MNIST shirt 8 to 10 % of the test normals fell inside such balls). Sized on a
         random two thirds of the references, the largest of SHRINKS that reaches at most
-        MAX_NORMALS_REACHED of the other third. `sq`: (R, K) squared distances of the
-        references to the keys."""
+        SHARE_EACH of the other third. `sq`: (R, K) squared distances of the references to
+        the keys."""
         order = torch.randperm(len(sq), generator=torch.Generator().manual_seed(seed))
         cut = len(sq) * 2 // 3
         if cut == len(sq) or not bool(self.anomalous.any()):
@@ -148,9 +158,25 @@ class Lessons(nn.Module):
         nearest = sq[order[:cut]].amin(0).sqrt()  # (A,)
         d = sq[order[cut:]].sqrt()  # (H, A)
         for shrink in SHRINKS:
-            if float((d < nearest * shrink).any(1).float().mean()) <= MAX_NORMALS_REACHED:
+            if float((d < nearest * shrink).any(1).float().mean()) <= SHARE_EACH:
                 return shrink
         return SHRINKS[-1]
+
+    def _cap(self, sq: torch.Tensor, views: int) -> torch.Tensor:
+        """(K,) the radius within which a normal falls at most SHARE_EACH of the time, with
+        CONFIDENCE, for the marked anomalies' balls together: their distances to the references
+        (`sq`, (R, K) squared) taken as Gaussian, mean - k std, k the `tolerance_factor` for
+        the references' number and each marked image's share of SHARE_EACH (its `views` keys
+        are near copies: they share one). A few hundred references, let alone the few dozen of
+        a small data set, cannot show that a ball holds back 99.75 % of normals by holding
+        them all back: on Fashion-MNIST shirt, balls that held none of 91 references reached 2.5
+        to 3.3 % of the test normals."""
+        marks = max(1, math.ceil(int(self.anomalous.sum()) / views))
+        if len(sq) < 2:
+            return torch.full((sq.shape[1],), math.inf)
+        d = sq.sqrt()
+        k = tolerance_factor(len(d), 1 - SHARE_EACH / marks)
+        return (d.mean(0) - k * d.std(0)).clamp_min(0)
 
     def distances(self, descriptors: torch.Tensor) -> torch.Tensor:
         """(B, K) squared distances of descriptors (B, dim) to the keys, each the mean over
@@ -209,11 +235,12 @@ class Lessons(nn.Module):
     def teach(self, keys: torch.Tensor, anomalous: torch.Tensor, references: torch.Tensor,
               reference_scores: torch.Tensor, reach: float = 1.0, *,
               sights: torch.Tensor, whiten: torch.Tensor | None = None,
-              kinds: Kinds | None = None) -> None:
+              kinds: Kinds | None = None, views: int = 1) -> None:
         """Set the keys (K, dim) and their kinds (K,) bool, with the radii measured against the
         descriptors of normal reference images (R, dim) and the scores they get (R,). A marked
         normal reaches `reach` times its distance to the nearest reference (see
-        `choose_lesson`), a marked anomaly a share of that distance (`_shrink`); each key
+        `choose_lesson`), a marked anomaly a share of that distance (`_shrink`), and no further
+        than most normals are (`_cap`; `views`: keys per marked image); each key
         compares images on the blocks of its row of `sights` (K, blocks), see `key_sights`; the
         encoder block's metric is `whiten`, by default the references' (`encoder_whitening`);
         `kinds`, those of marked anomaly types (`fit_kind`), as many as the lessons hold."""
@@ -228,7 +255,9 @@ class Lessons(nn.Module):
         sq = self.distances(references)  # (R, K), each key in its own sight
         nearest = sq.amin(0).sqrt()
         self.shrink.fill_(self._shrink(sq))
-        self.radius.copy_(torch.where(anomalous, nearest * self.shrink, nearest * reach))
+        self.radius.copy_(torch.where(
+            anomalous, torch.minimum(nearest * self.shrink, self._cap(sq, views)),
+            nearest * reach))
         s = reference_scores.float()
         self.normal_score.copy_(s.median())
         self.alarm_score.copy_(s.max() + s.std())
@@ -286,14 +315,11 @@ class Kinds(NamedTuple):
                        for f in Kinds._fields))
 
 
-CUT_CONFIDENCE = 0.9  # a kind's cut holds back 1 - MAX_NORMALS_REACHED of normals this surely
-
-
-def tolerance_factor(n: int, share: float = 1 - MAX_NORMALS_REACHED,
-                     confidence: float = CUT_CONFIDENCE) -> float:
+def tolerance_factor(n: int, share: float = 1 - SHARE_EACH, confidence: float = CONFIDENCE
+                     ) -> float:
     """k such that the mean + k std of n normal samples is above `share` of the population
     with probability `confidence`: the one-sided normal tolerance factor (Natrella's
-    approximation). Larger than the quantile for few samples (3.2 for 30, against 2.58)."""
+    approximation). Larger than the quantile for few samples (3.4 for 30, against 2.8)."""
     zp, zg = NormalDist().inv_cdf(share), NormalDist().inv_cdf(confidence)
     a = 1 - zg ** 2 / (2 * (n - 1))
     b = zp ** 2 - zg ** 2 / n
@@ -310,12 +336,12 @@ def fit_kind(marks: torch.Tensor, references: torch.Tensor, seed: int = 0
     Fisher's direction: the references' Ledoit-Wolf precision (fitted on a seeded two thirds
     of them) times the marks' mean less the references'. The cut is where the other third
     ends: beyond the largest of them and their mean + k std, k the `tolerance_factor` for
-    their number (a Gaussian tail holding MAX_NORMALS_REACHED of the normals, surely enough
-    for so few), so that the direction raises as few normals as a marked anomaly's ball may
-    reach. The top is how far past the cut the marks project when each is left out of the
-    direction (the median, in the other third's std): what an image of the type that was not
-    marked may be expected to reach. When that is not past the cut, or with fewer than
-    MIN_KIND_MARKS marks, the kind is inert (top = cut)."""
+    their number (a Gaussian tail holding SHARE_EACH of the normals, surely enough for so
+    few), so that the direction raises as few normals as the marks' balls may. The top is how
+    far past the cut the marks project when each is left out of the direction (the median, in
+    the other third's std): what an image of the type that was not marked may be expected to
+    reach. When that is less than MIN_KIND_Z past the cut, or with fewer than MIN_KIND_MARKS
+    marks, the kind is inert (top = cut)."""
     n, dim = marks.shape[0], marks.shape[-1]
     x = references.detach().cpu().double()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -344,10 +370,10 @@ def fit_kind(marks: torch.Tensor, references: torch.Tensor, seed: int = 0
         ci, si = cut_of(di)
         left_out.append((float((marked[i] - centre) @ di) - ci) / si)
     z = float(torch.tensor(left_out).quantile(0.5))
-    top = cut + max(z, 0.0) * spread
+    top = cut + z * spread if z >= MIN_KIND_Z else cut
     kind = Kinds(centre[None].float(), d[None].float(), torch.tensor([cut]).float(),
                  torch.tensor([top]).float())
-    return kind, {"marks": n, "left_out_z": z, "generalises": z > 0}
+    return kind, {"marks": n, "left_out_z": z, "generalises": z >= MIN_KIND_Z}
 
 
 def upgrade_lessons(state: dict[str, torch.Tensor], prefix: str, names: tuple[str, ...],
