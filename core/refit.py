@@ -35,6 +35,7 @@ from core.model.lessons import (
     MAX_AUROC_LOSS,
     MAX_DETECTION_LOSS,
     MIN_KIND_MARKS,
+    MIN_KIND_Z,
     Kinds,
     choose_lesson,
     fit_kind,
@@ -354,10 +355,12 @@ def lesson_story(lessons: dict) -> str:
     else:
         why = ""
     shrink = lessons.get("anomaly_shrink", 1.0)
-    anomaly = ("A marked anomaly reaches as far as its nearest held-out normal and no further."
-               if shrink == 1 else f"A marked anomaly reaches {shrink:g} times its distance to "
-               "the nearest held-out normal, so that it holds none of the held-out normals it "
-               "was not sized on.")
+    anomaly = ("A marked anomaly reaches at most as far as its nearest held-out normal"
+               if shrink == 1 else f"A marked anomaly reaches at most {shrink:g} times its "
+               "distance to the nearest held-out normal, so that it holds none of the held-out "
+               "normals it was not sized on,")
+    anomaly += (" and, judging by how far the held-out normals are, no more than a small tail "
+                "of all normals.")
     normal = f"{what}{why}." if lessons.get("keys", 1) != lessons.get("anomaly_keys", 0) else ""
     told = [normal, anomaly if lessons.get("anomaly_keys", 1) else "",
             *(kind_story(k) for k in lessons.get("kinds", []))]
@@ -375,7 +378,9 @@ def kind_story(kind: dict) -> str:
                 f"direction, still stood {kind['left_out_z']:.1f} spreads of the normals past "
                 "them, the median).")
     return (f"{told} teach nothing beyond their look-alikes: left out one at a time, they did "
-            "not stand past the held-out normals in the direction the others drew.")
+            f"not stand clearly past the held-out normals in the direction the others drew "
+            f"(the median stood {kind['left_out_z']:+.1f} spreads of the normals from where "
+            f"they end; {MIN_KIND_Z:+g} needed).")
 
 
 def with_lessons(parent: AnoMem, keys: torch.Tensor, anomalous: torch.Tensor,
