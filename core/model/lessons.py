@@ -162,20 +162,19 @@ class Lessons(nn.Module):
                 return shrink
         return SHRINKS[-1]
 
-    def _cap(self, sq: torch.Tensor, views: int) -> torch.Tensor:
-        """(K,) the radius within which a normal falls at most SHARE_EACH of the time, with
-        CONFIDENCE, for the marked anomalies' balls together: their distances to the references
-        (`sq`, (R, K) squared) taken as Gaussian, mean - k std, k the `tolerance_factor` for
-        the references' number and each marked image's share of SHARE_EACH (its `views` keys
-        are near copies: they share one). A few hundred references, let alone the few dozen of
-        a small data set, cannot show that a ball holds back 99.75 % of normals by holding
-        them all back: on Fashion-MNIST shirt, balls that held none of 91 references reached 2.5
-        to 3.3 % of the test normals."""
-        marks = max(1, math.ceil(int(self.anomalous.sum()) / views))
+    def _cap(self, sq: torch.Tensor) -> torch.Tensor:
+        """(K,) radii within which the marked anomalies' keys together hold at most SHARE_EACH
+        of all normals, with CONFIDENCE: each key's distances to the references (`sq`, (R, K)
+        squared) taken as Gaussian, mean - k std, k the `tolerance_factor` for the references'
+        number and the key's share of SHARE_EACH. A few hundred references, let alone the few
+        dozen of a small data set, cannot show that a ball holds back 99.75 % of normals by
+        holding them all back: on Fashion-MNIST shirt, balls that held none of 91 references
+        reached 2.5 to 3.3 % of the test normals. (A mark's views are near copies and could
+        share a key's share; counting them apart measured as well, and is the safer.)"""
         if len(sq) < 2:
             return torch.full((sq.shape[1],), math.inf)
         d = sq.sqrt()
-        k = tolerance_factor(len(d), 1 - SHARE_EACH / marks)
+        k = tolerance_factor(len(d), 1 - SHARE_EACH / max(1, int(self.anomalous.sum())))
         return (d.mean(0) - k * d.std(0)).clamp_min(0)
 
     def distances(self, descriptors: torch.Tensor) -> torch.Tensor:
@@ -235,12 +234,12 @@ class Lessons(nn.Module):
     def teach(self, keys: torch.Tensor, anomalous: torch.Tensor, references: torch.Tensor,
               reference_scores: torch.Tensor, reach: float = 1.0, *,
               sights: torch.Tensor, whiten: torch.Tensor | None = None,
-              kinds: Kinds | None = None, views: int = 1) -> None:
+              kinds: Kinds | None = None) -> None:
         """Set the keys (K, dim) and their kinds (K,) bool, with the radii measured against the
         descriptors of normal reference images (R, dim) and the scores they get (R,). A marked
         normal reaches `reach` times its distance to the nearest reference (see
         `choose_lesson`), a marked anomaly a share of that distance (`_shrink`), and no further
-        than most normals are (`_cap`; `views`: keys per marked image); each key
+        than most normals are (`_cap`); each key
         compares images on the blocks of its row of `sights` (K, blocks), see `key_sights`; the
         encoder block's metric is `whiten`, by default the references' (`encoder_whitening`);
         `kinds`, those of marked anomaly types (`fit_kind`), as many as the lessons hold."""
@@ -256,7 +255,7 @@ class Lessons(nn.Module):
         nearest = sq.amin(0).sqrt()
         self.shrink.fill_(self._shrink(sq))
         self.radius.copy_(torch.where(
-            anomalous, torch.minimum(nearest * self.shrink, self._cap(sq, views)),
+            anomalous, torch.minimum(nearest * self.shrink, self._cap(sq)),
             nearest * reach))
         s = reference_scores.float()
         self.normal_score.copy_(s.median())

@@ -245,7 +245,7 @@ def test_a_marked_anomaly_reaches_few_normals_however_few_the_references():
         keys = (marks + 0.05 * torch.randn(4, 5, 8, generator=g)).reshape(20, 8)  # 4 views
         lessons = Lessons(20, {"s/pooled": 8})
         lessons.teach(keys, torch.ones(20, dtype=torch.bool), normals[:30], torch.rand(30),
-                      sights=torch.ones(20, 1, dtype=torch.bool), views=4)
+                      sights=torch.ones(20, 1, dtype=torch.bool))
         unseen = normals[30:]
         nearest = lessons.distances(normals[:30]).amin(0).sqrt() * lessons.shrink
         before.append((lessons.distances(unseen).sqrt() < nearest).any(1).float().mean())
