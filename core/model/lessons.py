@@ -169,8 +169,8 @@ class Lessons(nn.Module):
         number and the key's share of SHARE_EACH. A few hundred references, let alone the few
         dozen of a small data set, cannot show that a ball holds back 99.75 % of normals by
         holding them all back: on Fashion-MNIST shirt, balls that held none of 91 references
-        reached 2.5 to 3.3 % of the test normals. (A mark's views are near copies and could
-        share a key's share; counting them apart measured as well, and is the safer.)"""
+        reached 2.5 to 3.3 % of the test normals. (A mark's views are near copies that could
+        share one part; counting each apart helped as many types and is the safer.)"""
         if len(sq) < 2:
             return torch.full((sq.shape[1],), math.inf)
         d = sq.sqrt()
@@ -239,10 +239,10 @@ class Lessons(nn.Module):
         descriptors of normal reference images (R, dim) and the scores they get (R,). A marked
         normal reaches `reach` times its distance to the nearest reference (see
         `choose_lesson`), a marked anomaly a share of that distance (`_shrink`), and no further
-        than most normals are (`_cap`); each key
-        compares images on the blocks of its row of `sights` (K, blocks), see `key_sights`; the
-        encoder block's metric is `whiten`, by default the references' (`encoder_whitening`);
-        `kinds`, those of marked anomaly types (`fit_kind`), as many as the lessons hold."""
+        than most normals are (`_cap`); each key compares images on the blocks of its row of
+        `sights` (K, blocks), see `key_sights`; the encoder block's metric is `whiten`, by
+        default the references' (`encoder_whitening`); `kinds`, those of marked anomaly types
+        (`fit_kind`), as many as the lessons hold."""
         if len(keys) != len(self.keys):
             raise ValueError(f"expected {len(self.keys)} keys, got {len(keys)}")
         self.keys.copy_(keys)
