@@ -47,6 +47,7 @@ from core.runs import (
     FINISHED,
     LOCK,
     METRICS,
+    WEIGHTS,
     RunError,
     load_run,
     new_run_dir,
@@ -181,7 +182,8 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
     before_model = load_run(parent).model
     device_ = resolve_device(cfg.train.device)
     start = time.perf_counter()
-    model, lessons = teach(before_model, marks, split, cfg, device_)
+    context = known_context(parent, before_model.to(device_).eval(), split, cfg, device_)
+    model, lessons = teach(before_model, marks, split, cfg, device_, context)
     seconds = time.perf_counter() - start
 
     new_cfg = RunConfig.from_dict({
@@ -281,13 +283,36 @@ def lesson_context(parent: AnoMem, split: Split, cfg: RunConfig, device: torch.d
     return Context(references, scores, sight, reach, evidence)
 
 
+CONTEXTS_KEPT = 4  # runs whose lesson context this process keeps (`known_context`)
+_contexts: dict[tuple, Context] = {}
+
+
+def known_context(run_dir: Path, parent: AnoMem, split: Split, cfg: RunConfig,
+                  device: torch.device) -> Context:
+    """`lesson_context` of the run saved in `run_dir` (whose model is `parent`), kept in this
+    process while the run's weights file is unchanged: it depends on the run alone, not on the
+    marks, and its forward passes are most of a refit's time, so the Teach page's Foresee and
+    the refit after it (or a second refit) make it once."""
+    weights = (Path(run_dir) / WEIGHTS).resolve()
+    stat = weights.stat()
+    key = (str(weights), stat.st_mtime_ns, stat.st_size, str(device))
+    if key not in _contexts:
+        context = lesson_context(parent, split, cfg, device)
+        while len(_contexts) >= CONTEXTS_KEPT:
+            _contexts.pop(next(iter(_contexts)))
+        _contexts[key] = context
+    return _contexts[key]
+
+
 def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
-          device: torch.device) -> tuple[AnoMem, dict]:
+          device: torch.device, context: Context | None = None) -> tuple[AnoMem, dict]:
     """A copy of the fitted `parent` with the marks (and the parent's own lessons) as lessons;
     returns it on the CPU and a summary for metrics.json. Each mark gives VIEWS keys; each
-    anomaly type marked MIN_KIND_MARKS times or more may give a kind (`mark_kinds`)."""
+    anomaly type marked MIN_KIND_MARKS times or more may give a kind (`mark_kinds`).
+    `context`: the parent's `lesson_context`, made here when not given."""
     parent = parent.to(device).eval()
-    context = lesson_context(parent, split, cfg, device)
+    if context is None:
+        context = lesson_context(parent, split, cfg, device)
     _, keys = describe_images(parent, _views(marks, cfg.train.seed), device)
     parent.cpu()
     anomalous = torch.tensor([m.mark.label != NORMAL for m in marks]).repeat(VIEWS)

@@ -18,6 +18,7 @@ from app import state, widgets
 from app.marks import clear_marks, marks_of, remove_mark
 from core.data import NORMAL, DataError, Split
 from core.refit import (
+    known_context,
     lesson_story,
     read_refit_report,
     refit_new_run,
@@ -113,9 +114,10 @@ def foresee(run: Run) -> None:
         return
     try:
         split = state.split_of(run)
+        device = resolve_device(run.config.train.device)
         with st.spinner("Making the lessons…"):
-            child, _ = teach(run.model, marks, split, run.config,
-                             resolve_device(run.config.train.device))
+            context = known_context(run.path, run.model, split, run.config, device)
+            child, _ = teach(run.model, marks, split, run.config, device, context)
     except (DataError, RunError) as err:
         st.error(f"Cannot foresee: {err}")
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from core import artefacts
 from core.cli import EXIT_BAD_INPUT, main
 from core.config import DataConfig
-from core.data import DataError, load_split
+from core.data import NORMAL, DataError, load_split
 from core.pipeline import evaluate, train_run
 from core.refit import REFIT, VIEWS, lesson_story, mark_test_image, mark_upload, refit_run
-from core.runs import CHECKPOINT, CONFIG, RunError, load_run, run_lock
+from core.runs import CHECKPOINT, CONFIG, WEIGHTS, RunError, load_run, run_lock
 from tests.app.helpers import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -226,6 +227,31 @@ def test_a_run_taught_before_sights_loads_and_scores_as_it_did(parent: Path, spl
     b = load_run(tmp_path / "earlier").model.score(images).image
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, load_run(parent).model.score(images).image)  # it was taught
+
+
+def test_a_runs_lesson_context_is_made_once_while_its_weights_stay(
+        parent: Path, split, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Foresee and the refit after it (or a second refit) share the run's held-out context."""
+    import core.refit as refit
+
+    made = []
+    real = refit.lesson_context
+    monkeypatch.setattr(refit, "lesson_context", lambda *a: made.append(a) or real(*a))
+    monkeypatch.setattr(refit, "_contexts", {})
+    marks = [mark_test_image(load_run(parent).config, split, 0, NORMAL)]
+    refit_run(parent, marks, tmp_path / "a")
+    refit_run(parent, marks, tmp_path / "b")
+    assert len(made) == 1
+    first, second = (load_run(tmp_path / n).model.lessons for n in "ab")
+    assert first is not None and second is not None  # the first refit changed nothing shared
+    assert torch.equal(first.radius, second.radius) and torch.equal(first.keys, second.keys)
+    copy = tmp_path / "copy"
+    shutil.copytree(parent, copy)
+    refit_run(copy, marks, tmp_path / "c")  # another run folder: its own
+    stat = (copy / WEIGHTS).stat()
+    os.utime(copy / WEIGHTS, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    refit_run(copy, marks, tmp_path / "d")  # its weights written again: made again
+    assert len(made) == 3
 
 
 def test_the_lesson_caption_says_what_marked_normals_see_and_why():
