@@ -182,7 +182,7 @@ def refit_run(parent: Path, marks: list[Marked], out: Path, device: str = "cpu"
     before_model = load_run(parent).model
     device_ = resolve_device(cfg.train.device)
     start = time.perf_counter()
-    context = known_context(parent, before_model.to(device_).eval(), split, cfg, device_)
+    context = known_context(parent, before_model, split, cfg, device_)  # scoring moves it
     model, lessons = teach(before_model, marks, split, cfg, device_, context)
     seconds = time.perf_counter() - start
 
