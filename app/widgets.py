@@ -94,6 +94,13 @@ def verdict(report: explore.ImageReport) -> None:
                    delta_color="inverse")
     for col, (scale, value) in zip(cols[2:], report.per_scale.items(), strict=True):
         col.metric(f"{scale} score", f"{value:.2f}", help="Standardised on normal images.")
+    moved = report.moved_by_lessons
+    if abs(moved) > 1e-6:
+        st.caption(f"This run's lessons moved the score {'down' if moved < 0 else 'up'} from "
+                   f"{report.untaught:.3f} to {report.score:.3f}: the image looks like images "
+                   f"marked {'normal' if moved < 0 else 'anomalous'} on the Teach page (or "
+                   f"like their sort or kind). The maps and the scales' scores are the "
+                   f"detector's own, before the lessons.")
 
 
 def nearest_prototypes(run: Run, report: explore.ImageReport) -> None:

@@ -1,7 +1,7 @@
 """Does teaching generalise? Mark some test images, measure on the others of their kind.
 
     python benchmarks/teach_protocol.py OUT_DIR RUN_DIR [RUN_DIR ...] [--seeds 3]
-        [--anomaly-sight queries|encoder|both] [--only all|misses]
+        [--anomaly-sight queries|encoder|both] [--only all|false-alarms|misses|sorts]
 
 For each finished run (one of each data set to measure) and each seed of the marking:
 
@@ -15,6 +15,12 @@ For each finished run (one of each data set to measure) and each seed of the mar
 - beside the anomalies caught after the lesson, those the parent would catch with its threshold
   raised until it flags as few unmarked normals: a lesson is worth more than that raise only if
   it keeps more;
+- false alarms of one sort: copies of test images made darker, turned a quarter, blurred or
+  washed out (SORTS; a darker batch, a rotated part, a camera out of focus, a bleached
+  print), as a user meets a new sort of normal image. Up to ten of a sort's normal copies that
+  the run flags are marked normal; the other flagged copies are read, with the sort's
+  anomalous copies (which a lesson should still catch, against the same threshold raise) and
+  the test set itself;
 - the ceiling of the false alarms' lesson in each sight: with the test labels, the share of the
   other false alarms inside the widest ball about the marks that holds at most 1 % of the caught
   anomalies. No rule that relieves the marks' look-alikes in that sight, whatever its reach,
@@ -39,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.functional as TF
 
 from core.data import NORMAL, load_split
 from core.files import write_atomic
@@ -46,11 +53,13 @@ from core.metrics import at_threshold, image_metrics
 from core.model.lessons import ANOMALY_SIGHT, SIGHTS, Lessons, encoder_whitening, in_sight
 from core.refit import (
     VIEWS,
+    Mark,
+    Marked,
     _views,
     describe_images,
     lesson_context,
-    mark_kinds,
     mark_test_image,
+    marked_kinds,
     refit_run,
     with_lessons,
 )
@@ -59,6 +68,27 @@ from core.runs import load_run
 MAX_NORMAL_MARKS = 10
 ANOMALY_MARKS = 5
 CEILING_BUDGET = 0.01  # caught anomalies a ceiling's ball may hold
+SORTS = ("darker", "rotated", "blurred", "washed")
+SORT_IMAGES = 500  # test normals, and as many test anomalies, copied into each sort
+
+
+def sort_copies(images: torch.Tensor, sort: str) -> torch.Tensor:
+    """uint8 images (N, C, H, W) as a sort of look SORTS names: 60 % as bright, turned a
+    quarter, blurred (sigma of a 32nd of the side) or washed out (half the contrast, lifted)."""
+    x = images.float()
+    if sort == "darker":
+        x = x * 0.6
+    elif sort == "rotated":
+        x = torch.rot90(x, 1, (2, 3))
+    elif sort == "blurred":
+        sigma = max(0.8, images.shape[-1] / 32)
+        k = 2 * round(2 * sigma) + 1
+        x = TF.gaussian_blur(x, [k, k], [sigma, sigma])
+    elif sort == "washed":
+        x = x * 0.5 + 100
+    else:
+        raise ValueError(f"sort {sort!r}: expected one of {', '.join(SORTS)}")
+    return x.round().clamp(0, 255).to(torch.uint8).contiguous()
 
 
 class Trial:
@@ -75,16 +105,37 @@ class Trial:
         self.context = lesson_context(self.model, self.split, self.run.config,
                                       torch.device("cpu"))
         self.threshold = float(self.model.detector.threshold)
+        self._sorts: dict[str, dict] = {}
+        self.summary: dict = {}  # what the last marks taught beyond their keys (sort, kinds)
 
     def taught(self, marked: np.ndarray, label: str, seed: int) -> np.ndarray:
         """Test scores after marking test images `marked` with `label`."""
         marks = [mark_test_image(self.run.config, self.split, int(i), label) for i in marked]
-        _, keys = describe_images(self.model, _views(marks, seed), "cpu")
-        anomalous = torch.full((len(keys),), label != NORMAL)
-        kinds, _ = mark_kinds(marks, keys, self.context.references, seed)
+        return self.lessons(marks, seed)(self.scores, self.descriptors).numpy()
+
+    def lessons(self, marks: list[Marked], seed: int) -> Lessons:
+        """The lessons a refit would teach the run with `marks`."""
+        scores, keys = describe_images(self.model, _views(marks, seed), "cpu")
+        anomalous = torch.tensor([m.mark.label != NORMAL for m in marks]).repeat(VIEWS)
+        kinds, self.summary = marked_kinds(marks, scores, keys, self.context, seed)
         child = with_lessons(self.model, keys, anomalous, self.context, kinds)
         assert child.lessons is not None
-        return child.lessons(self.scores, self.descriptors).numpy()
+        return child.lessons
+
+    def sort(self, sort: str) -> dict:
+        """A seeded SORT_IMAGES of the test normals and of the anomalies as `sort` copies,
+        scored: images (uint8), scores before any lesson and descriptors of each."""
+        if sort not in self._sorts:
+            rng = np.random.default_rng(0)
+            out = {}
+            for name, label in (("normal", 0), ("anomaly", 1)):
+                idx = np.flatnonzero(self.labels == label)
+                idx = np.sort(rng.choice(idx, min(SORT_IMAGES, len(idx)), replace=False))
+                images = sort_copies(self.split.test.images[idx], sort)
+                scores, descriptors = describe_images(self.model, images, "cpu")
+                out[name] = {"images": images, "scores": scores, "descriptors": descriptors}
+            self._sorts[sort] = out
+        return self._sorts[sort]
 
     def metrics(self, scores: np.ndarray, keep: np.ndarray) -> dict:
         m = image_metrics(self.labels[keep], scores[keep], list(self.types[keep]))
@@ -106,12 +157,51 @@ def false_alarms(t: Trial, seed: int) -> dict | None:
     keep[marked] = False
     before = t.scores.numpy()
     caught = np.flatnonzero((t.labels == 1) & (before > t.threshold))
-    return {"marks": int(k), "others": len(others),
+    return {"marks": int(k), "others": len(others), "sort": t.summary.get("sort"),
             "ceiling": {sight: ceiling(t, marked, others, caught, sight) for sight in SIGHTS},
             "tpr_raised_threshold": raised_threshold(t, before, after, keep),
             "others_fpr_before": float((before[others] > t.threshold).mean()),
             "others_fpr_after": float((after[others] > t.threshold).mean()),
             "before": t.metrics(before, keep), "after": t.metrics(after, keep)}
+
+
+def sorted_false_alarms(t: Trial, sort: str, seed: int) -> dict:
+    """Up to ten of a sort's normal copies that the run flags, marked normal: the other flagged
+    copies, the sort's anomalous copies and the test set, before and after (no marks when the
+    run flags fewer than four copies: not a sort of false alarm there)."""
+    copies = t.sort(sort)
+    normal, anomaly = copies["normal"], copies["anomaly"]
+    before_n, before_a = normal["scores"].numpy(), anomaly["scores"].numpy()
+    alarms = np.flatnonzero(before_n > t.threshold)
+    k = min(MAX_NORMAL_MARKS, len(alarms) // 2)
+    flagged_copies = float((before_n > t.threshold).mean())
+    if k < 2:
+        return {"sort": sort, "marks": 0, "copies_flagged": flagged_copies}
+    marked = np.sort(np.random.default_rng(seed).choice(alarms, k, replace=False))
+    marks = [Marked(Mark(f"{sort}:{i}", "", NORMAL),
+                    normal["images"][i].permute(1, 2, 0).contiguous().numpy()) for i in marked]
+    lessons = t.lessons(marks, seed)
+    after_n = lessons(normal["scores"], normal["descriptors"]).numpy()
+    after_a = lessons(anomaly["scores"], anomaly["descriptors"]).numpy()
+    after = lessons(t.scores, t.descriptors).numpy()
+    others = np.setdiff1d(alarms, marked)
+    keep = np.ones(len(before_n), bool)
+    keep[marked] = False
+    # the sort's anomalies the parent catches with its threshold raised until it flags as few
+    # of the sort's unmarked normal copies as the taught run
+    flagged = int((after_n[keep] > t.threshold).sum())
+    ranked = np.sort(before_n[keep])[::-1]
+    raised = max(t.threshold, ranked[flagged] if flagged < len(ranked) else -np.inf)
+    everything = np.ones(len(t.labels), bool)
+    return {"sort": sort, "marks": int(k), "others": len(others),
+            "copies_flagged": flagged_copies, "evidence": t.summary.get("sort"),
+            "others_fpr_before": float((before_n[others] > t.threshold).mean()),
+            "others_fpr_after": float((after_n[others] > t.threshold).mean()),
+            "sort_tpr_before": float((before_a > t.threshold).mean()),
+            "sort_tpr_after": float((after_a > t.threshold).mean()),
+            "sort_tpr_raised_threshold": float((before_a > raised).mean()),
+            "before": t.metrics(t.scores.numpy(), everything),
+            "after": t.metrics(after, everything)}
 
 
 def raised_threshold(t: Trial, before: np.ndarray, after: np.ndarray, keep: np.ndarray
@@ -170,7 +260,8 @@ def few_marks(t: Trial, n: int, seed: int) -> dict | None:
     drop = max([b["auroc"] - a["auroc"]] + [b["auroc_by_type"][k] - a["auroc_by_type"][k]
                                            for k in b["auroc_by_type"]])
     # a marked normal only lowers scores: its flips are normals cleared or anomalies passed
-    return {"marks": n, "auroc_drop": float(drop), "verdicts_changed": int(flips.sum()),
+    return {"marks": n, "sort": t.summary.get("sort"), "auroc_drop": float(drop),
+            "verdicts_changed": int(flips.sum()),
             "normals_cleared": int((flips & (t.labels == 0)).sum()),
             "anomalies_passed": int((flips & (t.labels == 1)).sum())}
 
@@ -200,8 +291,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--anomaly-sight", choices=SIGHTS, default=ANOMALY_SIGHT,
                     help="what marked anomalies compare images on (default: the refit's)")
-    ap.add_argument("--only", choices=("all", "misses"), default="all",
-                    help="misses: measure marked misses alone (no refit, no false alarms)")
+    ap.add_argument("--only", choices=("all", "false-alarms", "misses", "sorts"),
+                    default="all", help="measure one part alone (false-alarms: the test set's "
+                    "own false alarms, one and two marks and the timed refit)")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -211,12 +303,15 @@ def main() -> None:
         t.context = dataclasses.replace(t.context, anomaly_sight=args.anomaly_sight)
         kinds = sorted(set(t.types[t.labels == 1]))
         seeds = range(args.seeds)
-        everything = args.only == "all"
+        alarms = args.only in ("all", "false-alarms")
         results[run_dir.name] = r = {
-            "false_alarms": [false_alarms(t, s) for s in seeds] if everything else [],
-            "misses": [misses(t, k, s) for k in kinds for s in seeds],
-            "few": [few_marks(t, n, s) for n in (1, 2) for s in seeds] if everything else [],
-            "refit": timed_refit(t, run_dir, args.out_dir) if everything else {},
+            "false_alarms": [false_alarms(t, s) for s in seeds] if alarms else [],
+            "misses": ([misses(t, k, s) for k in kinds for s in seeds]
+                       if args.only in ("all", "misses") else []),
+            "sorts": ([sorted_false_alarms(t, sort, s) for sort in SORTS for s in seeds]
+                      if args.only in ("all", "sorts") else []),
+            "few": [few_marks(t, n, s) for n in (1, 2) for s in seeds] if alarms else [],
+            "refit": timed_refit(t, run_dir, args.out_dir) if alarms else {},
             "views": VIEWS, "sight": t.context.sight, "reach": t.context.reach,
             "anomaly_sight": args.anomaly_sight, "evidence": t.context.evidence}
         print(f"{run_dir.name}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -231,22 +326,28 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _taught(xs: list[dict], key: str) -> str:
+    """How many of the markings `xs` taught a sort (their `key` holds its evidence)."""
+    return f"{sum(bool((x.get(key) or {}).get('taught')) for x in xs)} / {len(xs)}"
+
+
 def table(results: dict) -> str:
-    lines = ["| run | marks | sight, reach | other false alarms: FPR before -> after | "
+    lines = ["| run | marks | sight, reach | sort taught (seeds) | other false alarms: FPR "
+             "before -> after | "
              "all normals: FPR before -> after | anomalies caught: TPR before -> after "
              "(threshold raised instead) | "
              "worst type AUROC "
              "change | refit (teach / wall s) | ceiling: encoder / queries / both |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
-        if not r["refit"]:  # --only misses
+        if not r["refit"]:  # measured without the false alarms
             continue
         fa = [x for x in r["false_alarms"] if x]
         worst = [min(x["after"]["auroc_by_type"][k] - x["before"]["auroc_by_type"][k]
                      for k in x["before"]["auroc_by_type"]) for x in fa]
         lines.append(
             f"| {name} | {_mean([x['marks'] for x in fa]):.1f} | "
-            f"{r.get('sight', 'queries')}, {r['reach']:g} | "
+            f"{r.get('sight', 'queries')}, {r['reach']:g} | {_taught(fa, 'sort')} | "
             f"{100 * _mean([x['others_fpr_before'] for x in fa]):.1f} -> "
             f"{100 * _mean([x['others_fpr_after'] for x in fa]):.1f} % | "
             f"{100 * _mean([x['before']['fpr'] for x in fa]):.2f} -> "
@@ -275,11 +376,44 @@ def table(results: dict) -> str:
             share = (a - b) / (1 - b) if b < 1 else float("nan")
             lines.append(f"| {name} | {kind} | {b:.4f} -> {a:.4f} | {share:.2f} | "
                          f"{min(others, default=0.0):+.4f} |")
+    lines += ["", "False alarms of one sort (copies of test images; up to ten of the flagged "
+              "normal copies marked; mean over seeds; the sort's anomalous copies caught, and in "
+              "brackets those the parent catches with its threshold raised until it flags as "
+              "few of the sort's unmarked normal copies; the test set after the lesson):", "",
+              "| run | sort | copies flagged | marks | sort taught (seeds) | other flagged "
+              "copies: flagged before -> "
+              "after | the sort's anomalies caught (threshold raised instead) | test: all "
+              "normals flagged | test: anomalies caught | test: worst type AUROC change |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for sort in SORTS:
+            xs = [x for x in r.get("sorts", []) if x and x["sort"] == sort]
+            if not xs:
+                continue
+            if not xs[0]["marks"]:
+                lines.append(f"| {name} | {sort} | {100 * xs[0]['copies_flagged']:.1f} % | 0 "
+                             "| | too few flagged to mark | | | | |")
+                continue
+            worst = [min(x["after"]["auroc_by_type"][k] - x["before"]["auroc_by_type"][k]
+                         for k in x["before"]["auroc_by_type"]) for x in xs]
+            lines.append(
+                f"| {name} | {sort} | {100 * xs[0]['copies_flagged']:.1f} % | "
+                f"{_mean([x['marks'] for x in xs]):.1f} | {_taught(xs, 'evidence')} | "
+                f"{100 * _mean([x['others_fpr_before'] for x in xs]):.1f} -> "
+                f"{100 * _mean([x['others_fpr_after'] for x in xs]):.1f} % | "
+                f"{100 * _mean([x['sort_tpr_before'] for x in xs]):.1f} -> "
+                f"{100 * _mean([x['sort_tpr_after'] for x in xs]):.1f} % "
+                f"({100 * _mean([x['sort_tpr_raised_threshold'] for x in xs]):.1f} %) | "
+                f"{100 * _mean([x['before']['fpr'] for x in xs]):.2f} -> "
+                f"{100 * _mean([x['after']['fpr'] for x in xs]):.2f} % | "
+                f"{100 * _mean([x['before']['tpr'] for x in xs]):.1f} -> "
+                f"{100 * _mean([x['after']['tpr'] for x in xs]):.1f} % | "
+                f"{_mean(worst):+.4f} |")
     lines += ["", "One or two marks: largest AUROC drop (any type) and verdicts changed beyond "
               "the marks, worst over seeds (of them, normals cleared / anomalies passed, in the "
               "seed that changed most):", "",
-              "| run | marks | AUROC drop | verdicts (normals cleared / anomalies passed) |",
-              "|---|---|---|---|"]
+              "| run | marks | AUROC drop | verdicts (normals cleared / anomalies passed) | "
+              "sort taught (seeds) |", "|---|---|---|---|---|"]
     for name, r in results.items():
         for n in (1, 2):
             xs = [x for x in r["few"] if x and x["marks"] == n]
@@ -288,7 +422,7 @@ def table(results: dict) -> str:
                 split = (f" ({most['normals_cleared']} / {most['anomalies_passed']})"
                          if "normals_cleared" in most else "")
                 lines.append(f"| {name} | {n} | {max(x['auroc_drop'] for x in xs):+.4f} | "
-                             f"{most['verdicts_changed']}{split} |")
+                             f"{most['verdicts_changed']}{split} | {_taught(xs, 'sort')} |")
     return "\n".join(lines) + "\n"
 
 

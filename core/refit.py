@@ -39,6 +39,7 @@ from core.model.lessons import (
     Kinds,
     choose_lesson,
     fit_kind,
+    fit_sort,
     key_sights,
 )
 from core.pipeline import evaluate
@@ -260,6 +261,11 @@ class Context:
     reach: float
     evidence: dict
     anomaly_sight: str = ANOMALY_SIGHT  # what marked anomalies' keys compare images on
+    # pseudo-anomalies made from the references (P, dim), their scores (P,), and the
+    # threshold they are caught at: what a sort of marked normals may not cost
+    pseudo: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0))
+    pseudo_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    threshold: float = float("inf")
 
 
 def lesson_context(parent: AnoMem, split: Split, cfg: RunConfig, device: torch.device
@@ -280,7 +286,8 @@ def lesson_context(parent: AnoMem, split: Split, cfg: RunConfig, device: torch.d
     sight, reach, evidence = choose_lesson(parent.descriptor_blocks, references, scores, pseudo,
                                            pseudo_scores, float(parent.detector.threshold),
                                            tc.seed)
-    return Context(references, scores, sight, reach, evidence)
+    return Context(references, scores, sight, reach, evidence, pseudo=pseudo,
+                   pseudo_scores=pseudo_scores, threshold=float(parent.detector.threshold))
 
 
 CONTEXTS_KEPT = 4  # runs whose lesson context this process keeps (`known_context`)
@@ -313,10 +320,10 @@ def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
     parent = parent.to(device).eval()
     if context is None:
         context = lesson_context(parent, split, cfg, device)
-    _, keys = describe_images(parent, _views(marks, cfg.train.seed), device)
+    scores, keys = describe_images(parent, _views(marks, cfg.train.seed), device)
     parent.cpu()
     anomalous = torch.tensor([m.mark.label != NORMAL for m in marks]).repeat(VIEWS)
-    kinds, kind_summary = mark_kinds(marks, keys, context.references, cfg.train.seed)
+    kinds, summary = marked_kinds(marks, scores, keys, context, cfg.train.seed)
     model = with_lessons(parent, keys, anomalous, context, kinds)
     lessons = model.lessons
     return model, {
@@ -325,7 +332,36 @@ def teach(parent: AnoMem, marks: list[Marked], split: Split, cfg: RunConfig,
         "reach": context.reach, "evidence": context.evidence,
         "normal_score": float(lessons.normal_score), "alarm_score": float(lessons.alarm_score),
         "anomaly_shrink": float(lessons.shrink),
-        "median_radius": float(lessons.radius.median()), "kinds": kind_summary}
+        "median_radius": float(lessons.radius.median()), **summary}
+
+
+def marked_kinds(marks: list[Marked], scores: torch.Tensor, keys: torch.Tensor,
+                 context: Context, seed: int) -> tuple[Kinds, dict]:
+    """The kinds of the marked anomaly types (`mark_kinds`) and the sort of the marked normals
+    (`mark_sort`), given the marks' views' scores and keys (VIEWS * M, as `_views` orders
+    them); a summary of each for metrics.json."""
+    kinds, kind_summary = mark_kinds(marks, keys, context.references, seed)
+    sort, sort_summary = mark_sort(marks, scores, keys, context, seed)
+    return Kinds.cat([kinds, sort], keys.shape[1]), {"kinds": kind_summary,
+                                                     "sort": sort_summary}
+
+
+def mark_sort(marks: list[Marked], scores: torch.Tensor, keys: torch.Tensor, context: Context,
+              seed: int) -> tuple[Kinds, dict | None]:
+    """The sort of the marked normals (core/model/lessons.py `fit_sort`) when there are at
+    least MIN_KIND_MARKS of them and it is taught (none otherwise), and a summary of the
+    evidence (None with too few marked normals)."""
+    normal = [i for i, m in enumerate(marks) if m.mark.label == NORMAL]
+    dim = keys.shape[1]
+    if len(normal) < MIN_KIND_MARKS:
+        return Kinds.none(dim), None
+    per_mark = keys.reshape(VIEWS, len(marks), -1).transpose(0, 1)  # (M, VIEWS, dim)
+    own = scores[:len(marks)]  # each marked image's own score (its first view)
+    sort, evidence = fit_sort(per_mark[normal], own[normal], context.references,
+                              context.scores, context.pseudo, context.pseudo_scores,
+                              context.threshold, seed)
+    return (sort if evidence["taught"] else Kinds.none(dim)), {"marks": len(normal),
+                                                                **evidence}
 
 
 def mark_kinds(marks: list[Marked], keys: torch.Tensor, references: torch.Tensor, seed: int
@@ -388,8 +424,38 @@ def lesson_story(lessons: dict) -> str:
                 "of all normals.")
     normal = f"{what}{why}." if lessons.get("keys", 1) != lessons.get("anomaly_keys", 0) else ""
     told = [normal, anomaly if lessons.get("anomaly_keys", 1) else "",
-            *(kind_story(k) for k in lessons.get("kinds", []))]
+            *(kind_story(k) for k in lessons.get("kinds", [])),
+            sort_story(lessons.get("sort"))]
     return " ".join(t for t in told if t)
+
+
+def sort_story(sort: dict | None) -> str:
+    """Whether the images marked normal were of one sort, and what that taught (see
+    core/model/lessons.py `fit_sort`); "" with too few of them."""
+    if not sort:
+        return ""
+    told = f"The {sort['marks']} images marked normal"
+    if not sort["generalises"]:
+        z = sort["left_out_z"]
+        stood = "" if z is None else (f" (the median stood {z:+.1f} spreads of the normals "
+                                      f"from where they end; {MIN_KIND_Z:+g} needed)")
+        return (f"{told} are not of one sort: left out one at a time, they did not stand "
+                f"clearly past the held-out normals in the direction the others drew{stood}, so "
+                "they clear their look-alikes alone.")
+    if sort["relief"] <= 0:
+        return (f"{told} are of one sort but score no higher than a typical normal: nothing "
+                "to lower.")
+    cost = (f"{sort['detection_loss']:.0%} of the pseudo-anomalies caught and "
+            f"{sort['auroc_loss']:+.4f} of their AUROC")
+    if not sort["taught"]:
+        return (f"{told} are of one sort, but lowering it would have cost {cost} (at most "
+                f"{MAX_DETECTION_LOSS:.0%} and {MAX_AUROC_LOSS:g}): they look like an anomaly "
+                "the run should catch, so only their look-alikes are cleared.")
+    return (f"{told} are of one sort (each, left out of its direction, still stood "
+            f"{sort['left_out_z']:.1f} spreads of the normals past them, the median): images "
+            f"that differ from the held-out normals as they do score up to {sort['relief']:.2f} "
+            "lower, the least any mark scored above a typical normal, so that an image of the "
+            f"sort keeps what an anomaly adds to it; on pseudo-anomalies this cost {cost}.")
 
 
 def kind_story(kind: dict) -> str:

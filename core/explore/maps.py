@@ -128,6 +128,12 @@ class ImageReport:
     per_scale: dict[str, float]
     maps: dict[str, np.ndarray]  # as `deviation_maps`
     nearest: dict[str, Nearest]
+    untaught: float | None = None  # the score before a taught run's lessons moved it
+
+    @property
+    def moved_by_lessons(self) -> float:
+        """How far the run's lessons moved the score (0 for a run never taught)."""
+        return 0.0 if self.untaught is None else self.score - self.untaught
 
     @property
     def anomalous(self) -> bool:
@@ -139,7 +145,12 @@ def inspect_image(model: AnoMem, image: torch.Tensor, k: int = 3) -> ImageReport
     """Score, maps, and per scale the prototypes nearest to the most deviant position."""
     model.eval()
     x = _batch(image)
-    scores = model.score(x)
+    if model.lessons is None:
+        scores, untaught = model.score(x), None
+    else:
+        scores, descriptors = model.score_and_describe(x)
+        untaught = float(scores.image[0])
+        scores = scores._replace(image=model.lessons(scores.image, descriptors))
     reads = model(x)
     maps = {s: m[0].cpu().numpy() for s, m in scores.maps.items()}
     nearest = {}
@@ -157,6 +168,7 @@ def inspect_image(model: AnoMem, image: torch.Tensor, k: int = 3) -> ImageReport
         per_scale={s: float(v[0]) for s, v in scores.per_scale.items()},
         maps=maps,
         nearest=nearest,
+        untaught=untaught,
     )
 
 

@@ -48,6 +48,15 @@ On the teach protocol's nine runs, five marks of a type lift its AUROC on its ot
 least half its distance to 1 for 4 of the 40 types below 1 (mean share 0.17), and the other
 types lose at most 0.0027 (each half sized to the whole 0.005: 6 types, but four marked types
 cost the others up to 0.0098; benchmarks/README.md).
+
+Marked normals (two or more) may be of one *sort*: a darker batch, a turned part, a camera out
+of focus. `fit_sort` draws the same direction from them; when the marks, each left out, stand
+past the normals, an image past its cut scores up to the sort's *relief* lower: the least any
+mark scored above a typical normal, what the sort added to a mark at the least, so that an
+anomaly of the sort keeps what its anomaly adds (never under a typical normal's score). A sort
+that would let more than MAX_DETECTION_LOSS of the held-out pseudo-anomalies caught through is
+not taught: the marks look like an anomaly the run should catch. A run's own false alarms are
+seldom of one sort; copies of its test images given one look are (the teach protocol's sorts).
 """
 
 from __future__ import annotations
@@ -139,6 +148,8 @@ class Lessons(nn.Module):
         self.register_buffer("kind_direction", torch.zeros(n_kinds, dim))
         self.register_buffer("kind_cut", torch.zeros(n_kinds))
         self.register_buffer("kind_top", torch.zeros(n_kinds))  # at the cut: the kind is inert
+        # > 0: a sort of marked normals (`fit_sort`), which lowers scores by up to that much
+        self.register_buffer("kind_relief", torch.zeros(n_kinds))
         # marked anomalies' radii, as a share of the distance to the nearest reference, when
         # taught (a record for the refit's summary: the radii hold it)
         self.register_buffer("shrink", torch.ones(()), persistent=False)
@@ -190,16 +201,22 @@ class Lessons(nn.Module):
         sight = self.sight.float()
         return (sq * sight).sum(2) / sight.sum(1).clamp_min(1)
 
-    def reach(self, descriptors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def reach(self, descriptors: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B,) weights in [0, 1] of the nearest marked normal and of the nearest marked
-        anomaly: 1 - (d / radius)^2 at distance d of a key, 0 at its radius and beyond."""
+        anomaly (1 - (d / radius)^2 at distance d of a key, 0 at its radius and beyond; or a
+        kind's weight), and (B,) how much sorts of marked normals lower each score."""
         sq = self.distances(descriptors)
         live = (self.radius > 0) & self.sight.any(1)  # a key that sees nothing reaches nothing
         w = (1 - sq / self.radius.pow(2).clamp_min(1e-12)).clamp_min(0) * live
         zero = torch.zeros_like(w)
         normal = torch.where(self.anomalous, zero, w).amax(1)
         anomaly = torch.where(self.anomalous, w, zero).amax(1)
-        return normal, torch.maximum(anomaly, self.kind_weight(descriptors))
+        kinds = self.kinds.weights(descriptors)  # (B, T)
+        if not len(self.kind_cut):
+            return normal, anomaly, torch.zeros_like(normal)
+        raises = (kinds * (self.kind_relief <= 0)).amax(1)
+        return normal, torch.maximum(anomaly, raises), (kinds * self.kind_relief).amax(1)
 
     @property
     def kinds(self) -> Kinds:
@@ -211,23 +228,22 @@ class Lessons(nn.Module):
         up to a kind's cut, 1 from its top."""
         if not len(self.kind_cut):
             return torch.zeros_like(descriptors[:, 0])  # (an exported graph keeps B dynamic)
-        x = descriptors.float()
-        # (x - centre) . direction, without a (B, T, dim) difference
-        p = x @ self.kind_direction.T - (self.kind_centre * self.kind_direction).sum(1)
-        span = self.kind_top - self.kind_cut
-        live = span > 0
-        w = ((p - self.kind_cut) / span.clamp_min(1e-12)).clamp(0, 1) * live
-        return w.amax(1)
+        return (self.kinds.weights(descriptors) * (self.kind_relief <= 0)).amax(1)
 
     def forward(self, score: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
         """Image scores (B,) after the lessons, given the images' descriptors (B, dim)."""
         return self.relieve(score, *self.reach(descriptors))
 
-    def relieve(self, score: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor
-                ) -> torch.Tensor:
+    def relieve(self, score: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor,
+                lowered: torch.Tensor | None = None) -> torch.Tensor:
         """Image scores (B,) moved by the weights (B,) of their nearest marked normal and
-        marked anomaly (`reach`)."""
-        score = score - normal * (score - self.normal_score).clamp_min(0)
+        marked anomaly, and lowered by a sort of marked normals (`reach`): by the larger of
+        the two reliefs, never under the typical normal score."""
+        excess = (score - self.normal_score).clamp_min(0)
+        relief = normal * excess
+        if lowered is not None:
+            relief = torch.maximum(relief, torch.minimum(lowered, excess))
+        score = score - relief
         return score + anomaly * (self.alarm_score - score).clamp_min(0)
 
     @torch.no_grad()
@@ -293,18 +309,30 @@ def encoder_whitening(blocks: dict[str, int], references: torch.Tensor) -> torch
 
 
 class Kinds(NamedTuple):
-    """Kinds of marked anomalies (`fit_kind`), T rows: where each projects images from
-    (T, dim), along what (T, dim), and the projections (T,) where its weight starts and is
-    full."""
+    """Kinds of marked anomalies (`fit_kind`) and sorts of marked normals (`fit_sort`), T
+    rows: where each projects images from (T, dim), along what (T, dim), the projections (T,)
+    where its weight starts and is full, and (T,) how much a sort lowers scores (0: a kind of
+    anomalies, which raises them)."""
 
     centre: torch.Tensor
     direction: torch.Tensor
     cut: torch.Tensor
     top: torch.Tensor
+    relief: torch.Tensor
 
     @staticmethod
     def none(dim: int) -> Kinds:
-        return Kinds(torch.zeros(0, dim), torch.zeros(0, dim), torch.zeros(0), torch.zeros(0))
+        return Kinds(torch.zeros(0, dim), torch.zeros(0, dim), torch.zeros(0), torch.zeros(0),
+                     torch.zeros(0))
+
+    def weights(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """(B, T) weights in [0, 1] of each row for descriptors (B, dim): 0 up to its cut, 1
+        from its top; 0 everywhere for an inert row (top = cut)."""
+        x = descriptors.float()
+        # (x - centre) . direction, without a (B, T, dim) difference
+        p = x @ self.direction.T - (self.centre * self.direction).sum(1)
+        span = self.top - self.cut
+        return ((p - self.cut) / span.clamp_min(1e-12)).clamp(0, 1) * (span > 0)
 
     @staticmethod
     def cat(parts: list[Kinds], dim: int) -> Kinds:
@@ -345,7 +373,8 @@ def fit_kind(marks: torch.Tensor, references: torch.Tensor, seed: int = 0
     x = references.detach().cpu().double()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     fit, held = x[order[:len(x) * 2 // 3]], x[order[len(x) * 2 // 3:]]
-    inert = Kinds(torch.zeros(1, dim), torch.zeros(1, dim), torch.zeros(1), torch.zeros(1))
+    inert = Kinds(torch.zeros(1, dim), torch.zeros(1, dim), torch.zeros(1), torch.zeros(1),
+                  torch.zeros(1))
     if n < MIN_KIND_MARKS or len(fit) < 2 or len(held) < 2:
         return inert, {"marks": n, "left_out_z": None, "generalises": False}
     means, precision = ledoit_wolf(fit[None])
@@ -371,8 +400,54 @@ def fit_kind(marks: torch.Tensor, references: torch.Tensor, seed: int = 0
     z = float(torch.tensor(left_out).quantile(0.5))
     top = cut + z * spread if z >= MIN_KIND_Z else cut
     kind = Kinds(centre[None].float(), d[None].float(), torch.tensor([cut]).float(),
-                 torch.tensor([top]).float())
+                 torch.tensor([top]).float(), torch.zeros(1))
     return kind, {"marks": n, "left_out_z": z, "generalises": z >= MIN_KIND_Z}
+
+
+@torch.no_grad()
+def fit_sort(marks: torch.Tensor, mark_scores: torch.Tensor, references: torch.Tensor,
+             reference_scores: torch.Tensor, pseudo: torch.Tensor, pseudo_scores: torch.Tensor,
+             threshold: float, seed: int = 0) -> tuple[Kinds, dict]:
+    """The sort of M marked normals (a darker batch, a turned part, a blurred camera), given
+    their descriptors (M, V, dim) and scores (M,), and the held-out normal references'
+    descriptors (R, dim) and scores (R,): one row of `Kinds` and a summary of the evidence.
+
+    The direction, cut and top are `fit_kind`'s: marks that, left out one at a time, do not
+    stand past the normals in the direction the others draw are not of one sort (false alarms
+    of a run's own test set seldom are: benchmarks/README.md) and teach nothing beyond their
+    look-alikes. A sort lowers the score of an image past its cut by up to its *relief*: the
+    least any mark scored above a typical normal (the references' median), which is what the
+    sort added to a mark at the least, so an image of the sort that is also anomalous keeps
+    what its anomaly adds; never under a typical normal's score. A sort that would cost the
+    pseudo-anomalies made from the references (descriptors `pseudo`, scores `pseudo_scores`)
+    more than MAX_AUROC_LOSS of their AUROC against the references, or MAX_DETECTION_LOSS of
+    those above `threshold`, is not taught: the marks then look like an anomaly the run
+    should catch."""
+    from sklearn.metrics import roc_auc_score
+
+    kind, evidence = fit_kind(marks, references, seed)
+    typical = reference_scores.float().median()
+    relief = float((mark_scores.float() - typical).min().clamp_min(0))
+    evidence = {**evidence, "relief": relief, "auroc_loss": None, "detection_loss": None,
+                "taught": False}
+    if not evidence["generalises"] or relief <= 0 or not len(pseudo):
+        return kind._replace(top=kind.cut.clone()), evidence
+    kind = kind._replace(relief=torch.tensor([relief]))
+
+    def lowered(scores: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
+        excess = (scores.float() - typical).clamp_min(0)
+        return scores - torch.minimum(kind.weights(descriptors)[:, 0] * relief, excess)
+
+    y = torch.cat([torch.zeros(len(references)), torch.ones(len(pseudo))]).numpy()
+    before = torch.cat([reference_scores, pseudo_scores]).float()
+    after = torch.cat([lowered(reference_scores, references), lowered(pseudo_scores, pseudo)])
+    auroc_loss = float(roc_auc_score(y, before.numpy()) - roc_auc_score(y, after.numpy()))
+    caught = pseudo_scores > threshold
+    lost = caught & (after[len(references):] <= threshold)
+    detection_loss = float(lost.float().sum() / caught.float().sum().clamp_min(1))
+    taught = auroc_loss <= MAX_AUROC_LOSS and detection_loss <= MAX_DETECTION_LOSS
+    evidence.update(auroc_loss=auroc_loss, detection_loss=detection_loss, taught=taught)
+    return (kind if taught else kind._replace(top=kind.cut.clone())), evidence
 
 
 def upgrade_lessons(state: dict[str, torch.Tensor], prefix: str, names: tuple[str, ...],
@@ -394,6 +469,8 @@ def upgrade_lessons(state: dict[str, torch.Tensor], prefix: str, names: tuple[st
     if prefix + "kind_cut" not in state:  # saved before marked types taught kinds: none
         for name, value in Kinds.none(sum(sizes))._asdict().items():
             state[f"{prefix}kind_{name}"] = value
+    if prefix + "kind_relief" not in state:  # saved before sorts: every kind raises
+        state[prefix + "kind_relief"] = torch.zeros_like(state[prefix + "kind_cut"])
 
 
 REACHES = (1.0, 1.1, 1.2, 1.3, 1.5, 2.0)  # how far a marked normal's lesson may reach, in radii

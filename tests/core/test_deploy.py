@@ -160,7 +160,8 @@ def test_a_taught_run_exports_with_its_lessons(trained: Path, test_images: torch
     assert taught.score(images[:1]).scores[0] == pytest.approx(float(lessons.normal_score),
                                                                abs=1e-4)
 
-    # a kind of marked anomalies (a direction) exports too: one that raises half the images
+    # a kind of marked anomalies (a direction) exports too: one that raises half the images;
+    # and a sort of marked normals, along the other way, that lowers the other half
     run = load_run(tmp_path / "taught")
     with torch.no_grad():
         score, descriptors = run.model.score_and_describe(images.float() / 255)
@@ -168,7 +169,10 @@ def test_a_taught_run_exports_with_its_lessons(trained: Path, test_images: torch
     direction = torch.nn.functional.normalize(descriptors[-1:] - centre, dim=1)
     along = ((descriptors - centre) * direction).sum(1)
     cut = along.median()
-    kind = Kinds(centre, direction, cut[None], (cut + along.std())[None])
+    spread = along.std()[None]
+    kind = Kinds(centre.repeat(2, 1), torch.cat([direction, -direction]),
+                 torch.cat([cut[None], -cut[None]]), torch.cat([cut + spread, -cut + spread]),
+                 torch.tensor([0.0, 10.0]))
     context = Context(descriptors, score.image, "encoder", 1.0, {})
     child = with_lessons(run.model, lessons.keys[:0], lessons.anomalous[:0], context, kind)
     assert child.lessons is not None
@@ -176,7 +180,7 @@ def test_a_taught_run_exports_with_its_lessons(trained: Path, test_images: torch
     assert (weights > 0).any() and (weights == 0).any()
     shutil.copytree(tmp_path / "taught", tmp_path / "kind")
     cfg = RunConfig.from_dict({**run.config.to_dict(), "model": {
-        **run.config.to_dict()["model"], "lessons": child.cfg.lessons, "lesson_kinds": 1}})
+        **run.config.to_dict()["model"], "lessons": child.cfg.lessons, "lesson_kinds": 2}})
     save_model(tmp_path / "kind", cfg, child)
     export_run(tmp_path / "kind", tmp_path / "kind.onnx", images=images)  # checks agreement
     with torch.no_grad():
@@ -185,3 +189,4 @@ def test_a_taught_run_exports_with_its_lessons(trained: Path, test_images: torch
     got = torch.as_tensor(Detector.load(tmp_path / "kind.onnx").score(images).scores)
     assert torch.allclose(got.float(), expected, atol=1e-4)
     assert (expected > without + 1e-4).any()  # the kind raised some
+    assert (expected < without - 1e-4).any()  # the sort lowered others

@@ -18,6 +18,7 @@ from core import artefacts
 from core.cli import EXIT_BAD_INPUT, main
 from core.config import DataConfig
 from core.data import NORMAL, DataError, load_split
+from core.explore import inspect_image
 from core.pipeline import evaluate, train_run
 from core.refit import REFIT, VIEWS, lesson_story, mark_test_image, mark_upload, refit_run
 from core.runs import CHECKPOINT, CONFIG, WEIGHTS, RunError, load_run, run_lock
@@ -72,7 +73,7 @@ def test_refit_saves_a_new_run_and_leaves_the_parent_alone(parent: Path, split, 
     p_state, c_state = load_run(parent).model.state_dict(), child.model.state_dict()
     assert set(c_state) - set(p_state) == {f"lessons.{b}" for b in (
         "keys", "whiten", "sight", "radius", "anomalous", "normal_score", "alarm_score",
-        "kind_centre", "kind_direction", "kind_cut", "kind_top")}
+        "kind_centre", "kind_direction", "kind_cut", "kind_top", "kind_relief")}
     for key in p_state:
         assert np.array_equal(p_state[key].numpy(), c_state[key].numpy()), key
     lessons = child.model.lessons
@@ -164,6 +165,13 @@ def test_a_marked_false_alarm_clears_its_look_alike_and_a_refit_keeps_its_parent
     assert float(child.score(images[worst:worst + 1]).image[0]) == pytest.approx(
         float(child.lessons.normal_score), abs=1e-4)
     assert float(child.score(look_alike).image[0]) < before
+    # the explorer tells a score its lessons moved from the detector's own
+    report_before = inspect_image(model, test.images[worst])
+    report = inspect_image(child, test.images[worst])
+    assert report_before.untaught is None and report_before.moved_by_lessons == 0
+    assert report.untaught == pytest.approx(report_before.score, abs=1e-5)
+    assert report.moved_by_lessons < 0 and report.score == pytest.approx(
+        float(child.lessons.normal_score), abs=1e-4)
     # elsewhere far from the mark, scores are the parent's
     far = child.lessons.reach(child.score_and_describe(images)[1])[0] == 0
     assert far.any()
@@ -199,6 +207,37 @@ def test_marked_anomalies_of_a_type_teach_a_kind_that_later_refits_keep(parent: 
     grandchild = load_run(tmp_path / "grandchild").model
     assert grandchild.lessons is not None  # ... and the child's is kept
     assert torch.equal(grandchild.lessons.kind_direction, child.model.lessons.kind_direction)
+
+
+@torch.no_grad()
+def test_marked_normals_are_checked_for_a_sort_and_what_it_teaches_is_saved(
+        parent: Path, split, tmp_path: Path):
+    """Darker copies of test normals, marked normal: the refit records whether they are of one
+    sort (and whether it is taught); a taught sort is a kind row that lowers scores, kept by
+    later refits."""
+    cfg = load_run(parent).config
+    normal = np.flatnonzero(split.test.labels.numpy() == 0)
+    darker = (split.test.images[normal[:4]].float() * 0.5).to(torch.uint8)
+    marks = []
+    for i, image in enumerate(darker):
+        data = io.BytesIO()
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(data, format="PNG")
+        marks.append(mark_upload(f"dark{i}.png", data.getvalue(), NORMAL, cfg))
+    report = refit_run(parent, marks, tmp_path / "child")
+    sort = report.lessons["sort"]
+    assert sort["marks"] == 4 and {"left_out_z", "relief", "taught"} <= set(sort)
+    assert ("images marked normal" in lesson_story(report.lessons)) is True
+    child = load_run(tmp_path / "child")
+    assert child.config.model.lesson_kinds == int(sort["taught"])
+    lessons = child.model.lessons
+    assert lessons is not None
+    assert torch.equal(lessons.kind_relief > 0, torch.tensor([True] * int(sort["taught"])))
+    if sort["taught"]:
+        assert float(lessons.kind_relief[0]) == pytest.approx(sort["relief"])
+    one = refit_run(tmp_path / "child", marks[:1], tmp_path / "grandchild")
+    assert one.lessons["sort"] is None  # one mark cannot show a sort ...
+    kept = load_run(tmp_path / "grandchild").model.lessons
+    assert kept is not None and torch.equal(kept.kind_relief, lessons.kind_relief)  # ... kept
 
 
 @torch.no_grad()
@@ -281,6 +320,18 @@ def test_the_lesson_caption_says_what_marked_normals_see_and_why():
     costly = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": tried}})
     assert "none of the 3 lessons" in costly and "so the default" in costly
     assert "reaches at most as far as its nearest held-out normal" in costly
+    sorts = {"marks": 6, "left_out_z": 4.2, "generalises": True, "relief": 1.5,
+             "auroc_loss": 0.001, "detection_loss": 0.0, "taught": True}
+    sorted_ = lesson_story({"sight": "encoder", "reach": 1.0, "sort": sorts})
+    assert "The 6 images marked normal are of one sort" in sorted_ and "4.2 spreads" in sorted_
+    assert "up to 1.50 lower" in sorted_ and "0% of the pseudo-anomalies caught" in sorted_
+    costly_sort = lesson_story({"sight": "encoder", "reach": 1.0,
+                                "sort": {**sorts, "taught": False, "detection_loss": 0.3}})
+    assert "would have cost 30% of the pseudo-anomalies caught" in costly_sort
+    assert "only their look-alikes are cleared" in costly_sort
+    apart = lesson_story({"sight": "encoder", "reach": 1.0,
+                          "sort": {**sorts, "generalises": False, "left_out_z": -1.3}})
+    assert "are not of one sort" in apart and "-1.3 spreads" in apart
     few = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": {}}})
     assert "too few held-out false alarms" in few
     # a refit saved before sights: what it did, no made-up reason

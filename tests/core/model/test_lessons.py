@@ -20,6 +20,7 @@ from core.model.lessons import (
     descriptor_blocks,
     encoder_whitening,
     fit_kind,
+    fit_sort,
     in_sight,
     tolerance_factor,
     upgrade_lessons,
@@ -310,6 +311,88 @@ def test_marks_only_just_past_the_cut_teach_no_kind():
     assert not evidence["generalises"] and torch.equal(kind.top, kind.cut)
 
 
+QUIET = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1.0])  # kind_world's axis normals barely vary on
+
+
+def sort_taught(kind: Kinds, references: torch.Tensor) -> Lessons:
+    """Lessons holding `kind` alone (their one key, a marked anomaly far away, reaches none of
+    the images these tests score), with references that all scored 0."""
+    lessons = Lessons(1, {"s/pooled": 8}, n_kinds=1)
+    lessons.teach(torch.full((1, 8), 50.0), torch.tensor([True]), references,
+                  torch.zeros(len(references)), sights=torch.ones(1, 1, dtype=torch.bool),
+                  kinds=kind)
+    return lessons
+
+
+def test_marked_normals_of_one_sort_lower_the_rest_of_it_by_what_the_sort_added():
+    """A darker batch: normal images moved along an axis in which normals barely vary, which
+    the run flags. Six of them marked normal lower the others, by the least a mark scored
+    above a typical normal, so that an anomaly of the same batch keeps what it adds."""
+    g, normals, _ = kind_world()
+    references, unseen = normals[:300], normals[300:500]
+    batch = normals[500:] + 1.5 * QUIET  # 100 images of the sort
+    marks = batch[:6, None] + 0.01 * torch.randn(6, 4, 8, generator=g)  # 4 views each
+    mark_scores = torch.tensor([2.0, 2.5, 3.0, 2.2, 2.8, 2.1])
+    pseudo = references[:100] + torch.tensor([4.0, 4, 0, 0, 0, 0, 0, 0])  # loud axes
+    sort, evidence = fit_sort(marks, mark_scores, references, torch.zeros(300), pseudo,
+                              torch.full((100,), 2.0), threshold=1.0)
+    assert evidence["generalises"] and evidence["taught"]
+    assert evidence["relief"] == 2.0 and evidence["detection_loss"] == 0.0
+    lessons = sort_taught(sort, references)
+    others = batch[6:]
+    lowered = lessons(torch.full((94,), 2.5), others)
+    assert (lowered < 1.0).float().mean() > 0.5  # most of the sort cleared, none marked
+    assert bool((lowered >= 0.5).all())  # by the relief at most
+    anomalous = lessons(torch.full((94,), 6.0), others)
+    assert bool((anomalous >= 4.0).all())  # an anomaly of the sort keeps what it adds
+    assert bool((lessons(torch.full((94,), 1.0), others) >= 0).all())  # never under typical
+    untouched = lessons(torch.full((200,), 0.5), unseen) == 0.5
+    assert untouched.float().mean() >= 0.98  # ordinary normals keep their scores
+    assert bool((lessons(torch.full((100,), 2.0), pseudo) == 2.0).all())
+
+
+def test_false_alarms_that_are_not_of_one_sort_teach_no_sort():
+    g, normals, _ = kind_world(1)
+    references = normals[:300]
+    tail = normals[300:][normals[300:].norm(dim=1).argsort(descending=True)[:6]]  # far, apart
+    sort, evidence = fit_sort(tail[:, None] + 0.01 * torch.randn(6, 2, 8, generator=g),
+                              torch.full((6,), 2.0), references, torch.zeros(300),
+                              references[:50] + 4, torch.full((50,), 2.0), threshold=1.0)
+    assert not evidence["generalises"] and not evidence["taught"]
+    assert torch.equal(sort.top, sort.cut)  # inert
+    lessons = sort_taught(sort, references)
+    assert torch.equal(lessons(torch.full((600,), 2.0), normals), torch.full((600,), 2.0))
+
+
+def test_a_sort_that_pseudo_anomalies_look_like_is_not_taught():
+    """Pseudo-anomalies made along the marks' own direction are anomalies the run catches: the
+    marks are of one sort, but lowering it would let them through."""
+    g, normals, _ = kind_world(2)
+    references = normals[:300]
+    batch = normals[300:] + 1.5 * QUIET
+    marks = batch[:6, None] + 0.01 * torch.randn(6, 4, 8, generator=g)
+    pseudo = references[:100] + 1.5 * QUIET  # the same shift, scored as anomalies
+    sort, evidence = fit_sort(marks, torch.full((6,), 3.0), references, torch.zeros(300),
+                              pseudo, torch.full((100,), 2.0), threshold=1.0)
+    assert evidence["generalises"] and not evidence["taught"]
+    assert evidence["detection_loss"] > MAX_DETECTION_LOSS
+    assert torch.equal(sort.top, sort.cut)
+
+
+def test_lessons_saved_before_sorts_keep_their_kinds_raising():
+    g, normals, anomalies = kind_world()
+    marks = anomalies[:5, None] + 0.01 * torch.randn(5, 4, 8, generator=g)
+    kind, _ = fit_kind(marks, normals[:300])
+    lessons = sort_taught(kind, normals[:300])
+    state = {f"lessons.{k}": v for k, v in lessons.state_dict().items() if k != "kind_relief"}
+    upgrade_lessons(state, "lessons.", ("s/pooled",), (8,))
+    earlier = Lessons(1, {"s/pooled": 8}, n_kinds=1)
+    earlier.load_state_dict({k.removeprefix("lessons."): v for k, v in state.items()})
+    score = torch.full((200,), -1.0)
+    assert torch.equal(earlier(score, anomalies), lessons(score, anomalies))
+    assert bool((earlier(score, anomalies) > -1).any())
+
+
 def test_lessons_saved_before_kinds_load_with_none():
     blocks = descriptor_blocks(("a",), 2, 3)
     state = {"lessons.keys": torch.ones(2, 7), "lessons.sight": torch.ones(2, 3, dtype=bool)}
@@ -318,7 +401,7 @@ def test_lessons_saved_before_kinds_load_with_none():
     lessons.load_state_dict({k.removeprefix("lessons."): v for k, v in state.items()}
                             | {"radius": torch.ones(2), "anomalous": torch.zeros(2, dtype=bool),
                                "normal_score": torch.zeros(()), "alarm_score": torch.zeros(())})
-    assert lessons.kind_direction.shape == (0, 7)
+    assert lessons.kind_direction.shape == (0, 7) and lessons.kind_relief.shape == (0,)
     assert torch.equal(lessons.kind_weight(torch.ones(4, 7)), torch.zeros(4))
     assert Kinds.cat([], 7).cut.shape == (0,)
 
