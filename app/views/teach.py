@@ -138,7 +138,7 @@ def foresee(run: Run) -> None:
                          key=lambda e: -abs(e["after"] - e["before"]))
     if look_alikes:
         st.markdown("The unmarked images moved most (the marks' closest look-alikes, and "
-                    "images along a marked type's kind):")
+                    "images of the marked normals' sort or along a marked type's kind):")
         changes(look_alikes, split)
 
 
@@ -181,8 +181,10 @@ def refit_form(run: Run) -> None:
                "a rehearsal on held-out normals shows that it pays (the rehearsal also chooses "
                "what a marked normal compares images on). A marked normal's look-alikes "
                "score like a typical normal, a marked anomaly's at least like an alarm; "
-               "everything else keeps its score. This run is not changed; the result is a new "
-               "run, opened here once saved.")
+               "normal marks of one sort (a darker batch, a turned part) lower the rest of "
+               "their sort by what it added to them, and anomaly marks of one type raise its "
+               "kind; everything else keeps its score. This run is not changed; the result is "
+               "a new run, opened here once saved.")
     name = st.text_input("New run name", f"{run.path.name}-taught",
                          key=f"teach_name_{state.run_tag(run)}")
     if st.button(f"Refit with {len(marks)} mark(s)", key="teach_refit", type="primary",
