@@ -105,7 +105,8 @@ class ModelConfig:
     map_weights: bool = True
     # Keys of marked images a refit taught the detector (core/model/lessons.py); 0: none
     lessons: int = 0
-    # Kinds of marked anomalies (a direction per marked type) among those lessons
+    # Kinds of marked anomalies (a direction per marked type) and sorts of marked normals (a
+    # direction per refit whose normal marks are of one sort) among those lessons
     lesson_kinds: int = 0
 
     def __post_init__(self) -> None:

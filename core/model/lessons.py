@@ -188,6 +188,13 @@ class Lessons(nn.Module):
         k = tolerance_factor(len(d), 1 - SHARE_EACH / max(1, int(self.anomalous.sum())))
         return (d.mean(0) - k * d.std(0)).clamp_min(0)
 
+    def reaches(self, references: torch.Tensor) -> torch.Tensor:
+        """(K,) each key's radius in units of its distance to the nearest of `references`
+        (R, dim): the reach a marked normal was taught with, when these are the references it
+        was taught on."""
+        nearest = self.distances(references).amin(0).sqrt()
+        return self.radius / nearest.clamp_min(1e-12)
+
     def distances(self, descriptors: torch.Tensor) -> torch.Tensor:
         """(B, K) squared distances of descriptors (B, dim) to the keys, each the mean over
         the blocks in the key's sight (the encoder block's under its metric, `whiten`)."""
@@ -248,17 +255,18 @@ class Lessons(nn.Module):
 
     @torch.no_grad()
     def teach(self, keys: torch.Tensor, anomalous: torch.Tensor, references: torch.Tensor,
-              reference_scores: torch.Tensor, reach: float = 1.0, *,
+              reference_scores: torch.Tensor, reach: float | torch.Tensor = 1.0, *,
               sights: torch.Tensor, whiten: torch.Tensor | None = None,
               kinds: Kinds | None = None) -> None:
         """Set the keys (K, dim) and their kinds (K,) bool, with the radii measured against the
         descriptors of normal reference images (R, dim) and the scores they get (R,). A marked
         normal reaches `reach` times its distance to the nearest reference (see
-        `choose_lesson`), a marked anomaly a share of that distance (`_shrink`), and no further
-        than most normals are (`_cap`); each key compares images on the blocks of its row of
-        `sights` (K, blocks), see `key_sights`; the encoder block's metric is `whiten`, by
-        default the references' (`encoder_whitening`); `kinds`, those of marked anomaly types
-        (`fit_kind`), as many as the lessons hold."""
+        `choose_lesson`; one for all keys or (K,), one each), a marked anomaly a share of
+        that distance (`_shrink`), and no further than most normals are (`_cap`); each key
+        compares images on the blocks of its row of `sights` (K, blocks), see `key_sights`;
+        the encoder block's metric is `whiten`, by default the references'
+        (`encoder_whitening`); `kinds`, those of marked anomaly types (`fit_kind`) and sorts
+        of marked normals (`fit_sort`), as many as the lessons hold."""
         if len(keys) != len(self.keys):
             raise ValueError(f"expected {len(self.keys)} keys, got {len(keys)}")
         self.keys.copy_(keys)

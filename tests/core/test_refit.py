@@ -19,8 +19,18 @@ from core.cli import EXIT_BAD_INPUT, main
 from core.config import DataConfig
 from core.data import NORMAL, DataError, load_split
 from core.explore import inspect_image
+from core.model.lessons import Kinds
 from core.pipeline import evaluate, train_run
-from core.refit import REFIT, VIEWS, lesson_story, mark_test_image, mark_upload, refit_run
+from core.refit import (
+    REFIT,
+    VIEWS,
+    Context,
+    lesson_story,
+    mark_test_image,
+    mark_upload,
+    marked_reach,
+    refit_run,
+)
 from core.runs import CHECKPOINT, CONFIG, WEIGHTS, RunError, load_run, run_lock
 from tests.app.helpers import tiny_config
 
@@ -184,6 +194,7 @@ def test_a_marked_false_alarm_clears_its_look_alike_and_a_refit_keeps_its_parent
     assert grandchild.lessons is not None and len(grandchild.lessons.keys) == 2 * VIEWS
     assert torch.equal(grandchild.lessons.keys[:VIEWS], child.lessons.keys)
     assert torch.equal(grandchild.lessons.sight[:VIEWS], child.lessons.sight)
+    assert torch.allclose(grandchild.lessons.radius[:VIEWS], child.lessons.radius, rtol=1e-4)
 
 
 @torch.no_grad()
@@ -226,6 +237,9 @@ def test_marked_normals_are_checked_for_a_sort_and_what_it_teaches_is_saved(
     report = refit_run(parent, marks, tmp_path / "child")
     sort = report.lessons["sort"]
     assert sort["marks"] == 4 and {"left_out_z", "relief", "taught"} <= set(sort)
+    # marks of one sort reach only their nearest held-out normal: the sort carries the lesson
+    assert report.lessons["reach"] == (1.0 if sort["taught"] else
+                                       report.lessons["rehearsed_reach"])
     assert ("images marked normal" in lesson_story(report.lessons)) is True
     child = load_run(tmp_path / "child")
     assert child.config.model.lesson_kinds == int(sort["taught"])
@@ -238,6 +252,15 @@ def test_marked_normals_are_checked_for_a_sort_and_what_it_teaches_is_saved(
     assert one.lessons["sort"] is None  # one mark cannot show a sort ...
     kept = load_run(tmp_path / "grandchild").model.lessons
     assert kept is not None and torch.equal(kept.kind_relief, lessons.kind_relief)  # ... kept
+
+
+def test_marked_normals_of_a_taught_sort_reach_their_nearest_normal_alone():
+    context = Context(torch.zeros(3, 4), torch.zeros(3), "encoder", 1.3, {})
+    sort = Kinds(torch.zeros(1, 4), torch.ones(1, 4), torch.zeros(1), torch.ones(1),
+                 torch.tensor([2.0]))
+    assert marked_reach(context, Kinds.none(4)) == 1.3
+    assert marked_reach(context, sort._replace(relief=torch.zeros(1))) == 1.3  # a kind
+    assert marked_reach(context, sort) == 1.0
 
 
 @torch.no_grad()
@@ -322,7 +345,10 @@ def test_the_lesson_caption_says_what_marked_normals_see_and_why():
     assert "reaches at most as far as its nearest held-out normal" in costly
     sorts = {"marks": 6, "left_out_z": 4.2, "generalises": True, "relief": 1.5,
              "auroc_loss": 0.001, "detection_loss": 0.0, "taught": True}
-    sorted_ = lesson_story({"sight": "encoder", "reach": 1.0, "sort": sorts})
+    sorted_ = lesson_story({"sight": "encoder", "reach": 1.0, "rehearsed_reach": 1.2,
+                            "evidence": {"tried": tried}, "sort": sorts})
+    assert "reaches as far as its nearest held-out normal: the marks are of one sort" in sorted_
+    assert "rehearsed on held-out false alarms, 1.2 times" in sorted_
     assert "The 6 images marked normal are of one sort" in sorted_ and "4.2 spreads" in sorted_
     assert "up to 1.50 lower" in sorted_ and "0% of the pseudo-anomalies caught" in sorted_
     costly_sort = lesson_story({"sight": "encoder", "reach": 1.0,
