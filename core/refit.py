@@ -36,6 +36,7 @@ from core.model.lessons import (
     MAX_DETECTION_LOSS,
     MIN_KIND_MARKS,
     MIN_KIND_Z,
+    MIN_SORT_Z,
     Kinds,
     choose_lesson,
     fit_kind,
@@ -445,7 +446,7 @@ def sort_story(sort: dict | None) -> str:
     if not sort["generalises"]:
         z = sort["left_out_z"]
         stood = "" if z is None else (f" (the median stood {z:+.1f} spreads of the normals "
-                                      f"from where they end; {MIN_KIND_Z:+g} needed)")
+                                      f"from where they end; {MIN_SORT_Z:+g} needed)")
         return (f"{told} are not of one sort: left out one at a time, they did not stand "
                 f"clearly past the held-out normals in the direction the others drew{stood}, so "
                 "they clear their look-alikes alone.")

@@ -88,6 +88,12 @@ MIN_KIND_MARKS = 2  # marked images of a type that teach its kind: one cannot be
 # must still project: the cut is itself a guess from a hundred or so normals, and a kind just
 # past it would raise every normal past it fully
 MIN_KIND_Z = 1.0
+# ... and for a sort of marked normals, twice as far: a sort lowers scores, which costs
+# anomalies no one sees, and it keeps its marks' balls to their nearest normal (core/refit.py
+# `marked_reach`). A run's own false alarms, not of one sort, stood up to 1.8 spreads past the
+# cut by chance on the teach protocol's runs; copies of its test images given one look, 2.4 to
+# 40 (benchmarks/README.md)
+MIN_SORT_Z = 2.0
 
 
 def descriptor_blocks(scales: tuple[str, ...], memory_dim: int, encoder_dim: int
@@ -421,7 +427,8 @@ def fit_sort(marks: torch.Tensor, mark_scores: torch.Tensor, references: torch.T
     descriptors (R, dim) and scores (R,): one row of `Kinds` and a summary of the evidence.
 
     The direction, cut and top are `fit_kind`'s: marks that, left out one at a time, do not
-    stand past the normals in the direction the others draw are not of one sort (false alarms
+    stand MIN_SORT_Z spreads past the normals in the direction the others draw are not of one
+    sort (false alarms
     of a run's own test set seldom are: benchmarks/README.md) and teach nothing beyond their
     look-alikes. A sort lowers the score of an image past its cut by up to its *relief*: the
     least any mark scored above a typical normal (the references' median), which is what the
@@ -434,6 +441,8 @@ def fit_sort(marks: torch.Tensor, mark_scores: torch.Tensor, references: torch.T
     from sklearn.metrics import roc_auc_score
 
     kind, evidence = fit_kind(marks, references, seed)
+    z = evidence["left_out_z"]
+    evidence["generalises"] = z is not None and z >= MIN_SORT_Z
     typical = reference_scores.float().median()
     relief = float((mark_scores.float() - typical).min().clamp_min(0))
     evidence = {**evidence, "relief": relief, "auroc_loss": None, "detection_loss": None,

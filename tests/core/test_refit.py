@@ -357,7 +357,7 @@ def test_the_lesson_caption_says_what_marked_normals_see_and_why():
     assert "only their look-alikes are cleared" in costly_sort
     apart = lesson_story({"sight": "encoder", "reach": 1.0,
                           "sort": {**sorts, "generalises": False, "left_out_z": -1.3}})
-    assert "are not of one sort" in apart and "-1.3 spreads" in apart
+    assert "are not of one sort" in apart and "-1.3 spreads" in apart and "+2 needed" in apart
     few = lesson_story({"sight": "encoder", "reach": 1.0, "evidence": {"tried": {}}})
     assert "too few held-out false alarms" in few
     # a refit saved before sights: what it did, no made-up reason

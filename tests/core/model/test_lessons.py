@@ -12,6 +12,7 @@ from core.model.lessons import (
     MAX_AUROC_LOSS,
     MAX_DETECTION_LOSS,
     MIN_KIND_Z,
+    MIN_SORT_Z,
     SHARE_EACH,
     Kinds,
     Lessons,
@@ -362,6 +363,23 @@ def test_false_alarms_that_are_not_of_one_sort_teach_no_sort():
     assert torch.equal(sort.top, sort.cut)  # inert
     lessons = sort_taught(sort, references)
     assert torch.equal(lessons(torch.full((600,), 2.0), normals), torch.full((600,), 2.0))
+
+
+def test_marked_normals_must_stand_further_past_the_normals_to_teach_a_sort_than_a_kind():
+    """Seven false alarms drawn at random stand a spread past the normals by chance often
+    enough; a sort, which lowers scores, needs MIN_SORT_Z."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.tensor([3.0, 1, 1, 1, 1, 1, 1, 0.2])
+    normals = torch.randn(300, 8, generator=g) * spread
+    shift = torch.tensor([1.1, 0, 0, 0, 0, 0, 0, 1.0])
+    batch = torch.randn(5, 8, generator=torch.Generator().manual_seed(1)) * spread + shift
+    marks = batch[:, None] + 0.01 * torch.randn(5, 4, 8, generator=g)
+    _, as_kind = fit_kind(marks, normals)
+    sort, as_sort = fit_sort(marks, torch.full((5,), 3.0), normals, torch.zeros(300),
+                             normals[:50] + 4, torch.full((50,), 2.0), threshold=1.0)
+    assert MIN_KIND_Z <= as_kind["left_out_z"] < MIN_SORT_Z and as_kind["generalises"]
+    assert not as_sort["generalises"] and not as_sort["taught"]
+    assert torch.equal(sort.top, sort.cut)
 
 
 def test_a_sort_that_pseudo_anomalies_look_like_is_not_taught():
