@@ -96,11 +96,11 @@ def verdict(report: explore.ImageReport) -> None:
         col.metric(f"{scale} score", f"{value:.2f}", help="Standardised on normal images.")
     moved = report.moved_by_lessons
     if abs(moved) > 1e-6:
+        like = ("images marked normal on the Teach page, or is of their sort" if moved < 0
+                else "images marked anomalous on the Teach page, or is of their kind")
         st.caption(f"This run's lessons moved the score {'down' if moved < 0 else 'up'} from "
-                   f"{report.untaught:.3f} to {report.score:.3f}: the image looks like images "
-                   f"marked {'normal' if moved < 0 else 'anomalous'} on the Teach page (or "
-                   f"like their sort or kind). The maps and the scales' scores are the "
-                   f"detector's own, before the lessons.")
+                   f"{report.untaught:.3f} to {report.score:.3f}: the image looks like {like}. "
+                   "The maps and the scales' scores are the detector's own, before the lessons.")
 
 
 def nearest_prototypes(run: Run, report: explore.ImageReport) -> None:

@@ -42,7 +42,8 @@ def before_after(run: Run, report: dict, split: Split | None) -> None:
                f"{report['seconds']:.1f} s. Everything the parent fitted is kept as it was "
                "(its Gaussians, the weighting of its terms, the scales of its map and its "
                "thresholds): only the look-alikes of the marks score differently, and images "
-               "that differ from normal ones as the marks of an anomaly type do. Compared on "
+               "that differ from normal ones as the marks of an anomaly type, or normal marks "
+               "of one sort, do. Compared on "
                f"{report['n_test']} test images, the marked ones left out of both runs.")
     lessons = report.get("lessons") or {}
     if lessons:
