@@ -326,6 +326,12 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _worst_changes(xs: list[dict]) -> list[float]:
+    """Each marking's largest drop (or least rise) of a type's AUROC, after against before."""
+    return [min(x["after"]["auroc_by_type"][k] - x["before"]["auroc_by_type"][k]
+                for k in x["before"]["auroc_by_type"]) for x in xs]
+
+
 def _taught(xs: list[dict], key: str) -> str:
     """How many of the markings `xs` taught a sort (their `key` holds its evidence)."""
     return f"{sum(bool((x.get(key) or {}).get('taught')) for x in xs)} / {len(xs)}"
@@ -343,8 +349,7 @@ def table(results: dict) -> str:
         if not r["refit"]:  # measured without the false alarms
             continue
         fa = [x for x in r["false_alarms"] if x]
-        worst = [min(x["after"]["auroc_by_type"][k] - x["before"]["auroc_by_type"][k]
-                     for k in x["before"]["auroc_by_type"]) for x in fa]
+        worst = _worst_changes(fa)
         lines.append(
             f"| {name} | {_mean([x['marks'] for x in fa]):.1f} | "
             f"{r.get('sight', 'queries')}, {r['reach']:g} | {_taught(fa, 'sort')} | "
@@ -394,8 +399,7 @@ def table(results: dict) -> str:
                 lines.append(f"| {name} | {sort} | {100 * xs[0]['copies_flagged']:.1f} % | 0 "
                              "| | too few flagged to mark | | | | |")
                 continue
-            worst = [min(x["after"]["auroc_by_type"][k] - x["before"]["auroc_by_type"][k]
-                         for k in x["before"]["auroc_by_type"]) for x in xs]
+            worst = _worst_changes(xs)
             lines.append(
                 f"| {name} | {sort} | {100 * xs[0]['copies_flagged']:.1f} % | "
                 f"{_mean([x['marks'] for x in xs]):.1f} | {_taught(xs, 'evidence')} | "
