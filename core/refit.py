@@ -6,10 +6,12 @@ map scales and thresholds) and adds lessons (core/model/lessons.py): each marked
 mild augmentations of it become keys whose look-alikes score like a normal (marked normals) or
 at least like an alarm (marked anomalies), each key reaching about as far as the nearest normal
 reference image (marked normals somewhat further where a rehearsal on held-out normals shows
-that it pays). Only look-alikes of the marks move: the refit changes no choice of stage 2.
-The result is saved as a new run whose config records its parent and every mark; the parent is
-never written. The report compares the parent and the new run on the test set with the marked
-test images left out of both.
+that it pays). Marked anomalies of one type may teach their kind, marked normals of one sort
+their sort (a direction each, core/model/lessons.py). Only look-alikes of the marks, and images
+of their kind or sort, move: the refit changes no choice of stage 2. The result is saved as a
+new run whose config records its parent and every mark; the parent is never written. The report
+compares the parent and the new run on the test set with the marked test images left out of
+both.
 """
 
 from __future__ import annotations
