@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from app import state, train_form
 from core import pipeline
-from core.runs import list_runs
+from core.runs import CHECKPOINT, list_runs
 from tests.app.helpers import open_page, texts
 
 
@@ -142,12 +142,17 @@ def test_data_errors_are_shown_and_block_training(empty_runs: Path, tmp_path: Pa
     assert at.button(key="train_start").disabled
 
 
-def _start_and_stop(name: str) -> AppTest:
-    """Start a 3-epoch run from the form and press Stop at once."""
+def _start_and_stop(name: str, folder: Path) -> AppTest:
+    """Start a 3-epoch run from the form into `folder` and press Stop once it has a
+    checkpoint: stopped before its first one (while the encoder reads the training images,
+    which takes longer on a busy machine), a run is cancelled and nothing is kept."""
     at = open_page()
     _fill(at, max_train=200, name=name)
     at.number_input(key="train_epochs_quick").set_value(3)
     at.button(key="train_start").click().run()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (folder / CHECKPOINT).is_file():
+        time.sleep(0.1)
     at.button(key="train_cancel").click().run()
     _wait_until_done(at)
     return at
@@ -156,7 +161,7 @@ def _start_and_stop(name: str) -> AppTest:
 def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path,
                                                              fewer_test_images: None,
                                                              smaller_encoder_input: None):
-    at = _start_and_stop("stop me")
+    at = _start_and_stop("stop me", empty_runs / "stop-me")
     assert not at.error, [e.value for e in at.error]
     assert "was stopped" in at.warning[0].value
     folder = empty_runs / "stop-me"
@@ -177,7 +182,7 @@ def test_a_stopped_run_is_kept_and_resumes_to_a_complete_run(empty_runs: Path,
 
 
 def test_a_stopped_run_can_be_deleted(empty_runs: Path):
-    at = _start_and_stop("drop me")
+    at = _start_and_stop("drop me", empty_runs / "drop-me")
     assert (empty_runs / "drop-me" / "checkpoint.safetensors").is_file()
     at.button(key=f"train_delete_{empty_runs / 'drop-me'}").click().run()
     assert not at.exception
