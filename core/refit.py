@@ -523,6 +523,7 @@ def marked_reach(context: Context, kinds: Kinds) -> float:
     rehearsed reach lost 3.1 and 0.6 points; benchmarks/README.md)."""
     return 1.0 if bool((kinds.relief > 0).any()) else context.reach
 
+
 def describe_images(model: AnoMem, images: torch.Tensor, device: torch.device
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores before any lesson (N,) and look-alike descriptors (N, dim) of uint8 images."""

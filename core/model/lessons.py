@@ -225,9 +225,9 @@ class Lessons(nn.Module):
         zero = torch.zeros_like(w)
         normal = torch.where(self.anomalous, zero, w).amax(1)
         anomaly = torch.where(self.anomalous, w, zero).amax(1)
-        kinds = self.kinds.weights(descriptors)  # (B, T)
         if not len(self.kind_cut):
             return normal, anomaly, torch.zeros_like(normal)
+        kinds = self.kinds.weights(descriptors)  # (B, T)
         raises = (kinds * (self.kind_relief <= 0)).amax(1)
         return normal, torch.maximum(anomaly, raises), (kinds * self.kind_relief).amax(1)
 
@@ -252,11 +252,8 @@ class Lessons(nn.Module):
         """Image scores (B,) moved by the weights (B,) of their nearest marked normal and
         marked anomaly, and lowered by a sort of marked normals (`reach`): by the larger of
         the two reliefs, never under the typical normal score."""
-        excess = (score - self.normal_score).clamp_min(0)
-        relief = normal * excess
-        if lowered is not None:
-            relief = torch.maximum(relief, torch.minimum(lowered, excess))
-        score = score - relief
+        score = relieved(score, self.normal_score, normal,
+                         torch.zeros_like(score) if lowered is None else lowered)
         return score + anomaly * (self.alarm_score - score).clamp_min(0)
 
     @torch.no_grad()
@@ -295,6 +292,15 @@ class Lessons(nn.Module):
             raise ValueError(f"expected {len(self.kind_cut)} kinds, got {len(kinds.cut)}")
         for held, value in zip(self.kinds, kinds, strict=True):
             held.copy_(value)
+
+
+def relieved(score: torch.Tensor, typical: torch.Tensor | float, normal: torch.Tensor,
+             lowered: torch.Tensor) -> torch.Tensor:
+    """Scores (B,) lowered by the larger of two reliefs, never under the `typical` normal
+    score: a marked normal's, its weight `normal` (B,) times the excess over `typical`, and a
+    sort's, up to `lowered` (B,)."""
+    excess = (score - typical).clamp_min(0)
+    return score - torch.maximum(normal * excess, torch.minimum(lowered, excess))
 
 
 @torch.no_grad()
@@ -428,16 +434,15 @@ def fit_sort(marks: torch.Tensor, mark_scores: torch.Tensor, references: torch.T
 
     The direction, cut and top are `fit_kind`'s: marks that, left out one at a time, do not
     stand MIN_SORT_Z spreads past the normals in the direction the others draw are not of one
-    sort (false alarms
-    of a run's own test set seldom are: benchmarks/README.md) and teach nothing beyond their
-    look-alikes. A sort lowers the score of an image past its cut by up to its *relief*: the
-    least any mark scored above a typical normal (the references' median), which is what the
-    sort added to a mark at the least, so an image of the sort that is also anomalous keeps
-    what its anomaly adds; never under a typical normal's score. A sort that would cost the
-    pseudo-anomalies made from the references (descriptors `pseudo`, scores `pseudo_scores`)
-    more than MAX_AUROC_LOSS of their AUROC against the references, or MAX_DETECTION_LOSS of
-    those above `threshold`, is not taught: the marks then look like an anomaly the run
-    should catch."""
+    sort (false alarms of a run's own test set seldom are: benchmarks/README.md) and teach
+    nothing beyond their look-alikes. A sort lowers the score of an image past its cut by up
+    to its *relief*: the least any mark scored above a typical normal (the references'
+    median), which is what the sort added to a mark at the least, so an image of the sort that
+    is also anomalous keeps what its anomaly adds; never under a typical normal's score. A
+    sort that would cost the pseudo-anomalies made from the references (descriptors `pseudo`,
+    scores `pseudo_scores`) more than MAX_AUROC_LOSS of their AUROC against the references,
+    or MAX_DETECTION_LOSS of those above `threshold`, is not taught: the marks then look like
+    an anomaly the run should catch."""
     from sklearn.metrics import roc_auc_score
 
     kind, evidence = fit_kind(marks, references, seed)
@@ -452,8 +457,8 @@ def fit_sort(marks: torch.Tensor, mark_scores: torch.Tensor, references: torch.T
     kind = kind._replace(relief=torch.tensor([relief]))
 
     def lowered(scores: torch.Tensor, descriptors: torch.Tensor) -> torch.Tensor:
-        excess = (scores.float() - typical).clamp_min(0)
-        return scores - torch.minimum(kind.weights(descriptors)[:, 0] * relief, excess)
+        return relieved(scores.float(), typical, torch.zeros(len(scores)),
+                        kind.weights(descriptors)[:, 0] * relief)
 
     y = torch.cat([torch.zeros(len(references)), torch.ones(len(pseudo))]).numpy()
     before = torch.cat([reference_scores, pseudo_scores]).float()
