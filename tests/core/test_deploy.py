@@ -174,7 +174,7 @@ def test_a_taught_run_exports_with_its_lessons(trained: Path, test_images: torch
                  torch.cat([cut[None], -cut[None]]), torch.cat([cut + spread, -cut + spread]),
                  torch.tensor([0.0, 10.0]))
     context = Context(descriptors, score.image, "encoder", 1.0, {})
-    child = with_lessons(run.model, lessons.keys[:0], lessons.anomalous[:0], context, kind)
+    child = with_lessons(run.model, lessons.keys[:0], lessons.anomalous[:0], context, kind, 0)
     assert child.lessons is not None
     weights = child.lessons.kind_weight(descriptors)
     assert (weights > 0).any() and (weights == 0).any()

@@ -254,13 +254,16 @@ def test_marked_normals_are_checked_for_a_sort_and_what_it_teaches_is_saved(
     assert kept is not None and torch.equal(kept.kind_relief, lessons.kind_relief)  # ... kept
 
 
-def test_marked_normals_of_a_taught_sort_reach_their_nearest_normal_alone():
+def test_marked_normals_of_a_taught_sort_or_too_few_reach_their_nearest_normal_alone():
     context = Context(torch.zeros(3, 4), torch.zeros(3), "encoder", 1.3, {})
     sort = Kinds(torch.zeros(1, 4), torch.ones(1, 4), torch.zeros(1), torch.ones(1),
                  torch.tensor([2.0]))
-    assert marked_reach(context, Kinds.none(4)) == 1.3
-    assert marked_reach(context, sort._replace(relief=torch.zeros(1))) == 1.3  # a kind
-    assert marked_reach(context, sort) == 1.0
+    assert marked_reach(context, Kinds.none(4), 3) == 1.3
+    assert marked_reach(context, sort._replace(relief=torch.zeros(1)), 3) == 1.3  # a kind
+    assert marked_reach(context, sort, 3) == 1.0
+    # one or two marked normals reach their look-alikes alone, whatever the rehearsal found
+    assert marked_reach(context, Kinds.none(4), 2) == 1.0
+    assert marked_reach(context, Kinds.none(4), 0) == 1.0
 
 
 @torch.no_grad()
@@ -351,6 +354,10 @@ def test_the_lesson_caption_says_what_marked_normals_see_and_why():
     assert "rehearsed on held-out false alarms, 1.2 times" in sorted_
     assert "The 6 images marked normal are of one sort" in sorted_ and "4.2 spreads" in sorted_
     assert "up to 1.50 lower" in sorted_ and "0% of the pseudo-anomalies caught" in sorted_
+    few = lesson_story({"sight": "encoder", "reach": 1.0, "rehearsed_reach": 1.3,
+                        "marked_normals": 2, "evidence": {"tried": tried}})
+    assert "nearest held-out normal (its look-alikes): 2 marked normals are too few" in few
+    assert "rehearsed on held-out false alarms, 1.3 times, is for a batch" in few
     costly_sort = lesson_story({"sight": "encoder", "reach": 1.0,
                                 "sort": {**sorts, "taught": False, "detection_loss": 0.3}})
     assert "would have cost 30% of the pseudo-anomalies caught" in costly_sort
