@@ -12,6 +12,7 @@ is ignored and computed again. Older runs (and refits) get theirs on first use.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from core import explore
 from core.data import Split
 from core.model.anomem import AnoMem
 from core.runs import WEIGHTS, RunError, run_lock, save_tensors
-from core.train.scoring import ScoredSet, score_images
+from core.train.scoring import ScoredSet, score_images, taught
 
 LOG = logging.getLogger(__name__)
 
@@ -166,9 +167,14 @@ def load(run_dir: Path) -> Artefacts | None:
 def ensure(run_dir: Path, model: AnoMem, split: Split, seed: int, say: Say | None = None
            ) -> Artefacts:
     """The run's artefacts: read, or computed and saved (kept in memory only when another
-    process holds the run)."""
+    process holds the run). A taught run's image scores are its lessons applied again to the
+    saved scores before any lesson, so that they follow the lessons' rule of this version."""
     art = load(run_dir)
     if art is not None:
+        scored = art.scored
+        if model.lessons is not None and scored.untaught is not None \
+                and scored.descriptors is not None:
+            art = dataclasses.replace(art, scored=taught(scored, model))
         return art
     art = compute(model, split, seed, say)
     try:

@@ -63,7 +63,7 @@ from core.runs import (
     write_json,
 )
 from core.train.augment import augment
-from core.train.scoring import ScoredSet, score_images
+from core.train.scoring import ScoredSet, score_images, taught
 from core.train.shifts import shift
 from core.train.stage2 import split_normals
 from core.train.trainer import resolve_device
@@ -233,17 +233,6 @@ def _reusable(scored: ScoredSet, metrics: dict, n_test: int, descriptor_dim: int
     return (scored.untaught is not None and scored.descriptors is not None
             and len(scored.image) == n_test and scored.descriptors.shape[1] == descriptor_dim
             and "auroc_by_scale" in metrics)
-
-
-@torch.no_grad()
-def taught(scored: ScoredSet, model: AnoMem) -> ScoredSet:
-    """A scored set (with its scores before any lesson and its descriptors) with `model`'s
-    lessons applied to its image scores: what `model` would score, without scoring again."""
-    assert model.lessons is not None and scored.untaught is not None \
-        and scored.descriptors is not None
-    image = model.lessons(torch.from_numpy(scored.untaught),
-                          torch.from_numpy(scored.descriptors)).numpy()
-    return dataclasses.replace(scored, image=image)
 
 
 def _taught_metrics(parent: dict, scored: ScoredSet, split: Split, model: AnoMem) -> dict:
@@ -418,7 +407,7 @@ def lesson_story(lessons: dict) -> str:
         n = lessons.get("marked_normals", 0)
         told = "1 marked normal is" if n == 1 else f"{n} marked normals are"
         why = (f" (its look-alikes): {told} too few (fewer than {MIN_REHEARSED_MARKS}) to speak "
-               "for the false alarms near them; the reach rehearsed on held-out false alarms, "
+               "for other false alarms; the reach rehearsed on held-out false alarms, "
                f"{rehearsed:g} times, is for a batch of marks, and about one or two far marks "
                "it lowers many images a little, anomalies among them")
     elif within:
@@ -486,7 +475,7 @@ def kind_story(kind: dict) -> str:
         return f"{told} are too few to teach their kind beyond their look-alikes."
     if kind["generalises"]:
         return (f"{told} teach their kind: images that differ from the held-out normals in the "
-                "way they do are raised towards the alarm score (each mark, left out of that "
+                "way they do are raised to the alarm score or beyond (each mark, left out of that "
                 f"direction, still stood {kind['left_out_z']:.1f} spreads of the normals past "
                 "them, the median).")
     return (f"{told} teach nothing beyond their look-alikes: left out one at a time, they did "

@@ -178,8 +178,9 @@ def refit_form(run: Run) -> None:
     st.subheader("Refit")
     st.caption("Teaches a copy of this run its marks: each marked image (and a few mildly "
                "augmented views of it) becomes a lesson for its look-alikes, the images about "
-               "as near to it as its nearest normal training image, or a little further where "
-               "a rehearsal on held-out normals shows that it pays (the rehearsal also chooses "
+               "as near to it as its nearest normal training image, or, for three marked "
+               "normals or more, a little further where a rehearsal on held-out normals shows "
+               "that it pays (the rehearsal also chooses "
                "what a marked normal compares images on). A marked normal's look-alikes "
                "score like a typical normal, a marked anomaly's at least like an alarm; "
                "normal marks of one sort (a darker batch, a turned part) lower the rest of "

@@ -26,24 +26,28 @@ anomaly's stops short, so that it holds none of the normals the references misse
 its distances to the references as Gaussian, more than a small tail of all normals). An image
 at distance d of a key gets the weight max(0, 1 - (d / radius)^2), the largest over keys of a
 kind. A look-alike of a marked normal has its score pulled down towards the typical normal
-score by that weight; a look-alike of a marked anomaly has its score raised towards the alarm
-score (above every reference normal's). An image far from every key keeps its score exactly: a
-lesson never reaches past its look-alikes, and marked anomalies can only raise scores, as the
-labelled head. (Whitened distances concentrate: a ball 1.2 times as wide as the nearest
-reference may hold most held-out normals, near its rim, where the weight is small. Then what a
-lesson moves is bounded by the rehearsal's costs rather than by its radius; the teach protocol
-compares such a lesson with raising the threshold.)
+score by that weight; a look-alike of a marked anomaly has its score raised, by that weight, up
+to the alarm score (above every reference normal's) or by the alarm's margin over the typical
+normal score, whichever is more: raised to the alarm alone, a high-scoring look-alike gained
+little, and a missed image stayed under the far tail of the normals, which a few hundred
+references do not see (Fashion-MNIST ankle boot has 91). An image far from every key keeps
+its score exactly: a lesson never reaches past its look-alikes, and marked anomalies can only
+raise scores, as the labelled head. (Whitened distances concentrate: a ball 1.2 times as wide
+as the nearest reference may hold most held-out normals, near its rim, where the weight is
+small. Then what a lesson moves is bounded by the rehearsal's costs rather than by its radius;
+the teach protocol compares such a lesson with raising the threshold.)
 
 Marked anomalies of one named type (two or more) also teach a *kind*: the direction in which
 they differ from the held-out normal references, under the references' Ledoit-Wolf shrunk
 covariance (Fisher's discriminant, `fit_kind`). A ball about five marks holds only their near
 copies; the direction finds the rest of their type, as far as it reaches. An image whose
 projection on it passes the *cut* (beyond every reference the direction was not fitted on, and
-beyond their mean + k std: a Gaussian tail of SHARE_EACH) is raised towards the alarm score,
-fully at the *top*: how far the marks project when each is left out of the direction's fit.
-When the marks left out do not stand clearly past the cut (MIN_KIND_Z), the kind does nothing:
-the marks do not show a direction that generalises. A marked type's balls and its kind each
-raise at most half of the MAX_NORMALS_REACHED normals that keep the other types' AUROC.
+beyond their mean + k std: a Gaussian tail of SHARE_EACH) is raised as a marked anomaly's
+look-alike is, fully at the *top*: how far the marks project when each is left out of the
+direction's fit. When the marks left out do not stand clearly past the cut (MIN_KIND_Z), the
+kind does nothing: the marks do not show a direction that generalises. A marked type's balls
+and its kind each raise at most half of the MAX_NORMALS_REACHED normals that keep the other
+types' AUROC.
 On the teach protocol's nine runs, five marks of a type lift its AUROC on its other images by at
 least half its distance to 1 for 4 of the 40 types below 1 (mean share 0.17), and the other
 types lose at most 0.0027 (each half sized to the whole 0.005: 6 types, but four marked types
@@ -250,11 +254,14 @@ class Lessons(nn.Module):
     def relieve(self, score: torch.Tensor, normal: torch.Tensor, anomaly: torch.Tensor,
                 lowered: torch.Tensor | None = None) -> torch.Tensor:
         """Image scores (B,) moved by the weights (B,) of their nearest marked normal and
-        marked anomaly, and lowered by a sort of marked normals (`reach`): by the larger of
-        the two reliefs, never under the typical normal score."""
+        marked anomaly, and lowered by a sort of marked normals (`reach`): lowered by the
+        larger of the two reliefs, never under the typical normal score; raised, at full
+        weight, to the alarm score or by its margin over the typical score, whichever is
+        more."""
         score = relieved(score, self.normal_score, normal,
                          torch.zeros_like(score) if lowered is None else lowered)
-        return score + anomaly * (self.alarm_score - score).clamp_min(0)
+        margin = self.alarm_score - self.normal_score
+        return score + anomaly * torch.maximum(self.alarm_score - score, margin).clamp_min(0)
 
     @torch.no_grad()
     def teach(self, keys: torch.Tensor, anomalous: torch.Tensor, references: torch.Tensor,

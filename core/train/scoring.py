@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -24,6 +24,17 @@ class ScoredSet:
     # scores before any lesson the model has, and each image's look-alike descriptor
     untaught: np.ndarray | None = None  # (N,)
     descriptors: np.ndarray | None = None  # (N, dim)
+
+
+@torch.no_grad()
+def taught(scored: ScoredSet, model: AnoMem) -> ScoredSet:
+    """A scored set (with its scores before any lesson and its descriptors) with `model`'s
+    lessons applied to its image scores: what `model` would score, without scoring again."""
+    assert model.lessons is not None and scored.untaught is not None \
+        and scored.descriptors is not None
+    image = model.lessons(torch.from_numpy(scored.untaught),
+                          torch.from_numpy(scored.descriptors)).numpy()
+    return replace(scored, image=image)
 
 
 @torch.no_grad()

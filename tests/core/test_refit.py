@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -97,6 +98,13 @@ def test_refit_saves_a_new_run_and_leaves_the_parent_alone(parent: Path, split, 
     for key in ("auroc", "aupr", "fpr_at_threshold", "pixel_auroc", "auroc_by_scale"):
         assert saved[key] == pytest.approx(full[key], abs=1e-6), key
     assert artefacts.load(tmp_path / "child") is not None
+    # explorer data saved under an earlier rule of the lessons (here: scores off by one) is
+    # read with this version's: the taught scores are made again from the untaught ones
+    art = artefacts.load(tmp_path / "child")
+    stale = dataclasses.replace(art.scored, image=art.scored.image + 1.0)
+    artefacts.save(tmp_path / "child", dataclasses.replace(art, scored=stale))
+    shown = artefacts.ensure(tmp_path / "child", child.model, split, 0).scored.image
+    assert np.allclose(shown, art.scored.image, atol=1e-6)
 
 
 def test_bad_marks_are_refused_and_nothing_is_written(parent: Path, split, tmp_path: Path,

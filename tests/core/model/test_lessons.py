@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -68,7 +69,10 @@ def test_a_marked_anomaly_only_raises_and_only_its_look_alikes():
     score = torch.tensor([0.0, 9.0, 0.0])
     out = lessons(score, x)
     assert out[0] > 1.5  # a look-alike of the miss now scores above most normals
-    assert out[1] == 9.0  # a higher score is never lowered
+    # the mark's own image, already above the alarm score, moves by the alarm's margin over a
+    # typical normal: a score past every normal's is raised further, never lowered
+    margin = float(lessons.alarm_score - lessons.normal_score)
+    assert margin > 0 and float(out[1]) == pytest.approx(9.0 + margin)
     assert out[2] == 0.0  # a normal reference is beyond the reach (radius = its distance)
     assert lessons.alarm_score > 2.0  # above every reference normal's score
 
