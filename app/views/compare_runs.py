@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import streamlit as st
 
 from app import charts, state, widgets
@@ -89,13 +88,16 @@ if data_identity(run_a.config) != data_identity(run_b.config):
             "image size), so they share no test image.")
     st.stop()
 test = split_a.test
-picks = explore.disagreements(scored_a.image, scored_b.image, SHARED_SHOWN)
+normal = test.labels.numpy() == 0
+picks = explore.disagreements(scored_a.image, scored_b.image, normal, SHARED_SHOWN)
 marked = {i: f"marked {m['label']} in {run.path.name}"
           for run in (run_a, run_b) for m in run.config.lineage.marks
           if (i := test_index(m["source"])) is not None}
-st.caption("Ranked by how far apart the two runs place each image among the test set (the "
-           "scores' scales differ). Each row: the image, A's map, B's map; ▲ is above that "
+st.caption("Ranked by how far apart the two runs place each image among the test normals "
+           "(the scores' scales differ). Each row: the image, A's map, B's map; ▲ is above that "
            "run's threshold; ✎ an image marked to teach one of them.")
+standings = {"A": explore.standing(scored_a.image, normal),
+             "B": explore.standing(scored_b.image, normal)}
 maps_a = state.combined_maps_of(run_a, tuple(picks))
 maps_b = state.combined_maps_of(run_b, tuple(picks))
 for i in picks:
@@ -107,9 +109,8 @@ for i in picks:
         row.append(widgets.thumb(explore.overlay(test.images[i], maps[i], vmin, vmax, 0.5),
                                  widgets.MAP_TILE))
         above = scored.image[i] > float(run.model.detector.threshold)
-        rank = float(np.mean(scored.image < scored.image[i]))
         captions.append(f"{name}: {'▲' if above else '·'} {scored.image[i]:.2f} "
-                        f"(above {rank:.0%} of the test set)")
+                        f"(above {standings[name][i]:.0%} of the test normals)")
     st.image([widgets.thumb(test.images[i], widgets.MAP_TILE), *row],
              caption=[f"#{i} · {test.types[i]}" + (f" · ✎ {marked[i]}" if i in marked else ""),
                       *captions], width=widgets.MAP_TILE)

@@ -68,6 +68,7 @@ from core.explore.runs import (  # noqa: F401
     disagreements,
     flat_config,
     metrics_side_by_side,
+    standing,
 )
 from core.explore.stats import (  # noqa: F401
     TypeRoc,

@@ -64,13 +64,24 @@ def metrics_side_by_side(a: dict | None, b: dict | None) -> pd.DataFrame:
     return table
 
 
-def disagreements(scores_a: np.ndarray, scores_b: np.ndarray, k: int = 6) -> list[int]:
-    """The `k` test images whose rank among the test set differs most between two runs.
+def standing(scores: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """(N,) the share of the test normals (`normal`, (N,) bool) each image scores above: where
+    a run places it for detection. Over the whole set when there is no normal."""
+    reference = np.sort(scores[normal] if normal.any() else scores)
+    return np.searchsorted(reference, scores, side="left") / len(reference)
 
-    Ranks, not raw scores: two detectors' scores live on different scales.
+
+def disagreements(scores_a: np.ndarray, scores_b: np.ndarray, normal: np.ndarray, k: int = 6
+                  ) -> list[int]:
+    """The `k` test images whose standing among the test normals (`standing`) differs most
+    between two runs.
+
+    Standings, not raw scores: two detectors' scores live on different scales. Among the
+    normals, not the whole set: a run that raises one anomaly type (a refit taught it) moves
+    every other anomaly down the whole set's ranking without changing what it says of them.
     """
-    if len(scores_a) != len(scores_b):
-        raise ValueError(f"score arrays differ in length: {len(scores_a)} vs {len(scores_b)}")
-    ra = pd.Series(scores_a).rank().to_numpy() / len(scores_a)
-    rb = pd.Series(scores_b).rank().to_numpy() / len(scores_b)
-    return np.argsort(-np.abs(ra - rb), kind="stable")[:k].tolist()
+    if not len(scores_a) == len(scores_b) == len(normal):
+        raise ValueError(f"score arrays differ in length: {len(scores_a)} vs {len(scores_b)} "
+                         f"(and {len(normal)} labels)")
+    gap = np.abs(standing(scores_a, normal) - standing(scores_b, normal))
+    return np.argsort(-gap, kind="stable")[:k].tolist()

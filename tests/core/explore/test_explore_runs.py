@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from core.config import RunConfig, with_overrides
-from core.explore import config_diff, disagreements, flat_config, metrics_side_by_side
+from core.explore import (
+    config_diff,
+    disagreements,
+    flat_config,
+    metrics_side_by_side,
+    standing,
+)
 
 
 def test_config_diff_lists_only_the_fields_that_differ():
@@ -32,10 +38,20 @@ def test_metrics_side_by_side_keeps_what_only_one_run_has():
     assert metrics_side_by_side(None, None)["a"].isna().all()
 
 
-def test_disagreements_are_the_largest_rank_differences():
+def test_disagreements_are_the_largest_differences_in_standing_among_the_normals():
     a = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
     b = 100 * a  # the same order on another scale
     b[0], b[4] = b[4], b[0]  # the two runs swap the lowest and the highest image
-    assert sorted(disagreements(a, b, 2)) == [0, 4]
+    everyone = np.ones(5, dtype=bool)
+    assert sorted(disagreements(a, b, everyone, 2)) == [0, 4]
     with pytest.raises(ValueError, match="length"):
-        disagreements(a, b[:3])
+        disagreements(a, b[:3], everyone)
+    # a refit that raises one anomaly (#3) past the others (#4-#6) moves them down the whole
+    # set's ranking, not among the normals (#0-#2): only #3's standing changes
+    normal = np.array([True, True, True, False, False, False, False])
+    a = np.array([0.1, 0.2, 0.3, 0.25, 0.5, 0.6, 0.7])
+    b = a.copy()
+    b[3] = 5.0
+    assert np.allclose(standing(a, normal), [0, 1 / 3, 2 / 3, 2 / 3, 1, 1, 1])
+    assert np.allclose(standing(b, normal)[4:], standing(a, normal)[4:])
+    assert disagreements(a, b, normal, 1) == [3]
