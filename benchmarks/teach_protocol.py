@@ -188,11 +188,6 @@ def sorted_false_alarms(t: Trial, sort: str, seed: int) -> dict:
     others = np.setdiff1d(alarms, marked)
     keep = np.ones(len(before_n), bool)
     keep[marked] = False
-    # the sort's anomalies the parent catches with its threshold raised until it flags as few
-    # of the sort's unmarked normal copies as the taught run
-    flagged = int((after_n[keep] > t.threshold).sum())
-    ranked = np.sort(before_n[keep])[::-1]
-    raised = max(t.threshold, ranked[flagged] if flagged < len(ranked) else -np.inf)
     everything = np.ones(len(t.labels), bool)
     return {"sort": sort, "marks": int(k), "others": len(others),
             "copies_flagged": flagged_copies, "evidence": t.summary.get("sort"),
@@ -200,7 +195,10 @@ def sorted_false_alarms(t: Trial, sort: str, seed: int) -> dict:
             "others_fpr_after": float((after_n[others] > t.threshold).mean()),
             "sort_tpr_before": float((before_a > t.threshold).mean()),
             "sort_tpr_after": float((after_a > t.threshold).mean()),
-            "sort_tpr_raised_threshold": float((before_a > raised).mean()),
+            # the parent's threshold raised until it flags as few of the sort's unmarked
+            # normal copies as the taught run
+            "sort_tpr_raised_threshold": raised_tpr(t.threshold, before_n[keep], after_n[keep],
+                                                    before_a),
             "before": t.metrics(t.scores.numpy(), everything),
             "after": t.metrics(after, everything)}
 
@@ -211,10 +209,18 @@ def raised_threshold(t: Trial, before: np.ndarray, after: np.ndarray, keep: np.n
     it flags as few of the unmarked normals as the taught run does: what a lesson is worth
     beyond lowering every score near the threshold. A lesson that keeps more anomalies at that
     false-positive rate has told its look-alikes apart."""
-    normals = np.sort(before[keep & (t.labels == 0)])[::-1]
-    flagged = int((after[keep & (t.labels == 0)] > t.threshold).sum())
-    raised = max(t.threshold, normals[flagged] if flagged < len(normals) else -np.inf)
-    return float((before[keep & (t.labels == 1)] > raised).mean())
+    normal, anomaly = keep & (t.labels == 0), keep & (t.labels == 1)
+    return raised_tpr(t.threshold, before[normal], after[normal], before[anomaly])
+
+
+def raised_tpr(threshold: float, normals_before: np.ndarray, normals_after: np.ndarray,
+               anomalies_before: np.ndarray) -> float:
+    """The share of `anomalies_before` above `threshold` raised until the parent's scores
+    `normals_before` flag as few normals as the taught run's `normals_after` do."""
+    ranked = np.sort(normals_before)[::-1]
+    flagged = int((normals_after > threshold).sum())
+    raised = max(threshold, ranked[flagged] if flagged < len(ranked) else -np.inf)
+    return float((anomalies_before > raised).mean())
 
 
 def ceiling(t: Trial, marked: np.ndarray, others: np.ndarray, caught: np.ndarray,
